@@ -1,0 +1,43 @@
+"""What an algorithm returns: the (completion, position) pairs that carry loss, each with its advantage.
+
+All three algorithms share rollout, loss and training loop; they differ only in `select`, which maps one
+sampled group (completion token ids and rewards) to `Credits`. The loss of a group is
+    L = - sum_j weight_j * A_j * ratio_j  (+ beta * sum_j weight_j * KL_j)
+where ratio_j = pi(y | ctx) / sg(pi(y | ctx)) for the token at (seq_j, pos_j); so `weight` carries each
+algorithm's normalisation (1 / (G |T_i|) for (S-)GRPO, 1 / #pairs for T-SPMO).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Credits:
+    seq: list[int] = field(default_factory=list)
+    """index of the completion within its group"""
+    pos: list[int] = field(default_factory=list)
+    """position of the credited token within that completion (0 = first generated token)"""
+    adv: list[float] = field(default_factory=list)
+    weight: list[float] = field(default_factory=list)
+
+    def add(self, seq: int, pos: int, adv: float, weight: float) -> None:
+        self.seq.append(seq)
+        self.pos.append(pos)
+        self.adv.append(adv)
+        self.weight.append(weight)
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+
+def group_advantages(rewards: list[float], eps: float) -> list[float] | None:
+    """GRPO's A_i = (r_i - mean) / (std + eps), sample std as in TRL; None when all rewards are equal."""
+    g = len(rewards)
+    mean = sum(rewards) / g
+    var = sum((r - mean) ** 2 for r in rewards) / max(g - 1, 1)
+    if var == 0.0:
+        return None
+    std = math.sqrt(var)
+    return [(r - mean) / (std + eps) for r in rewards]

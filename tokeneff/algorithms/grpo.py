@@ -1,0 +1,22 @@
+"""Full-token GRPO, the paper's baseline. Relative to textbook GRPO (Shao et al., 2024):
+1. One on-policy update per batch, so the ratio is pi/sg(pi) (its value is 1; the gradient is A * grad log pi)
+   and there is no clipping.
+2. Every completion token carries loss, length-normalised per completion: weight 1 / (G * |y_i|).
+3. Groups whose rewards are all equal carry no signal and are skipped.
+"""
+
+from __future__ import annotations
+
+from .base import Credits, group_advantages
+
+
+def select(completions: list[list[int]], rewards: list[float], cfg, rng=None) -> Credits:
+    credits = Credits()
+    adv = group_advantages(rewards, cfg.adv_eps)
+    if adv is None:
+        return credits
+    g = len(completions)
+    for i, tokens in enumerate(completions):
+        for t in range(len(tokens)):
+            credits.add(i, t, adv[i], 1.0 / (g * len(tokens)))
+    return credits

@@ -1,0 +1,90 @@
+"""`tokeneff train | evaluate | bench`: user mistakes print one line and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ALGOS, PROFILES, TASKS, TokeneffError, make_config, parse_overrides
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: one line, exit 2
+        self.exit(2, f"tokeneff: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tokeneff", description="Token-efficient RL (S-GRPO, T-SPMO, GRPO) with LoRA.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a LoRA adapter with RL")
+    t.add_argument("--algo", choices=ALGOS)
+    t.add_argument("--task", choices=TASKS)
+    t.add_argument("--model", help="smollm2-135m | tiny-random | hub id | local path")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--out", help="run directory")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--profile", choices=PROFILES, default="embedded")
+    t.add_argument("--config", help="YAML or JSON file of config keys")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="delete what --out holds and start over")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="any config field, e.g. beta=0")
+
+    e = sub.add_parser("evaluate", help="greedy accuracy on held-out problems")
+    e.add_argument("--task", choices=TASKS, default="svamp")
+    e.add_argument("--model", default="smollm2-135m")
+    e.add_argument("--adapter", help="a run's adapter/ folder")
+    e.add_argument("--split", choices=("train", "test"), default="test")
+    e.add_argument("--limit", type=int, default=0, help="first N problems (0: all)")
+    e.add_argument("--profile", choices=PROFILES, default="embedded")
+    e.add_argument("--out", required=True, help="JSON file for accuracy and every completion")
+    e.add_argument("overrides", nargs="*", metavar="key=value")
+
+    b = sub.add_parser("bench", help="peak memory and step time per algorithm")
+    b.add_argument("--model", default="tiny-random")
+    b.add_argument("--shape", choices=("qwen2-1.5b",), help="random-weight model of this shape (GPU)")
+    b.add_argument("--random-weights", action="store_true")
+    b.add_argument("--completion-lens", default="64", help="comma-separated, e.g. 256,512,1024")
+    b.add_argument("--group-sizes", default="8", help="comma-separated, e.g. 8,16")
+    b.add_argument("--vocab-size", type=int, default=151936, help="tiny-random's vocabulary (Qwen2's)")
+    b.add_argument("--vs-trl", action="store_true", help="also time TRL's GRPOTrainer when installed")
+    b.add_argument("--out", default="results/benchmarks")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from .train import install_sigterm_handler, train
+
+            over = parse_overrides(args.overrides)
+            for k in ("algo", "task", "model", "steps", "out", "seed"):
+                if getattr(args, k) is not None:
+                    over[k] = getattr(args, k)
+            cfg = make_config(args.profile, args.config, over)
+            install_sigterm_handler()
+            final = train(cfg, resume=args.resume, overwrite=args.overwrite)
+            print(f"done: {final['steps_done']} steps; held-out accuracy {final['base_accuracy']} -> "
+                  f"{final['final_accuracy']}; results in {cfg.out}")
+        elif args.command == "evaluate":
+            from .evaluate import evaluate
+
+            over = parse_overrides(args.overrides)
+            res = evaluate(task=args.task, model=args.model, adapter=args.adapter, split=args.split,
+                           limit=args.limit, out=args.out, profile=args.profile, **over)
+            print(f"{res['task']} {args.split}: accuracy {res['accuracy']:.3f} on {res['n']} problems -> {args.out}")
+        elif args.command == "bench":
+            from .bench import bench_cli
+
+            bench_cli(args)
+    except TokeneffError as e:
+        print(f"tokeneff: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Run configuration: one dataclass, two profiles, strict validation.
+
+Every knob the paper leaves open is a field here with the default from ../shared/PAPER.md, marked
+[reconstructed] in its comment. Bad values raise `ConfigError` with one line naming the value; the CLI
+turns that into exit code 2 without a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class TokeneffError(Exception):
+    """A user-facing error: the message is shown alone, without a traceback."""
+
+
+class ConfigError(TokeneffError):
+    pass
+
+
+ALGOS = ("grpo", "sgrpo", "tspmo")
+TASKS = ("svamp", "multiplication")
+PROFILES = ("embedded", "paper")
+
+
+@dataclass
+class TrainConfig:
+    # --- run ---
+    algo: str = "sgrpo"
+    """grpo (all tokens) | sgrpo (stochastic subset) | tspmo (prefix-matched pivotal tokens)"""
+    task: str = "svamp"
+    """svamp | multiplication"""
+    model: str = "smollm2-135m"
+    """built-in name (smollm2-135m, tiny-random), Hugging Face hub id, or local path"""
+    profile: str = "embedded"
+    """embedded (offline CPU, small) | paper (Qwen2-1.5B on a GPU, the paper's settings)"""
+    steps: int = 40
+    """number of policy updates"""
+    seed: int = 0
+    out: str = "runs/default"
+    """run directory: metrics.jsonl, config.json, adapter/, checkpoint/"""
+
+    # --- task ---
+    svamp_dir: str = ""
+    """SVAMP folder (SVAMP.json); empty: $TOKENEFF_SVAMP_DIR or the copy shipped in the package"""
+    extra_train: bool = False
+    """add the 3,138 MAWPS + ASDiv-A problems to SVAMP's 700 training problems"""
+    digits_a: int = 3
+    """multiplication: digits of the first factor [reconstructed: 3 x 3]"""
+    digits_b: int = 3
+    """multiplication: digits of the second factor"""
+    num_shots: int = 2
+    """worked examples shown as earlier chat turns (0 = zero-shot)"""
+
+    # --- rollout ---
+    group_size: int = 8
+    """G: completions sampled per prompt"""
+    prompts_per_step: int = 4
+    """prompts per update; all prompts x G completions are generated in one batch"""
+    max_new_tokens: int = 200
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    # --- algorithm ---
+    sgrpo_alpha: int = 25
+    """S-GRPO: the first alpha completion tokens are always kept [reconstructed]"""
+    sgrpo_p: float = 0.5
+    """S-GRPO: keep probability for later tokens [reconstructed]"""
+    sgrpo_k: int = 100
+    """S-GRPO: at most k tokens per completion [reconstructed]"""
+    beta: float = 0.04
+    """KL weight (k3 estimator on the selected tokens); 0 skips the reference forward [reconstructed]"""
+    adv_eps: float = 1e-4
+    """epsilon in (r - mean) / (std + eps)"""
+    replay: str = "auto"
+    """T-SPMO replay-based resampling: on | off | auto (on for multiplication, off for svamp)"""
+    replay_fraction: float = 0.5
+    """share of a step's groups started from a cut successful completion, once the buffer has one"""
+    replay_buffer_size: int = 256
+
+    # --- optimisation ---
+    lr: float = 2e-5
+    """AdamW learning rate [reconstructed: 1e-5 ... 5e-5]"""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 16
+    """sequences per forward/backward; a step accumulates gradients over its micro-batches"""
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    """no | bf16 | fp16 (accelerate)"""
+    lm_head_chunk: int = 1024
+    """positions per chunk of the selective LM head (logits recomputed in backward)"""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+
+    # --- evaluation and checkpoints ---
+    eval_every: int = 0
+    """evaluate on held-out problems every N steps (0: only at the start and the end)"""
+    eval_limit: int = 0
+    """held-out problems per evaluation (0: all)"""
+    eval_batch_size: int = 32
+    eval_max_new_tokens: int = 0
+    """0: same as max_new_tokens"""
+    save_every: int = 10
+    """checkpoint (adapter, optimiser, RNG, step) every N steps"""
+    max_bad_steps: int = 5
+    """stop after this many non-finite losses in a row"""
+
+    def validate(self) -> TrainConfig:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        choices = {"algo": ALGOS, "task": TASKS, "profile": PROFILES,
+                   "replay": ("on", "off", "auto"), "mixed_precision": ("no", "bf16", "fp16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"must be one of {', '.join(allowed)}")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise bad("model", "must be a built-in name, a hub id or a local path")
+        positive = ("steps", "group_size", "prompts_per_step", "max_new_tokens", "sgrpo_k",
+                    "replay_buffer_size", "micro_batch_size", "lm_head_chunk", "lora_r",
+                    "lora_alpha", "eval_batch_size", "save_every", "max_bad_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise bad(name, "must be a positive integer")
+        if self.group_size < 2:
+            raise bad("group_size", "must be at least 2: advantages compare completions within a group")
+        for name in ("lr", "temperature", "adv_eps"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise bad(name, "must be a positive number")
+        for name in ("digits_a", "digits_b"):
+            if not 1 <= getattr(self, name) <= 12:
+                raise bad(name, "must be between 1 and 12")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if not 0 <= self.sgrpo_p <= 1:
+            raise bad("sgrpo_p", "must be a probability in [0, 1]")
+        if not 0 <= self.sgrpo_alpha <= self.sgrpo_k:
+            raise bad("sgrpo_alpha", f"must be between 0 and sgrpo_k={self.sgrpo_k}")
+        for name in ("replay_fraction", "lora_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise bad(name, "must be in [0, 1]")
+        for name in ("beta", "weight_decay", "max_grad_norm"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise bad(name, "must be a non-negative number")
+        for name in ("seed", "num_shots", "eval_every", "eval_limit", "eval_max_new_tokens"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must not be negative")
+        if not [t for t in self.lora_targets.split(",") if t.strip()]:
+            raise bad("lora_targets", "name at least one module, e.g. q_proj,v_proj")
+        if not str(self.out).strip():
+            raise bad("out", "must be a directory path")
+        return self
+
+    @property
+    def use_replay(self) -> bool:
+        if self.algo != "tspmo":
+            return False
+        return self.replay == "on" or (self.replay == "auto" and self.task == "multiplication")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Profile defaults: applied first, then the config file, then key=value overrides.
+PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
+    # The paper's settings (PAPER.md): Qwen2-1.5B-Instruct, G=8, 200 new tokens, a few hundred updates.
+    "paper": dict(model="Qwen/Qwen2-1.5B-Instruct", steps=300, group_size=8, prompts_per_step=4,
+                  max_new_tokens=200, lr=2e-5, mixed_precision="bf16", gradient_checkpointing=True,
+                  eval_every=25, eval_batch_size=64, micro_batch_size=32),
+    # Sized for a 2-core CPU: SmolLM2-135M, short answers (its few-shot answers are one line),
+    # several prompts per step so that some groups have reward variance, a larger LoRA learning rate.
+    "embedded": dict(model="smollm2-135m", steps=40, group_size=8, prompts_per_step=4,
+                     max_new_tokens=48, sgrpo_alpha=8, sgrpo_k=24, lr=1e-4, eval_every=10,
+                     eval_limit=0, eval_batch_size=64, micro_batch_size=32, digits_a=2, digits_b=1,
+                     save_every=5),
+}
+
+FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    """Convert a CLI/YAML value to the field's type, with a one-line error on failure."""
+    default = getattr(TrainConfig, name, None)
+    kind = type(default) if default is not None else str
+    if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
+        return raw
+    text = str(raw).strip()
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            f = float(text)
+            if not f.is_integer():
+                raise ValueError
+            return int(f)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected {kind.__name__}") from None
+    return text
+
+
+def unknown_key_error(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, FIELD_NAMES, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def make_config(profile: str = "embedded", file: str | None = None,
+                overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Profile defaults <- YAML/JSON file <- overrides; coerced and validated."""
+    if profile not in PROFILES:
+        raise ConfigError(f"profile={profile!r}: must be one of {', '.join(PROFILES)}")
+    values: dict[str, Any] = dict(PROFILE_DEFAULTS[profile], profile=profile)
+    if file:
+        values.update(load_config_file(file))
+    values.update(overrides or {})
+    for key in values:
+        if key not in FIELD_NAMES:
+            raise unknown_key_error(key)
+    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    return cfg.validate()
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is the user's file
+        raise ConfigError(f"config file {path!r} could not be parsed: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of key: value")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        k = k.strip().replace("-", "_")
+        if k not in FIELD_NAMES:
+            raise unknown_key_error(k)
+        out[k] = v
+    return out

@@ -1,0 +1,55 @@
+"""What every task provides: problems by split, chat messages for a problem, and the reward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .answer import exact_match_reward
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str
+    answer: float
+
+
+def format_number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+class Task:
+    """A task is a list of problems per split plus a prompt format; the reward is exact match."""
+
+    name = "task"
+    instruction = "Solve the problem. End with 'The answer is N.'"
+    shots: tuple[tuple[str, str], ...] = ()  # (question, worked answer) pairs, none from the test set
+
+    def __init__(self, num_shots: int = 2):
+        self.num_shots = num_shots
+
+    def problems(self, split: str) -> list[Problem]:
+        raise NotImplementedError
+
+    def messages(self, problem: Problem) -> list[dict[str, str]]:
+        """Chat turns: the worked examples as earlier user/assistant turns, then the problem."""
+        turns: list[dict[str, str]] = []
+        for i, (q, a) in enumerate(self.shots[: self.num_shots]):
+            turns += [{"role": "user", "content": self._user(q, first=i == 0)},
+                      {"role": "assistant", "content": a}]
+        turns.append({"role": "user", "content": self._user(problem.question, first=not turns)})
+        return turns
+
+    def _user(self, question: str, first: bool) -> str:
+        return f"{self.instruction}\n{question}" if first else question
+
+    @staticmethod
+    def reward(prompts: list, completions: list, answer: list, **columns) -> list[float]:
+        return exact_match_reward(prompts, completions, answer, **columns)
+
+
+def check_split(split: str, allowed: tuple[str, ...] = ("train", "test")) -> None:
+    from ..config import ConfigError
+
+    if split not in allowed:
+        raise ConfigError(f"split={split!r}: must be one of {', '.join(allowed)}")
