@@ -2,16 +2,18 @@
 
 Why: the LM head and log-softmax over a 150k vocabulary dominate activation memory when applied at every
 position. We run the transformer body, gather the hidden states of the credited positions, and apply the
-head there alone, in chunks whose logits are recomputed in backward; columns after the last credited
-position of a micro-batch are never forwarded.
+head there alone, in chunks whose logits are recomputed in backward. Completion columns after the last
+credited position are never forwarded, and each prompt is forwarded once for its whole group (its KV cache
+is shared, with gradients flowing back through it), not G times.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .rollout import prefill
 
 
 def _head_logp(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -20,32 +22,49 @@ def _head_logp(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> 
 
 
 class SelectiveLogProbs(nn.Module):
-    """Wraps a causal LM (peft or plain) so one `forward` gives log pi(y_t | y_<t) at chosen cells.
+    """Wraps a causal LM (peft or plain) so that one `forward` gives log pi(y_t | x, y_<t) at chosen cells.
 
-    It is an `nn.Module` so that accelerate can wrap it for data-parallel training.
+    An `nn.Module` so that accelerate can wrap it for data-parallel training.
     """
 
-    def __init__(self, model: nn.Module, chunk: int = 1024):
+    def __init__(self, model: nn.Module, chunk: int = 1024, share_prompt: bool = True):
         super().__init__()
-        self.model = model
-        self.chunk = chunk
+        self.model, self.chunk, self.share_prompt = model, chunk, share_prompt
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
-                cols: torch.Tensor) -> torch.Tensor:
-        """log-prob of input_ids[rows, cols] given everything before it; returns a float32 [N] tensor."""
-        width = int(cols.max()) if len(cols) else 1  # the last needed hidden state is at column max(cols) - 1
-        ids, mask = input_ids[:, :width], attention_mask[:, :width]
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as in generate(), with left padding
+    def forward(self, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, comp_ids: torch.Tensor,
+                comp_mask: torch.Tensor, row_ctx: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """log-prob of comp_ids[rows, pos]; comp row r continues context row_ctx[r]. Returns float32 [N]."""
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        hidden = base.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                                    use_cache=False).last_hidden_state
-        h = hidden[rows, cols - 1]
-        targets = input_ids[rows, cols]
+        width = int(pos.max()) if len(pos) else 0  # completion tokens needed as inputs: 0 .. max(pos) - 1
+        c_ids, c_mask = comp_ids[:, :width], comp_mask[:, :width]
+        checkpointed = getattr(base, "is_activation_checkpointing", None)
+        if checkpointed is None:  # transformers < 5
+            checkpointed = getattr(base, "is_gradient_checkpointing", False)
+        if self.share_prompt and not checkpointed:
+            h_ctx, cache = prefill(self.model, ctx_ids, ctx_mask, use_cache=width > 0)
+            h_last = h_ctx[row_ctx, -1]
+            h_comp = None
+            if width:
+                cache.reorder_cache(row_ctx)  # each completion row gets its context's keys/values
+                mask = torch.cat([ctx_mask[row_ctx], c_mask], 1)
+                start = ctx_mask[row_ctx].sum(-1, keepdim=True)
+                position_ids = start + torch.arange(width, device=c_ids.device)[None]
+                h_comp = base.get_decoder()(input_ids=c_ids, attention_mask=mask, position_ids=position_ids,
+                                            past_key_values=cache, use_cache=True).last_hidden_state
+        else:  # one plain forward over [context | completion] rows (needed with gradient checkpointing)
+            ids = torch.cat([ctx_ids[row_ctx], c_ids], 1)
+            mask = torch.cat([ctx_mask[row_ctx], c_mask], 1)
+            h, _ = prefill(self.model, ids, mask, use_cache=False)
+            p = ctx_ids.shape[1]
+            h_last, h_comp = h[:, p - 1], h[:, p:] if width else None
+        # hidden state that predicts completion token t: the context's last for t = 0, else completion t - 1
+        hidden = h_last[rows] if h_comp is None else torch.cat([h_last[:, None], h_comp], 1)[rows, pos]
+        targets = comp_ids[rows, pos]
         head = base.get_output_embeddings()
         if len(rows) <= self.chunk:
-            return _head_logp(head, h, targets)
+            return _head_logp(head, hidden, targets)
         parts = [checkpoint(_head_logp, head, hc, tc, use_reentrant=False)
-                 for hc, tc in zip(h.split(self.chunk), targets.split(self.chunk), strict=True)]
+                 for hc, tc in zip(hidden.split(self.chunk), targets.split(self.chunk), strict=True)]
         return torch.cat(parts)
 
 

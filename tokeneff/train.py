@@ -7,6 +7,7 @@ policy-gradient loss (+ beta * KL to the adapter-free reference) -> one AdamW up
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -181,7 +182,7 @@ def _train_step(cfg, accel, policy_lp, tok, task, groups, select_rng, problem_in
         last = {}
         for i, t, a, w in zip(credits.seq, credits.pos, credits.adv, credits.weight, strict=True):
             rows.append(gi * G + i)
-            cols.append(roll.context_len + t)
+            cols.append(t)
             adv.append(a)
             weight.append(w)
             last[i] = max(last.get(i, -1), t)
@@ -191,35 +192,35 @@ def _train_step(cfg, accel, policy_lp, tok, task, groups, select_rng, problem_in
                 full = g.prefix + roll.completions[gi * G + i]
                 successes.append((problem_index[g.problem.id], full, len(g.prefix) + last.get(i, -1)))
 
-    # --- loss on the credited positions, micro-batched over sequences ---
+    # --- loss on the credited positions, micro-batched over groups ---
     device = accel.device
-    ids, mask = roll.input_ids.to(device), roll.attention_mask.to(device)
-    rows_t, cols_t = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
-    adv_t, w_t = torch.tensor(adv), torch.tensor(weight) / max(signal_groups, 1)
+    lp = accel.unwrap_model(policy_lp)
+    per_mb = max(1, cfg.micro_batch_size // G)
+    credited = sorted({gi for gi in range(len(groups)) if any(r_ // G == gi for r_ in rows)}) or [0]
+    batches = [credited[i: i + per_mb] for i in range(0, len(credited), per_mb)]
     loss_total, kl_total = 0.0, 0.0
-    seq_ids = sorted(set(rows)) or [0]  # a rank with no credit still runs a zero-weight backward (DDP)
-    chunks = [seq_ids[i: i + cfg.micro_batch_size] for i in range(0, len(seq_ids), cfg.micro_batch_size)]
-    for ci, chunk in enumerate(chunks):
-        sel = torch.isin(rows_t, torch.tensor(chunk)) if rows else torch.tensor([False])
-        local = {s: k for k, s in enumerate(chunk)}
-        if rows:
-            r_loc = torch.tensor([local[int(s)] for s in rows_t[sel]], dtype=torch.long, device=device)
-            c_loc, a_loc, w_loc = cols_t[sel].to(device), adv_t[sel].to(device), w_t[sel].to(device)
-        else:  # dummy: first completion token of row 0, weight 0
-            r_loc = torch.zeros(1, dtype=torch.long, device=device)
-            c_loc = torch.full((1,), roll.context_len, device=device)
-            a_loc, w_loc = torch.zeros(1, device=device), torch.zeros(1, device=device)
-        sub_ids, sub_mask = ids[chunk], mask[chunk]
+    for bi, gids in enumerate(batches):
+        # a rank with no credit still runs one zero-weight backward, so data-parallel ranks stay in step
+        idx = [j for j, r_ in enumerate(rows) if r_ // G in gids] or None
+        comp_rows = sorted({rows[j] for j in idx}) if idx else [gids[0] * G]
+        local_row = {r_: k for k, r_ in enumerate(comp_rows)}
+        local_ctx = {g: k for k, g in enumerate(gids)}
+        batch = dict(ctx_ids=roll.context_ids[gids].to(device), ctx_mask=roll.context_mask[gids].to(device),
+                     comp_ids=roll.completion_ids[comp_rows].to(device),
+                     comp_mask=roll.completion_mask[comp_rows].to(device),
+                     row_ctx=torch.tensor([local_ctx[r_ // G] for r_ in comp_rows], device=device),
+                     rows=torch.tensor([local_row[rows[j]] for j in idx] if idx else [0], device=device),
+                     pos=torch.tensor([cols[j] for j in idx] if idx else [0], device=device))
+        a_loc = torch.tensor([adv[j] for j in idx] if idx else [0.0], device=device)
+        w_loc = torch.tensor([weight[j] / max(signal_groups, 1) for j in idx] if idx else [0.0], device=device)
         with accel.autocast():
-            logp = policy_lp(sub_ids, sub_mask, r_loc, c_loc)
+            logp = policy_lp(**batch)
             ref = None
             if cfg.beta > 0:
-                with torch.no_grad(), accel.unwrap_model(policy_lp).model.disable_adapter():
-                    ref = accel.unwrap_model(policy_lp)(sub_ids, sub_mask, r_loc, c_loc)
+                with torch.no_grad(), lp.model.disable_adapter():
+                    ref = lp(**batch)
             loss, kl = policy_loss(logp, a_loc, w_loc, ref, cfg.beta)
-        sync = ci == len(chunks) - 1
-        ctx = accel.no_sync(policy_lp) if not sync else _nullcontext()
-        with ctx:
+        with accel.no_sync(policy_lp) if bi < len(batches) - 1 else contextlib.nullcontext():
             accel.backward(loss)
         loss_total += float(loss.detach())
         kl_total += float(kl)
@@ -229,14 +230,6 @@ def _train_step(cfg, accel, policy_lp, tok, task, groups, select_rng, problem_in
                 tokens_in_loss=len(rows), tokens_total=n_tokens, successes=successes,
                 completion_len_mean=n_tokens / len(roll.completions),
                 clipped_ratio=sum(roll.truncated) / len(roll.truncated), rollout_seconds=rollout_s)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------------

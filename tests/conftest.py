@@ -1,0 +1,20 @@
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """A config for fast tiny-random runs."""
+    from tokeneff import make_config
+
+    def make(**over):
+        base = dict(model="tiny-random", task="multiplication", digits_a=1, digits_b=1, steps=2,
+                    group_size=4, prompts_per_step=2, max_new_tokens=8, eval_limit=4, eval_batch_size=4,
+                    out=str(tmp_path / "run"), save_every=1, lr=1e-2, beta=0.04)
+        base.update(over)
+        return make_config("embedded", overrides=base)
+
+    return make
