@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 

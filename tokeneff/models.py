@@ -121,6 +121,9 @@ def char_tokenizer():
 def tiny_random(vocab_size: int | None = None, seed: int = 0, hidden: int = 64, layers: int = 2):
     """A randomly initialised Qwen2 (2 layers, width 64) with the character tokenizer.
 
+    initializer_range=0.2 (not 0.02): with tiny tied embeddings the logits could barely move from uniform,
+    so no adapter could learn a preference in a test.
+
     `vocab_size` may exceed the tokenizer (e.g. Qwen's 151,936 for benchmarks); extra ids are never sampled
     by tests that decode, since benchmarks do not decode.
     """
@@ -129,7 +132,7 @@ def tiny_random(vocab_size: int | None = None, seed: int = 0, hidden: int = 64, 
     tok = char_tokenizer()
     cfg = Qwen2Config(vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=2048, tie_word_embeddings=True,
+                      max_position_embeddings=2048, tie_word_embeddings=True, initializer_range=0.2,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
     with torch.random.fork_rng():
         torch.manual_seed(seed)

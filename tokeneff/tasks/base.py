@@ -32,16 +32,13 @@ class Task:
         raise NotImplementedError
 
     def messages(self, problem: Problem) -> list[dict[str, str]]:
-        """Chat turns: the worked examples as earlier user/assistant turns, then the problem."""
-        turns: list[dict[str, str]] = []
-        for i, (q, a) in enumerate(self.shots[: self.num_shots]):
-            turns += [{"role": "user", "content": self._user(q, first=i == 0)},
-                      {"role": "assistant", "content": a}]
-        turns.append({"role": "user", "content": self._user(problem.question, first=not turns)})
+        """The instruction as the system turn (it also replaces long default system prompts), the worked
+        examples as earlier user/assistant turns, then the problem."""
+        turns = [{"role": "system", "content": self.instruction}]
+        for q, a in self.shots[: self.num_shots]:
+            turns += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        turns.append({"role": "user", "content": problem.question})
         return turns
-
-    def _user(self, question: str, first: bool) -> str:
-        return f"{self.instruction}\n{question}" if first else question
 
     @staticmethod
     def reward(prompts: list, completions: list, answer: list, **columns) -> list[float]:

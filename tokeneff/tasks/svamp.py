@@ -100,13 +100,13 @@ class SVAMP(Task):
     def problems(self, split: str) -> list[Problem]:
         check_split(split)
         allp = load_svamp(str(self.dir))
-        test_ids = set(test_ids_shipped())
+        test_ids = set(shipped_test_ids())
         if split == "test":
             return [p for p in allp if p.id in test_ids]
         train = [p for p in allp if p.id not in test_ids]
         return train + load_mawps_asdiv(self.dir) if self.extra_train else train
 
 
-def test_ids_shipped() -> list[str]:
+def shipped_test_ids() -> list[str]:
     text = (resources.files("tokeneff.tasks") / "splits" / "svamp_test_ids.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip()]

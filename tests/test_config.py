@@ -1,0 +1,46 @@
+import pytest
+
+from tokeneff.config import ConfigError, make_config, parse_overrides
+
+
+def test_profiles_and_overrides():
+    cfg = make_config("paper")
+    assert cfg.model == "Qwen/Qwen2-1.5B-Instruct" and cfg.group_size == 8 and cfg.sgrpo_alpha == 25
+    cfg = make_config("embedded", overrides=parse_overrides(["beta=0", "algo=tspmo", "task=multiplication"]))
+    assert cfg.beta == 0.0 and cfg.use_replay  # replay is on by default for T-SPMO on multiplication
+    assert not make_config(overrides=dict(algo="tspmo", task="svamp")).use_replay
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(algo="ppo"), "algo='ppo'"),
+    (dict(task="gsm8k"), "task='gsm8k'"),
+    (dict(steps=0), "steps=0"),
+    (dict(steps=-3), "steps=-3"),
+    (dict(group_size=1), "group_size=1"),
+    (dict(lr=0), "lr=0.0"),
+    (dict(lr="-1e-5"), "lr=-1e-05"),
+    (dict(sgrpo_p=1.5), "sgrpo_p=1.5"),
+    (dict(sgrpo_alpha=500, sgrpo_k=100), "sgrpo_alpha=500"),
+    (dict(sgrpo_k=0), "sgrpo_k=0"),
+    (dict(digits_a=0), "digits_a=0"),
+    (dict(digits_b=13), "digits_b=13"),
+    (dict(steps="ten"), "steps='ten': expected int"),
+    (dict(seeed=1), "did you mean 'seed'"),
+    (dict(group_szie=4), "did you mean 'group_size'"),
+])
+def test_bad_values_are_named(over, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        make_config("embedded", overrides=over)
+
+
+def test_bad_profile_and_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="profile='huge'"):
+        make_config("huge")
+    f = tmp_path / "c.yaml"
+    f.write_text("betta: 0.1\n")
+    with pytest.raises(ConfigError, match="did you mean 'beta'"):
+        make_config(file=str(f))
+    f.write_text("beta: 0.1\nsteps: 7\n")
+    assert make_config(file=str(f)).steps == 7
+    with pytest.raises(ConfigError, match="does not exist"):
+        make_config(file=str(tmp_path / "nope.yaml"))

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from tokeneff.config import ConfigError
+from tokeneff.tasks import SVAMP, Multiplication
+from tokeneff.tasks.svamp import load_svamp, make_test_ids, shipped_test_ids
+
+
+def test_svamp_split_is_fixed_700_300_and_matches_its_seed():
+    task = SVAMP()
+    train, test = task.problems("train"), task.problems("test")
+    assert len(train) == 700 and len(test) == 300
+    assert not {p.id for p in train} & {p.id for p in test}
+    all_ids = [p.id for p in train + test]
+    assert shipped_test_ids() == make_test_ids(all_ids)  # the committed list is the seeded one
+    assert all(float(p.answer).is_integer() for p in test)
+
+
+def test_svamp_extra_train_adds_mawps_asdiv_with_numbers_filled_in():
+    probs = SVAMP(extra_train=True).problems("train")
+    extra = [p for p in probs if p.id.startswith("mawps")]
+    assert len(extra) == 3138
+    assert "number0" not in extra[0].question and "56" in extra[0].question and extra[0].answer == 504.0
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    ("{not json", "not valid JSON"),
+    (json.dumps([{"ID": "chal-1", "Body": "b", "Answer": 3}]), "lacks field 'Question'"),
+    (json.dumps([{"ID": "chal-1", "Body": "b", "Question": "q", "Answer": "three"}]), "non-numeric Answer"),
+])
+def test_svamp_bad_files_give_one_line_errors(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "SVAMP.json").write_text(content)
+    load_svamp.cache_clear()
+    with pytest.raises(ConfigError, match=message):
+        SVAMP(svamp_dir=str(tmp_path)).problems("test")
+
+
+def test_multiplication_is_seeded_and_test_set_held_out():
+    t = Multiplication(digits_a=3, digits_b=3)
+    test, train = t.problems("test"), t.problems("train")
+    assert [p.question for p in test] == [p.question for p in Multiplication(3, 3, 3).problems("test")]
+    assert len(test) == 200 and not {p.question for p in test} & {p.question for p in train}
+    for p in test[:20]:
+        a, b = (int(x) for x in p.question.removeprefix("What is ").rstrip("?").split(" * "))
+        assert 100 <= a <= 999 and 100 <= b <= 999 and p.answer == a * b
+    small = Multiplication(digits_a=1, digits_b=1)
+    assert len(small.problems("test")) == 20 and len(small.problems("train")) == 61  # 81 pairs in all
+
+
+def test_messages_put_instruction_first_and_shots_before_problem():
+    task = SVAMP(num_shots=2)
+    msgs = task.messages(task.problems("test")[0])
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert msgs[2]["content"].endswith("The answer is 15.")

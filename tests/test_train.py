@@ -1,0 +1,131 @@
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+train_mod = importlib.import_module("tokeneff.train")  # the package re-exports train(), shadowing the module
+from tokeneff import TokeneffError, train
+from tokeneff.tasks import Problem, Task
+from tokeneff.train import TIMING_KEYS
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+class FirstDigitTask(Task):
+    """Toy task for the tiny model: reward 1 when the completion starts with a digit (about 1 in 10 at first)."""
+
+    name = "first-digit"
+
+    def problems(self, split):
+        return [Problem(id=f"p{i}", question=f"Say a number {i}.", answer=0.0) for i in range(16)]
+
+    @staticmethod
+    def reward(prompts, completions, answer, **columns):
+        return [1.0 if c[:1].isdigit() else 0.0 for c in completions]
+
+
+@pytest.fixture
+def toy_task(monkeypatch):
+    monkeypatch.setattr(train_mod, "make_task", lambda cfg: FirstDigitTask(num_shots=0))
+
+
+@pytest.mark.parametrize("algo", ["grpo", "sgrpo", "tspmo"])
+def test_tiny_run_writes_metrics_adapter_and_changes_lora(tiny_cfg, tmp_path, toy_task, algo):
+    cfg = tiny_cfg(algo=algo, steps=3, lr=0.05, lora_dropout=0.0, group_size=8, prompts_per_step=4)
+    final = train(cfg, progress=False)
+    run = tmp_path / "run"
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for key in ("reward_mean", "reward_std", "frac_groups_zero_std", "loss", "kl", "tokens_in_loss",
+                "tokens_total", "completion_len_mean", "step_seconds", "peak_memory_mb"):
+        assert key in rows[1]
+    assert "eval_accuracy" in rows[0] and "eval_accuracy" in rows[-1]
+    assert json.loads((run / "config.json").read_text())["algo"] == algo
+    assert final["steps_done"] == 3 and (run / "final.json").is_file()
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert sum(r["tokens_in_loss"] for r in rows[1:]) > 0, "the toy task should give some groups a signal"
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "LoRA B starts at zero and must have moved"
+
+
+@pytest.mark.parametrize("algo", ["sgrpo", "tspmo"])
+def test_training_raises_reward(tiny_cfg, toy_task, algo):
+    cfg = tiny_cfg(algo=algo, steps=30, group_size=8, prompts_per_step=4, max_new_tokens=4, lr=0.03,
+                   beta=0.0, lora_dropout=0.0, eval_limit=1, save_every=100)
+    train(cfg, progress=False)
+    rewards = [r["reward_mean"] for r in _metrics(__import__("pathlib").Path(cfg.out))[1:]]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.3, (first, last)
+
+
+def test_same_seed_same_metrics_and_resume_continues_identically(tiny_cfg, tmp_path):
+    a = tiny_cfg(steps=4, out=str(tmp_path / "a"), save_every=2, eval_every=2)
+    b = tiny_cfg(steps=4, out=str(tmp_path / "b"), save_every=2, eval_every=2)
+    train(a, progress=False)
+    train(b, progress=False)
+    ref = _strip_timing(_metrics(tmp_path / "a"))
+    assert ref == _strip_timing(_metrics(tmp_path / "b"))
+
+    # stop after step 2 (a checkpoint) with a stray step-3 line, as a crash would leave it, then resume
+    c = tiny_cfg(steps=2, out=str(tmp_path / "c"), save_every=2, eval_every=2)
+    train(c, progress=False)
+    with (tmp_path / "c" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 3, "reward_mean": 123}) + "\n")
+    (tmp_path / "c" / "final.json").unlink()
+    train(tiny_cfg(steps=4, out=str(tmp_path / "c"), save_every=2, eval_every=2), resume=True, progress=False)
+    assert _strip_timing(_metrics(tmp_path / "c")) == ref
+
+
+def test_refuses_to_mix_runs(tiny_cfg):
+    cfg = tiny_cfg(steps=1)
+    train(cfg, progress=False)
+    with pytest.raises(TokeneffError, match="already holds a run"):
+        train(cfg, progress=False)
+    with pytest.raises(TokeneffError, match="holds a different run"):
+        train(tiny_cfg(steps=1, algo="grpo"), resume=True, progress=False)
+    train(tiny_cfg(steps=1, algo="grpo"), overwrite=True, progress=False)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tiny_cfg, tmp_path):
+    """A real crash: the CLI is SIGKILLed after its step-3 checkpoint; --resume must end where a clean run ends."""
+    args = ["--model", "tiny-random", "--task", "multiplication", "--algo", "sgrpo", "--steps", "6", "digits_a=1",
+            "digits_b=1", "group_size=4", "prompts_per_step=2", "max_new_tokens=8", "eval_limit=4",
+            "eval_batch_size=4", "save_every=3", "lr=0.01", "max_new_tokens=24"]
+    cmd = [sys.executable, "-m", "tokeneff.cli", "train"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    subprocess.run(cmd + args + ["--out", str(tmp_path / "clean")], check=True, env=env, capture_output=True)
+    crash = tmp_path / "crash"
+    proc = subprocess.Popen(cmd + args + ["--out", str(crash)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ck = crash / "checkpoint" / "state.json"
+        if ck.is_file() and json.loads(ck.read_text())["step"] >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (crash / "final.json").exists(), "the run finished before it could be killed"
+    subprocess.run(cmd + args + ["--out", str(crash), "--resume"], check=True, env=env, capture_output=True)
+    assert _strip_timing(_metrics(crash)) == _strip_timing(_metrics(tmp_path / "clean"))
+
+
+def test_nonfinite_loss_is_skipped_then_stops(tiny_cfg, monkeypatch):
+    real = train_mod.policy_loss
+    monkeypatch.setattr(train_mod, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"),
+                                                                  torch.tensor(0.0)))
+    with pytest.raises(TokeneffError, match="non-finite losses in a row"):
+        train(tiny_cfg(steps=10, max_bad_steps=2), progress=False)
