@@ -71,7 +71,8 @@ def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_ne
     """
     device = next(model.parameters()).device
     ctx_ids, ctx_mask = left_pad(contexts, tokenizer.pad_token_id)
-    ids, mask = ctx_ids.to(device).repeat_interleave(num_samples, 0), ctx_mask.to(device).repeat_interleave(num_samples, 0)
+    ids = ctx_ids.to(device).repeat_interleave(num_samples, 0)
+    mask = ctx_mask.to(device).repeat_interleave(num_samples, 0)
     gen_kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
                                                            top_p=top_p, top_k=0)
     if num_samples > 1 and ctx_ids.shape[1] > 1:

@@ -318,7 +318,7 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
                 select_rng=_rng_state_to_json(select_rng.getstate()),
                 replay_rng=_rng_state_to_json(replay_rng.getstate())))
 
-    if start == 0 and not evals:
+    if start == 0 and not evals and cfg.eval_at_start:
         acc = run_eval(0)
         log.write(dict(step=0, eval_accuracy=acc))
 

@@ -69,7 +69,7 @@ def load_mawps_asdiv(path: Path) -> list[Problem]:
     with file.open(newline="") as f:
         for i, row in enumerate(csv.DictReader(f)):
             nums = row["Numbers"].split()
-            text = re.sub(r"number(\d+)", lambda m: format_number(float(nums[int(m.group(1))])),
+            text = re.sub(r"number(\d+)", lambda m, nums=nums: format_number(float(nums[int(m.group(1))])),
                           row["Question"])
             text = re.sub(r"\s+([.,?!])", r"\1", text)
             out.append(Problem(id=f"mawps-asdiv-{i}", question=text[0].upper() + text[1:],

