@@ -76,6 +76,8 @@ class TrainConfig:
     """S-GRPO: at most k tokens per completion [reconstructed]"""
     beta: float = 0.04
     """KL weight (k3 estimator on the selected tokens); 0 skips the reference forward [reconstructed]"""
+    log_kl: bool = True
+    """also compute and log the KL to the reference when beta = 0 (one extra forward, no backward)"""
     adv_eps: float = 1e-4
     """epsilon in (r - mean) / (std + eps)"""
     replay: str = "auto"

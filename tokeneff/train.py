@@ -216,7 +216,7 @@ def _train_step(cfg, accel, policy_lp, tok, task, groups, select_rng, problem_in
         with accel.autocast():
             logp = policy_lp(**batch)
             ref = None
-            if cfg.beta > 0:
+            if cfg.beta > 0 or cfg.log_kl:
                 with torch.no_grad(), lp.model.disable_adapter():
                     ref = lp(**batch)
             loss, kl = policy_loss(logp, a_loc, w_loc, ref, cfg.beta)
@@ -252,11 +252,10 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
 
     accel = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     main = accel.is_main_process
-    out = _prepare_out_dir(cfg, resume, overwrite) if main else Path(cfg.out)
-    accel.wait_for_everyone()
-    if resume and (out / "final.json").is_file():
+    out = Path(cfg.out)
+    if resume and (out / "final.json").is_file() and not overwrite:
         final = json.loads((out / "final.json").read_text())
-        if final.get("steps_done", 0) >= cfg.steps:
+        if final.get("steps_done", 0) >= cfg.steps and final.get("algo") == cfg.algo:
             return final
 
     task = make_task(cfg)
@@ -276,6 +275,10 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    # Only now, with task and model loaded without error, does anything get written.
+    if main:
+        _prepare_out_dir(cfg, resume, overwrite)
+    accel.wait_for_everyone()
     policy = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                               lora_dropout=cfg.lora_dropout, target_modules=targets,
                                               task_type="CAUSAL_LM"))

@@ -1,0 +1,52 @@
+"""Bad input: one line naming the bad value, exit code 2, no traceback, nothing written."""
+
+import pytest
+
+from tokeneff.cli import main
+
+TRAIN = ["train", "--model", "tiny-random", "--steps", "1"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--algo", "ppo"], "invalid choice: 'ppo'"),
+    (["train", "--task", "gsm8k"], "invalid choice: 'gsm8k'"),
+    (["train", "--profile", "huge"], "invalid choice: 'huge'"),
+    (TRAIN + ["group_size=1"], "group_size=1"),
+    (TRAIN + ["sgrpo_p=2"], "sgrpo_p=2.0"),
+    (TRAIN + ["lr=-1"], "lr=-1.0"),
+    (TRAIN + ["digits_a=13"], "digits_a=13"),
+    (TRAIN + ["grop_size=4"], "did you mean 'group_size'"),
+    (TRAIN + ["beta"], "expected key=value"),
+    (["train", "--model", "tiny-random", "--steps", "0"], "steps=0"),
+    (["train", "--model", "no-such-model", "--steps", "1"], "model='no-such-model'"),
+    (TRAIN + ["svamp_dir=/nonexistent", "--task", "svamp"], "SVAMP file '/nonexistent' not found"),
+    (["evaluate", "--model", "tiny-random", "--limit", "-1", "--out", "x.json"], "limit=-1"),
+    (["bench", "--completion-lens", "0"], "expected positive integers"),
+])
+def test_bad_input_is_one_line_exit_2(argv, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace("x.json", str(tmp_path / "x.json")) for a in argv]
+    if argv[0] == "train":
+        argv += ["--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) if "invalid choice" in needle else _noraise() as exc:
+        code = main(argv)
+    code = exc.value.code if exc is not None and hasattr(exc, "value") else code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "x.json").exists()
+
+
+def test_unreachable_hub_id_says_how_to_fix(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["train", "--model", "someone/not-cached-model", "--steps", "1", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "someone/not-cached-model" in err and "smollm2-135m" in err and "local path" in err
+
+
+class _noraise:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
