@@ -25,7 +25,8 @@ from .utils import atomic_write_bytes, write_json
 
 ALGOS = ("grpo", "sgrpo", "tspmo")
 QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True)
+                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                  tie_word_embeddings=True)
 
 
 def _rss_mb() -> float:
@@ -93,7 +94,8 @@ def one(spec: dict[str, Any]) -> dict[str, Any]:
     ctx_ids, ctx_mask = left_pad([[rng.randrange(100, vocab) for _ in range(P)]], 0)
     lp = SelectiveLogProbs(model, share_prompt=True)
     batch = dict(ctx_ids=ctx_ids.to(device), ctx_mask=ctx_mask.to(device),
-                 comp_ids=torch.tensor(comps, device=device), comp_mask=torch.ones(G, L, dtype=torch.long, device=device),
+                 comp_ids=torch.tensor(comps, device=device),
+                 comp_mask=torch.ones(G, L, dtype=torch.long, device=device),
                  row_ctx=torch.zeros(G, dtype=torch.long, device=device),
                  rows=torch.tensor(credits.seq, device=device), pos=torch.tensor(credits.pos, device=device))
     adv, w = torch.tensor(credits.adv, device=device), torch.tensor(credits.weight, device=device)
@@ -222,7 +224,8 @@ def bench_cli(args) -> None:
     if args.vs_trl:
         raise TokeneffError("--vs-trl is not implemented yet: TRL's GRPOTrainer comparison is run by hand "
                             "(see README, Benchmarks)")
-    rows = run_bench(model=args.model, shape=args.shape, completion_lens=ints(args.completion_lens, "--completion-lens"),
+    rows = run_bench(model=args.model, shape=args.shape,
+                     completion_lens=ints(args.completion_lens, "--completion-lens"),
                      group_sizes=ints(args.group_sizes, "--group-sizes"), vocab_size=args.vocab_size, out=args.out)
     for r in rows:
         print(f"{r['device']:<22} {r['algo']:<6} L={r['completion_len']:<5} G={r['group_size']:<3} "

@@ -57,8 +57,9 @@ def build(results: Path, profile: str, wall_seconds: int | None = None) -> str:
             vals = s["share"].get(algo, [])
             m, _, _ = mean_ci(vals)
             ok = {"grpo": m > 0.99, "sgrpo": 0.3 <= m <= 0.5, "tspmo": m < 0.05}[algo] if vals else None
-            lines.append(f"| share of completion tokens in the loss: {algo} | {paper} | {fmt_ci(vals)} ({s['label']}) | "
-                         f"{'yes' if ok else 'no' if ok is not None else '—'} |")
+            verdict = "yes" if ok else "no" if ok is not None else "—"
+            lines.append(f"| share of completion tokens in the loss: {algo} | {paper} | {fmt_ci(vals)} "
+                         f"({s['label']}) | {verdict} |")
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ algorithm's normalisation (1 / (G |T_i|) for (S-)GRPO, 1 / #pairs for T-SPMO).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -41,3 +42,18 @@ def group_advantages(rewards: list[float], eps: float) -> list[float] | None:
         return None
     std = math.sqrt(var)
     return [(r - mean) / (std + eps) for r in rewards]
+
+
+def per_completion_credits(completions: list[list[int]], rewards: list[float], eps: float,
+                           keep: Callable[[int], list[int]]) -> Credits:
+    """(S-)GRPO: completion i's kept positions keep(len) share A_i, weighted 1 / (G * |T_i|)."""
+    credits = Credits()
+    adv = group_advantages(rewards, eps)
+    if adv is None:
+        return credits
+    g = len(completions)
+    for i, tokens in enumerate(completions):
+        kept = keep(len(tokens))
+        for t in kept:
+            credits.add(i, t, adv[i], 1.0 / (g * len(kept)))
+    return credits

@@ -7,16 +7,8 @@
 
 from __future__ import annotations
 
-from .base import Credits, group_advantages
+from .base import Credits, per_completion_credits
 
 
 def select(completions: list[list[int]], rewards: list[float], cfg, rng=None) -> Credits:
-    credits = Credits()
-    adv = group_advantages(rewards, cfg.adv_eps)
-    if adv is None:
-        return credits
-    g = len(completions)
-    for i, tokens in enumerate(completions):
-        for t in range(len(tokens)):
-            credits.add(i, t, adv[i], 1.0 / (g * len(tokens)))
-    return credits
+    return per_completion_credits(completions, rewards, cfg.adv_eps, keep=lambda n: list(range(n)))

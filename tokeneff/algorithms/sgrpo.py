@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from .base import Credits, group_advantages
+from .base import Credits, per_completion_credits
 
 
 def keep_positions(length: int, alpha: int, p: float, k: int, rng: random.Random) -> list[int]:
@@ -24,13 +24,5 @@ def keep_positions(length: int, alpha: int, p: float, k: int, rng: random.Random
 
 
 def select(completions: list[list[int]], rewards: list[float], cfg, rng: random.Random) -> Credits:
-    credits = Credits()
-    adv = group_advantages(rewards, cfg.adv_eps)
-    if adv is None:
-        return credits
-    g = len(completions)
-    for i, tokens in enumerate(completions):
-        kept = keep_positions(len(tokens), cfg.sgrpo_alpha, cfg.sgrpo_p, cfg.sgrpo_k, rng)
-        for t in kept:
-            credits.add(i, t, adv[i], 1.0 / (g * len(kept)))
-    return credits
+    return per_completion_credits(completions, rewards, cfg.adv_eps, keep=lambda n: keep_positions(
+        n, cfg.sgrpo_alpha, cfg.sgrpo_p, cfg.sgrpo_k, rng))
