@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import ALGOS, PROFILES, TASKS, TokeneffError, make_config, parse_overrides
@@ -65,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = make_config(args.profile, args.config, over)
             install_sigterm_handler()
             final = train(cfg, resume=args.resume, overwrite=args.overwrite)
-            print(f"done: {final['steps_done']} steps; held-out accuracy {final['base_accuracy']} -> "
-                  f"{final['final_accuracy']}; results in {cfg.out}")
+            if os.environ.get("RANK", "0") == "0":  # one line, not one per data-parallel rank
+                print(f"done: {final['steps_done']} steps; held-out accuracy {final['base_accuracy']} -> "
+                      f"{final['final_accuracy']}; results in {cfg.out}")
         elif args.command == "evaluate":
             from .evaluate import evaluate
 

@@ -381,7 +381,10 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
 
     if main:
         accel.unwrap_model(policy_lp).model.save_pretrained(out / "adapter")
-    final = dict(steps_done=step, algo=cfg.algo, task=cfg.task, model=cfg.model, profile=cfg.profile,
+    # Data-parallel ranks must end with the same adapter: record a checksum per rank.
+    checksum = torch.stack([p.detach().double().abs().sum() for p in params]).sum().reshape(1).to(accel.device)
+    final = dict(rank_adapter_checksums=accel.gather(checksum).tolist(),
+                 steps_done=step, algo=cfg.algo, task=cfg.task, model=cfg.model, profile=cfg.profile,
                  seed=cfg.seed, evals=evals, base_accuracy=evals[0]["accuracy"] if evals else None,
                  final_accuracy=evals[-1]["accuracy"] if evals else None)
     if main:
