@@ -129,3 +129,21 @@ def test_nonfinite_loss_is_skipped_then_stops(tiny_cfg, monkeypatch):
                                                                   torch.tensor(0.0)))
     with pytest.raises(TokeneffError, match="non-finite losses in a row"):
         train(tiny_cfg(steps=10, max_bad_steps=2), progress=False)
+
+
+def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path):
+    args = [sys.executable, "-m", "tokeneff.cli", "train", "--model", "tiny-random", "--task", "multiplication",
+            "--steps", "500", "--out", str(tmp_path / "r"), "digits_a=1", "digits_b=1", "group_size=4",
+            "prompts_per_step=2", "max_new_tokens=8", "eval_limit=4", "save_every=1000"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "--resume" in out and "Traceback" not in err
+    state = json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())
+    assert state["step"] >= 2
