@@ -87,3 +87,12 @@ def test_tspmo_shared_prefix_counts_once_and_ties_carry_nothing():
     # only the branch after [1, 2] differs: Q(12,3) - V(12) = 1 - 3/4, Q(12,4) - V(12) = -3/4
     assert sorted(zip(c.seq, c.pos, c.adv)) == [(0, 2, pytest.approx(0.25)), (3, 2, pytest.approx(-0.75))]
     assert len(ALGORITHMS["tspmo"]([[1, 2], [3]], [1.0, 1.0], CFG)) == 0
+
+
+def test_last_branch_points_for_replay():
+    from tokeneff.algorithms.tspmo import last_branch_points
+
+    # c0 parts from c1 at position 2 and from c2 at 1; c3 shares nothing (parts at 0); c4 is a copy of c0
+    comps = [[1, 2, 3, 9], [1, 2, 4], [1, 5], [6], [1, 2, 3, 9]]
+    assert last_branch_points(comps) == [2, 2, 1, 0, 2]
+    assert last_branch_points([[1, 2], [1, 2]]) == [-1, -1]

@@ -62,6 +62,9 @@ def plot_credited(examples: list[dict[str, Any]], title: str = ""):
                         bbox=dict(boxstyle="square,pad=0.1", fc=color if a else "none", ec="none"))
                 x += max(1, len(text)) * 0.9 + 0.4
             y -= 1
+    if not examples:
+        ax.text(0.5, 0.5, "no sampled group had reward variance: nothing to credit", ha="center", va="center",
+                transform=ax.transAxes, fontsize=9)
     ax.set_xlim(0, 110)
     ax.set_ylim(0, n_rows + 1)
     ax.set_title(title, fontsize=9)

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .algorithms import ALGORITHMS, Credits
+from .algorithms.tspmo import last_branch_points
 from .config import TokeneffError, TrainConfig, make_config
 from .evaluate import evaluate_model
 from .loss import SelectiveLogProbs, policy_loss
@@ -179,18 +180,15 @@ def _train_step(cfg, accel, policy_lp, tok, task, groups, select_rng, problem_in
         credits: Credits = select(roll.completions[sl], r, cfg, select_rng)
         if len(credits):
             signal_groups += 1
-        last = {}
         for i, t, a, w in zip(credits.seq, credits.pos, credits.adv, credits.weight, strict=True):
             rows.append(gi * G + i)
             cols.append(t)
             adv.append(a)
             weight.append(w)
-            last[i] = max(last.get(i, -1), t)
-        for i in range(G):
-            if r[i] > 0:
-                g = groups[gi]
-                full = g.prefix + roll.completions[gi * G + i]
-                successes.append((problem_index[g.problem.id], full, len(g.prefix) + last.get(i, -1)))
+        if cfg.use_replay:  # keep successes with their last branch point, for replay-based resampling
+            g, branch = groups[gi], last_branch_points(roll.completions[sl])
+            successes += [(problem_index[g.problem.id], g.prefix + roll.completions[gi * G + i],
+                           len(g.prefix) + branch[i]) for i in range(G) if r[i] > 0]
 
     # --- loss on the credited positions, micro-batched over groups ---
     device = accel.device

@@ -43,6 +43,23 @@ def prefix_advantages(completions: list[list[int]], rewards: list[float]) -> lis
     return out
 
 
+def last_branch_points(completions: list[list[int]]) -> list[int]:
+    """For each completion, the deepest position where another completion of the group parts from it
+    (-1 if none does): replay cuts past it, where this group gave no comparisons."""
+    out = []
+    for i, a in enumerate(completions):
+        deepest = -1
+        for j, b in enumerate(completions):
+            if i != j:
+                n = 0
+                while n < min(len(a), len(b)) and a[n] == b[n]:
+                    n += 1
+                if n < len(a):
+                    deepest = max(deepest, n)
+        out.append(deepest)
+    return out
+
+
 def select(completions: list[list[int]], rewards: list[float], cfg, rng=None) -> Credits:
     credits = Credits()
     pairs = [(i, t, a) for i, t, a in prefix_advantages(completions, rewards) if abs(a) > 1e-12]
