@@ -185,7 +185,9 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     # Sized for a 2-core CPU: SmolLM2-135M, short answers (its few-shot answers are one line),
     # several prompts per step so that some groups have reward variance, a larger LoRA learning rate.
     # beta=0 skips the reference forward (a third of the step on a CPU); PAPER.md allows it.
-    "embedded": dict(model="smollm2-135m", steps=20, group_size=6, prompts_per_step=3, num_shots=1,
+    # On a CPU a decode step costs about the same for 10 or 40 rows (it is bound by reading the weights), so
+    # rollouts use many rows per step and evaluations one batch.
+    "embedded": dict(model="smollm2-135m", steps=20, group_size=6, prompts_per_step=4, num_shots=1,
                      max_new_tokens=24, sgrpo_alpha=6, sgrpo_k=16, lr=2e-4, beta=0.0, eval_every=0,
                      eval_limit=50, eval_batch_size=50, micro_batch_size=24, digits_a=2, digits_b=1,
                      save_every=5),
