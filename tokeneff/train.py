@@ -171,12 +171,14 @@ def _train_step(cfg, accel, policy_lp, tok, task, groups, select_rng, problem_in
     # --- credit assignment: the only place the algorithms differ ---
     select = ALGORITHMS[cfg.algo]
     rows, cols, adv, weight = [], [], [], []
-    zero_std, signal_groups, successes = 0, 0, []
+    zero_std, signal_groups, signal_tokens, successes = 0, 0, 0, []
     for gi in range(len(groups)):
         sl = slice(gi * G, (gi + 1) * G)
         r = rewards[sl]
         if max(r) == min(r):
             zero_std += 1
+        else:
+            signal_tokens += sum(len(c) for c in roll.completions[sl])
         credits: Credits = select(roll.completions[sl], r, cfg, select_rng)
         if len(credits):
             signal_groups += 1
@@ -225,7 +227,8 @@ def _train_step(cfg, accel, policy_lp, tok, task, groups, select_rng, problem_in
 
     n_tokens = sum(len(c) for c in roll.completions)
     return dict(loss=loss_total, kl=kl_total, rewards=rewards, zero_std=zero_std, signal_groups=signal_groups,
-                tokens_in_loss=len(rows), tokens_total=n_tokens, successes=successes,
+                tokens_in_loss=len(rows), tokens_total=n_tokens, tokens_in_signal_groups=signal_tokens,
+                successes=successes,
                 completion_len_mean=n_tokens / len(roll.completions),
                 clipped_ratio=sum(roll.truncated) / len(roll.truncated), rollout_seconds=rollout_s)
 
@@ -347,13 +350,15 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
 
             rewards = torch.tensor(r["rewards"], device=accel.device)
             stats = torch.tensor([r["zero_std"], len(groups), r["tokens_in_loss"], r["tokens_total"],
-                                  r["loss"], r["kl"]], device=accel.device, dtype=torch.float64)
+                                  r["loss"], r["kl"], r["tokens_in_signal_groups"]], device=accel.device,
+                                 dtype=torch.float64)
             rewards, stats = accel.gather(rewards), accel.reduce(stats, "sum")
             n_proc = accel.num_processes
             row = dict(step=step, reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
                        frac_groups_zero_std=float(stats[0] / stats[1]), loss=float(stats[4] / n_proc),
                        kl=float(stats[5] / n_proc), tokens_in_loss=int(stats[2]), tokens_total=int(stats[3]),
                        frac_tokens_in_loss=float(stats[2] / max(stats[3], 1)),
+                       tokens_in_signal_groups=int(stats[6]),
                        completion_len_mean=r["completion_len_mean"], clipped_ratio=r["clipped_ratio"],
                        grad_norm=float(grad_norm) if grad_norm is not None else None, skipped=not finite,
                        replay_buffer=len(replay_buf), rollout_seconds=r["rollout_seconds"])
