@@ -397,5 +397,7 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
 
 
 def install_sigterm_handler() -> None:
-    """Turn SIGTERM into KeyboardInterrupt so that a polite kill also checkpoints."""
+    """Turn SIGTERM into KeyboardInterrupt so that a polite kill also checkpoints. SIGINT is reset to Python's
+    handler too: a process started in the background by a shell inherits SIGINT ignored."""
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
