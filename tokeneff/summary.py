@@ -65,6 +65,11 @@ def build(results: Path, profile: str, wall_seconds: int | None = None) -> str:
             ok = {"grpo": True, "sgrpo": 0.3 <= rel <= 0.5, "tspmo": rel < 0.05}[algo]
             lines.append(f"| share of completion tokens in the loss: {algo} | {paper} | {fmt_ci(vals)} of all sampled "
                          f"tokens = {rel:.0%} of full-token GRPO's ({s['label']}) | {'yes' if ok else 'no'} |")
+    full = [(n, json.loads((d / n).read_text())) for n in ("base_full_svamp.json", "base_full_multiplication_2x1.json")
+            if (d / n).is_file()]
+    if full:  # written by `tokeneff evaluate` on the whole test sets; the notebooks use subsets
+        lines += ["", "Base model on the full held-out sets (`tokeneff evaluate`, greedy): " + "; ".join(
+            f"{r['task']} {r['accuracy']:.1%} on {r['n']} problems (`{n}`)" for n, r in full) + "."]
     return "\n".join(lines) + "\n"
 
 
