@@ -196,7 +196,7 @@ def _train_step(cfg, accel, policy_lp, tok, task, groups, select_rng, problem_in
     device = accel.device
     lp = accel.unwrap_model(policy_lp)
     per_mb = max(1, cfg.micro_batch_size // G)
-    credited = sorted({gi for gi in range(len(groups)) if any(r_ // G == gi for r_ in rows)}) or [0]
+    credited = sorted({r_ // G for r_ in rows}) or [0]  # groups with at least one credited token
     batches = [credited[i: i + per_mb] for i in range(0, len(credited), per_mb)]
     loss_total, kl_total = 0.0, 0.0
     for bi, gids in enumerate(batches):
