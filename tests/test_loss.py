@@ -20,12 +20,12 @@ def _setup(seed=0):
     return model, ctx_ids, ctx_mask, comp_ids, comp_mask, row_ctx
 
 
-def _reference_logp(model, ctx_ids, ctx_mask, comp_ids, comp_mask, row_ctx, rows, pos):
+def _reference_logp(model, ctx_ids, ctx_mask, comp_ids, comp_mask, row_ctx, rows, pos, temperature=1.0):
     """Direct formula: full sequences, full logits, log_softmax, pick the sampled tokens."""
     ids = torch.cat([ctx_ids[row_ctx], comp_ids], 1)
     mask = torch.cat([ctx_mask[row_ctx], comp_mask], 1)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-    logp = torch.log_softmax(logits.float(), -1)
+    logp = torch.log_softmax(logits.float() / temperature, -1)
     p = ctx_ids.shape[1]
     return logp[rows, p + pos - 1, comp_ids[rows, pos]]
 
@@ -35,9 +35,12 @@ def test_selective_logprobs_match_full_forward_both_paths():
     rows, pos = torch.tensor([0, 1, 1, 2, 3, 3]), torch.tensor([0, 2, 4, 1, 0, 2])
     expected = _reference_logp(model, *batch, rows, pos)
     for share in (True, False):
-        for chunk in (1024, 2):  # 2: several chunks, logits recomputed in backward
-            lp = SelectiveLogProbs(model, chunk=chunk, share_prompt=share)
-            assert_close(lp(*batch, rows, pos), expected, rtol=1e-4, atol=1e-5)
+        for truncate in (True, False):
+            for tile in (8192, 7):  # 7: the 93-token vocabulary in 14 tiles, folded by an online logsumexp
+                lp = SelectiveLogProbs(model, vocab_tile=tile, share_prompt=share, truncate=truncate)
+                assert_close(lp(*batch, rows, pos), expected, rtol=1e-4, atol=1e-5)
+    hot = _reference_logp(model, *batch, rows, pos, temperature=0.7)
+    assert_close(SelectiveLogProbs(model, temperature=0.7)(*batch, rows, pos), hot, rtol=1e-4, atol=1e-5)
 
 
 def test_policy_gradient_matches_direct_formula():
@@ -46,7 +49,7 @@ def test_policy_gradient_matches_direct_formula():
     adv, w = torch.tensor([1.0, 1.0, -0.5, 2.0]), torch.tensor([0.25, 0.25, 0.5, 0.1])
     params = [p for p in model.parameters() if p.requires_grad]
 
-    loss, _ = policy_loss(SelectiveLogProbs(model)(*batch, rows, pos), adv, w)
+    loss, _ = policy_loss(SelectiveLogProbs(model, vocab_tile=16)(*batch, rows, pos), adv, w)
     assert_close(loss, -(w * adv).sum())  # the ratio pi / sg(pi) is 1 in value
     got = torch.autograd.grad(loss, params)
 

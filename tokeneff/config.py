@@ -96,8 +96,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"
     """no | bf16 | fp16 (accelerate)"""
-    lm_head_chunk: int = 1024
-    """positions per chunk of the selective LM head (logits recomputed in backward)"""
+    lm_head_tile: int = 8192
+    """vocabulary columns per tile of the chunked LM head (TRL's kernel; smaller = less memory, more passes)"""
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -130,7 +130,7 @@ class TrainConfig:
         if not isinstance(self.model, str) or not self.model.strip():
             raise bad("model", "must be a built-in name, a hub id or a local path")
         positive = ("steps", "group_size", "prompts_per_step", "max_new_tokens", "sgrpo_k",
-                    "replay_buffer_size", "micro_batch_size", "lm_head_chunk", "lora_r",
+                    "replay_buffer_size", "micro_batch_size", "lm_head_tile", "lora_r",
                     "lora_alpha", "eval_batch_size", "save_every", "max_bad_steps")
         for name in positive:
             if getattr(self, name) < 1:

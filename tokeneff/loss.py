@@ -2,23 +2,29 @@
 
 Why: the LM head and log-softmax over a 150k vocabulary dominate activation memory when applied at every
 position. We run the transformer body, gather the hidden states of the credited positions, and apply the
-head there alone, in chunks whose logits are recomputed in backward. Completion columns after the last
-credited position are never forwarded, and each prompt is forwarded once for its whole group (its KV cache
-is shared, with gradients flowing back through it), not G times.
+head there alone through TRL's chunked log-prob kernel (`trl.kernels.ChunkedLogProbFunction`: vocabulary
+tiles with an online logsumexp, recomputed in backward, so no [N, V] logits are ever held; Triton on GPU,
+torch ops elsewhere). Completion columns after the last credited position are never forwarded, and each
+prompt is forwarded once for its whole group (its KV cache is shared, with gradients flowing back through
+it), not G times.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from trl.kernels import ChunkedLogProbFunction
 
 from .rollout import prefill
 
 
-def _head_logp(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
-    return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+def head_logp(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, vocab_tile: int = 8192,
+              temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(head(hidden) / T)[targets] in float32, never materialising more than one vocabulary tile."""
+    head = model.get_output_embeddings()
+    cfg = model.config.get_text_config()
+    return ChunkedLogProbFunction.apply(hidden, head.weight, head.bias, targets, temperature, vocab_tile,
+                                        getattr(cfg, "final_logit_softcapping", None), 1.0, ())[0]
 
 
 class SelectiveLogProbs(nn.Module):
@@ -27,15 +33,20 @@ class SelectiveLogProbs(nn.Module):
     An `nn.Module` so that accelerate can wrap it for data-parallel training.
     """
 
-    def __init__(self, model: nn.Module, chunk: int = 1024, share_prompt: bool = True):
+    def __init__(self, model: nn.Module, vocab_tile: int = 8192, share_prompt: bool = True, truncate: bool = True,
+                 temperature: float = 1.0):
         super().__init__()
-        self.model, self.chunk, self.share_prompt = model, chunk, share_prompt
+        self.model, self.vocab_tile, self.temperature = model, vocab_tile, temperature
+        # share_prompt / truncate exist so that `tokeneff bench` can say what each saving is worth
+        self.share_prompt, self.truncate = share_prompt, truncate
 
     def forward(self, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, comp_ids: torch.Tensor,
                 comp_mask: torch.Tensor, row_ctx: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """log-prob of comp_ids[rows, pos]; comp row r continues context row_ctx[r]. Returns float32 [N]."""
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         width = int(pos.max()) if len(pos) else 0  # completion tokens needed as inputs: 0 .. max(pos) - 1
+        if not self.truncate:
+            width = comp_ids.shape[1]
         c_ids, c_mask = comp_ids[:, :width], comp_mask[:, :width]
         checkpointed = getattr(base, "is_activation_checkpointing", None)
         if checkpointed is None:  # transformers < 5
@@ -59,13 +70,7 @@ class SelectiveLogProbs(nn.Module):
             h_last, h_comp = h[:, p - 1], h[:, p:] if width else None
         # hidden state that predicts completion token t: the context's last for t = 0, else completion t - 1
         hidden = h_last[rows] if h_comp is None else torch.cat([h_last[:, None], h_comp], 1)[rows, pos]
-        targets = comp_ids[rows, pos]
-        head = base.get_output_embeddings()
-        if len(rows) <= self.chunk:
-            return _head_logp(head, hidden, targets)
-        parts = [checkpoint(_head_logp, head, hc, tc, use_reentrant=False)
-                 for hc, tc in zip(hidden.split(self.chunk), targets.split(self.chunk), strict=True)]
-        return torch.cat(parts)
+        return head_logp(base, hidden, comp_ids[rows, pos], self.vocab_tile, self.temperature)
 
 
 def policy_loss(logp: torch.Tensor, adv: torch.Tensor, weight: torch.Tensor,

@@ -283,7 +283,7 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
     policy = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                               lora_dropout=cfg.lora_dropout, target_modules=targets,
                                               task_type="CAUSAL_LM"))
-    policy_lp = SelectiveLogProbs(policy, cfg.lm_head_chunk)
+    policy_lp = SelectiveLogProbs(policy, cfg.lm_head_tile, temperature=cfg.temperature)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     policy_lp, optimizer = accel.prepare(policy_lp, optimizer)

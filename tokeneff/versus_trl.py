@@ -1,0 +1,162 @@
+"""`tokeneff bench --vs-trl`: whole training steps, ours vs TRL's `GRPOTrainer`, at the same settings.
+
+Both sides: the same model and tokenizer, the same SVAMP prompts (chat template, the task's instruction and
+worked example), one prompt x G completions of at most `max_new_tokens` per step (sampled at temperature 1,
+no top-k/top-p), LoRA r16 on q/k/v/o, AdamW, beta 0 (no reference model). Each side runs in its own
+subprocess so that its peak memory is its own; a third subprocess loads the model with its adapter and
+nothing else, which is what "above the weights" subtracts. The first step carries one-off costs (allocator
+warm-up, lazy init), so it is reported apart and the ratio uses the mean of the later steps.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TokeneffError
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _peak_mb() -> float:
+    """CUDA: max allocated; CPU: peak resident set size of this process."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _svamp_task():
+    from .config import make_config
+    from .tasks import make_task
+
+    return make_task(make_config("embedded", overrides=dict(task="svamp")))
+
+
+def _dtype() -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def weights_only(spec: dict[str, Any]) -> dict[str, Any]:
+    """Memory held by the model and its LoRA adapter alone (the baseline both sides are measured above)."""
+    from peft import LoraConfig, get_peft_model
+
+    from .models import load_model
+
+    model, _ = load_model(spec["model"], dtype=_dtype())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    get_peft_model(model.to(device), LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
+    return dict(side="weights", peak_memory_mb=_peak_mb())
+
+
+def tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
+    from .train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train(profile="embedded", model=spec["model"], task="svamp", algo=spec["algo"], steps=spec["steps"],
+              group_size=spec["group_size"], prompts_per_step=1, max_new_tokens=spec["max_new_tokens"],
+              beta=0.0, log_kl=False, lora_r=16, lora_alpha=32, lora_targets=",".join(LORA_TARGETS),
+              lr=1e-5, eval_at_start=False, eval_limit=1, save_every=spec["steps"], out=tmp,
+              gradient_checkpointing=spec.get("gradient_checkpointing", False),
+              mixed_precision="bf16" if torch.cuda.is_available() else "no", progress=False)
+        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "step_seconds" in r]
+    return dict(side=f"tokeneff-{spec['algo']}", step_seconds=[r["step_seconds"] for r in rows],
+                rollout_seconds=[r["rollout_seconds"] for r in rows],
+                completion_len_mean=[r["completion_len_mean"] for r in rows], peak_memory_mb=_peak_mb())
+
+
+def trl_side(spec: dict[str, Any]) -> dict[str, Any]:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from .models import load_model
+
+    task = _svamp_task()
+    problems = task.problems("train")[: spec["steps"]]
+    data = Dataset.from_list([dict(prompt=task.messages(p), answer=p.answer) for p in problems])
+    model, tok = load_model(spec["model"], dtype=_dtype())
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+    G = spec["group_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = GRPOConfig(output_dir=tmp, per_device_train_batch_size=G, num_generations=G,
+                          max_completion_length=spec["max_new_tokens"], max_steps=spec["steps"], learning_rate=1e-5,
+                          beta=0.0, temperature=1.0, top_k=0, top_p=1.0, logging_steps=1, report_to=[],
+                          save_strategy="no", shuffle_dataset=False, seed=0, use_cpu=not torch.cuda.is_available(),
+                          bf16=torch.cuda.is_available(), gradient_checkpointing=spec.get("gradient_checkpointing",
+                                                                                          False),
+                          disable_tqdm=True)
+        trainer = GRPOTrainer(model=model, reward_funcs=task.reward, args=args, train_dataset=data,
+                              processing_class=tok, peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                                           target_modules=LORA_TARGETS),
+                              callbacks=[StepTimer()])
+        trainer.train()
+    lens = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return dict(side="trl-grpo", step_seconds=times, completion_len_mean=lens, peak_memory_mb=_peak_mb())
+
+
+SIDES = {"weights": weights_only, "tokeneff": tokeneff_side, "trl": trl_side}
+
+
+def _run_side(spec: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "tokeneff.versus_trl", json.dumps(spec)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        raise TokeneffError(f"--vs-trl: the {spec['side']} run failed: {tail[0]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def versus_trl(model: str = "smollm2-135m", group_size: int = 8, max_new_tokens: int = 96, steps: int = 3,
+               algos: tuple[str, ...] = ("grpo", "sgrpo", "tspmo"), gradient_checkpointing: bool = False,
+               progress: bool = True) -> dict[str, Any]:
+    """TRL first, then each of our algorithms; returns rows plus ratios to TRL (time per warm step, peak memory
+    above the weights)."""
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        raise TokeneffError("--vs-trl needs trl: pip install 'trl==1.16.0'")
+    if steps < 2:
+        raise TokeneffError(f"--steps={steps}: --vs-trl needs at least 2 steps (the first one is warm-up)")
+    from tqdm.auto import tqdm
+
+    base = dict(model=model, group_size=group_size, max_new_tokens=max_new_tokens, steps=steps,
+                gradient_checkpointing=gradient_checkpointing)
+    specs = [dict(base, side="weights"), dict(base, side="trl")] + [dict(base, side="tokeneff", algo=a) for a in algos]
+    rows = [_run_side(s) for s in tqdm(specs, desc="vs-trl", disable=not progress)]
+    weights = rows[0]["peak_memory_mb"]
+    ref = None
+    for r in rows[1:]:
+        warm = r["step_seconds"][1:]
+        r["first_step_seconds"] = r["step_seconds"][0]
+        r["warm_step_seconds"] = sum(warm) / len(warm)
+        r["peak_above_weights_mb"] = r["peak_memory_mb"] - weights
+        ref = ref or r  # TRL
+        r["time_ratio_to_trl"] = r["warm_step_seconds"] / ref["warm_step_seconds"]
+        r["memory_ratio_to_trl"] = r["peak_above_weights_mb"] / max(ref["peak_above_weights_mb"], 1e-9)
+        r["peak_ratio_to_trl"] = r["peak_memory_mb"] / ref["peak_memory_mb"]
+    return dict(base, weights_memory_mb=weights, rows=rows[1:])
+
+
+if __name__ == "__main__":  # one side, in a fresh process
+    spec = json.loads(sys.argv[1])
+    print(json.dumps(SIDES[spec["side"]](spec)))
