@@ -22,6 +22,9 @@ TRAIN = ["train", "--model", "tiny-random", "--steps", "1"]
     (TRAIN + ["svamp_dir=/nonexistent", "--task", "svamp"], "SVAMP file '/nonexistent' not found"),
     (["evaluate", "--model", "tiny-random", "--limit", "-1", "--out", "x.json"], "limit=-1"),
     (["bench", "--completion-lens", "0"], "expected positive integers"),
+    (["bench", "--name", "a/b"], "--name='a/b'"),
+    (["bench", "--vs-trl", "--steps", "1"], "--steps=1"),
+    (["bench", "--vs-trl", "--max-new-tokens", "0"], "--max-new-tokens=0"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

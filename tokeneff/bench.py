@@ -9,6 +9,7 @@ T-SPMO credits tokens at branch points, not only at position 0.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -24,6 +25,11 @@ from .config import TokeneffError
 from .utils import atomic_write_bytes, write_json
 
 ALGOS = ("grpo", "sgrpo", "tspmo")
+# Where the memory saving comes from, one change at a time (`--ladder`):
+VARIANTS = ("full-logits",    # plain forward of [prompt | completion] rows, [G, T, V] logits, log_softmax
+            "chunked-head",   # same forward, TRL's chunked LM head at the credited positions only
+            "truncated",      # + no forward past the last credited column
+            "shared-prompt")  # + the prompt forwarded once for its group (what training uses)
 QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                   num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
                   tie_word_embeddings=True)
@@ -37,9 +43,9 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def _device_name() -> str:
+def device_name() -> str:
     if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
+        return torch.cuda.getdevice_name(0)
     return f"CPU ({os.cpu_count()} cores)"
 
 
@@ -58,6 +64,24 @@ def _model(spec: dict[str, Any]):
     return load_model(spec["model"])
 
 
+def save_random_shape(shape: str, folder: str | Path) -> str:
+    """A randomly initialised model of `shape` (bf16) with the character tokenizer, saved as an ordinary local
+    checkpoint, so that whole-step comparisons (`--vs-trl --shape`) load it like any model: no download."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from .models import char_tokenizer
+
+    dims = dict(QWEN2_1_5B) if shape == "qwen2-1.5b" else dict(QWEN2_1_5B, hidden_size=64, intermediate_size=128,
+                                                               num_hidden_layers=2, num_attention_heads=4,
+                                                               vocab_size=1000)  # "tiny": for tests
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**dims, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
 def _synthetic_group(G: int, L: int, vocab: int, rng: random.Random) -> tuple[list[list[int]], list[float]]:
     comps = [[rng.randrange(100, vocab) for _ in range(L)]]
     for _ in range(G - 1):
@@ -65,6 +89,14 @@ def _synthetic_group(G: int, L: int, vocab: int, rng: random.Random) -> tuple[li
         cut = rng.randrange(L)
         comps.append(parent[:cut] + [rng.randrange(100, vocab) for _ in range(L - cut)])
     return comps, [float(i % 2) for i in range(G)]
+
+
+def _full_logits_logp(ctx_ids, ctx_mask, comp_ids, comp_mask, row_ctx, rows, pos, *, model=None):
+    """The naive baseline: logits at every position of every row, then log_softmax, then pick."""
+    ids, mask = torch.cat([ctx_ids[row_ctx], comp_ids], 1), torch.cat([ctx_mask[row_ctx], comp_mask], 1)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    logp = torch.log_softmax(logits.float(), -1)
+    return logp[rows, ctx_ids.shape[1] + pos - 1, comp_ids[rows, pos]]
 
 
 def one(spec: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +124,11 @@ def one(spec: dict[str, Any]) -> dict[str, Any]:
     comps, rewards = _synthetic_group(G, L, vocab, rng)
     credits = ALGORITHMS[spec["algo"]](comps, rewards, cfg, rng)
     ctx_ids, ctx_mask = left_pad([[rng.randrange(100, vocab) for _ in range(P)]], 0)
-    lp = SelectiveLogProbs(model, share_prompt=True)
+    variant = spec.get("variant", "shared-prompt")
+    lp = SelectiveLogProbs(model, share_prompt=variant == "shared-prompt",
+                           truncate=variant in ("truncated", "shared-prompt"))
+    if variant == "full-logits":
+        lp = functools.partial(_full_logits_logp, model=model)
     batch = dict(ctx_ids=ctx_ids.to(device), ctx_mask=ctx_mask.to(device),
                  comp_ids=torch.tensor(comps, device=device),
                  comp_mask=torch.ones(G, L, dtype=torch.long, device=device),
@@ -122,7 +158,7 @@ def one(spec: dict[str, Any]) -> dict[str, Any]:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
         what = "peak RSS above RSS after loading"
-    return dict(spec, device=_device_name(), peak_memory_mb=max(peak, 0.0), memory_measure=what,
+    return dict(spec, device=device_name(), peak_memory_mb=max(peak, 0.0), memory_measure=what,
                 step_seconds=min(times), tokens_in_loss=len(credits), tokens_total=G * L,
                 frac_tokens_in_loss=len(credits) / (G * L))
 
@@ -140,56 +176,65 @@ def rollout_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     tok.pad_token_id = 0
+    ids, mask = left_pad([p for p in prompts for _ in range(G)], 0)
+
+    def hf(**kw):
+        model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=L, min_new_tokens=L,
+                       do_sample=True, top_k=0, pad_token_id=0, **kw)
+
+    # static: a fixed-shape KV cache, which transformers compiles (CUDA graphs) on a GPU; its first call compiles
+    backends = dict(hf_generate=hf, hf_generate_static=lambda: hf(cache_implementation="static"),
+                    tokeneff_sample=lambda: sample(model, tok, prompts, G, L))
     out = {}
-    for name in ("hf_generate", "tokeneff_sample"):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            if name == "hf_generate":
-                ids, mask = left_pad([p for p in prompts for _ in range(G)], 0)
-                model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=L,
-                               min_new_tokens=L, do_sample=True, top_k=0, pad_token_id=0)
-            else:
-                sample(model, tok, prompts, G, L)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out[f"{name}_tokens_per_s"] = B * G * L / (time.perf_counter() - t0)
-    return dict(spec, device=_device_name(), kind="rollout", **out)
+    for name, run in backends.items():
+        for attempt in ("first", "warm") if name == "hf_generate_static" else ("warm",):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if attempt == "first":
+                out[f"{name}_first_call_seconds"] = dt
+        out[f"{name}_tokens_per_s"] = B * G * L / dt
+    return dict(spec, device=device_name(), kind="rollout", **out)
+
+
+def _in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "tokeneff.bench", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+        raise TokeneffError(f"bench {spec.get('algo', spec.get('kind'))} L={spec['completion_len']} "
+                            f"G={spec['group_size']} failed: {last}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_bench(model: str = "tiny-random", shape: str | None = None, completion_lens=(64,), group_sizes=(8,),
               prompt_len: int = 120, vocab_size: int = 151936, gradient_checkpointing: bool = False,
-              out: str = "results/benchmarks", rollout: bool = True) -> list[dict[str, Any]]:
-    """Every algorithm x length x group size in its own subprocess; writes JSON + CSV named by device."""
+              out: str = "results/benchmarks", rollout: bool = True, ladder: bool = False,
+              name: str = "") -> list[dict[str, Any]]:
+    """Every algorithm x length x group size (x variant with `ladder`) in its own subprocess; writes
+    bench_<device>_<model><name>.json and .csv."""
     for v in list(completion_lens) + list(group_sizes):
         if int(v) < 1:
             raise TokeneffError(f"completion lengths and group sizes must be positive, got {v}")
     if shape and not torch.cuda.is_available():
         raise TokeneffError(f"--shape {shape} needs a GPU (it allocates a 1.5B-parameter model)")
-    rows = []
-    specs = [dict(model=model, shape=shape, vocab_size=vocab_size, algo=a, completion_len=int(L), group_size=int(G),
-                  prompt_len=prompt_len, gradient_checkpointing=gradient_checkpointing)
-             for L in completion_lens for G in group_sizes for a in ALGOS]
     from tqdm.auto import tqdm
 
-    for spec in tqdm(specs, desc="bench"):
-        proc = subprocess.run([sys.executable, "-m", "tokeneff.bench", json.dumps(spec)], capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            raise TokeneffError(f"bench {spec['algo']} L={spec['completion_len']} failed: "
-                                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    specs = [dict(model=model, shape=shape, vocab_size=vocab_size, algo=a, completion_len=int(L), group_size=int(G),
+                  prompt_len=prompt_len, gradient_checkpointing=gradient_checkpointing, variant=v)
+             for L in completion_lens for G in group_sizes for a in ALGOS
+             for v in (VARIANTS if ladder else VARIANTS[-1:])]
+    rows = [_in_subprocess(spec) for spec in tqdm(specs, desc="bench")]
+    rollout_row = None
     if rollout:
         spec = dict(model=model, shape=shape, vocab_size=vocab_size, completion_len=int(completion_lens[0]),
-                    group_size=int(group_sizes[0]), prompt_len=prompt_len)
-        proc = subprocess.run([sys.executable, "-m", "tokeneff.bench", json.dumps(dict(spec, kind="rollout"))],
-                              capture_output=True, text=True)
-        if proc.returncode == 0:
-            rollout_row = json.loads(proc.stdout.strip().splitlines()[-1])
-        else:
-            rollout_row = dict(spec, kind="rollout", error=proc.stderr.strip().splitlines()[-1:])
-    device = rows[0]["device"] if rows else _device_name()
-    tag = ("gpu" if "CPU" not in device else "cpu") + f"_{shape or model}".replace("/", "_")
-    result = dict(device=device, torch=torch.__version__, steps=rows, rollout=rollout_row if rollout else None)
+                    group_size=int(group_sizes[0]), prompt_len=prompt_len, kind="rollout")
+        rollout_row = _in_subprocess(spec)
+    device = rows[0]["device"] if rows else device_name()
+    tag = ("gpu" if "CPU" not in device else "cpu") + f"_{shape or model}{name}".replace("/", "_")
+    result = dict(device=device, torch=torch.__version__, steps=rows, rollout=rollout_row)
     write_json(Path(out) / f"bench_{tag}.json", result)
     import pandas as pd
 
@@ -197,18 +242,42 @@ def run_bench(model: str = "tiny-random", shape: str | None = None, completion_l
     return rows
 
 
-def load_results(folder: str | Path):
+def load_results(*folders: str | Path):
+    """All bench_*.json of the folders as one table: `suite` is the file's name suffix (`default`, `ladder`,
+    `growth`, ...); files from older versions, without `variant`, are the training path (`shared-prompt`)."""
     import pandas as pd
 
-    frames = []
-    for f in sorted(Path(folder).glob("bench_*.json")):
-        data = json.loads(f.read_text())
-        df = pd.DataFrame(data["steps"])
-        df["model"] = df["shape"].fillna(df["model"]) if "shape" in df else df["model"]
-        frames.append(df)
+    frames, seen = [], set()
+    for folder in folders:
+        for f in sorted(Path(folder).glob("bench_*.json")):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            data = json.loads(f.read_text())
+            df = pd.DataFrame(data["steps"])
+            df["model"] = df["shape"].fillna(df["model"]) if "shape" in df else df["model"]
+            df["variant"] = df["variant"] if "variant" in df else VARIANTS[-1]
+            suffix = f.stem.split(str(df["model"].iloc[0]).replace("/", "_"), 1)[-1].lstrip("_")
+            df["suite"] = suffix or "default"
+            frames.append(df)
     if not frames:
-        raise TokeneffError(f"no bench_*.json in {folder}: run `tokeneff bench` first")
+        raise TokeneffError(f"no bench_*.json in {', '.join(map(str, folders))}: run `tokeneff bench` first")
     return pd.concat(frames, ignore_index=True)
+
+
+def load_versus(*folders: str | Path):
+    """All vs_trl_*.json (TRL GRPOTrainer vs ours) as one table; empty when none was run."""
+    import pandas as pd
+
+    rows = []
+    for folder in folders:
+        for f in sorted(Path(folder).glob("vs_trl_*.json")):
+            data = json.loads(f.read_text())
+            rows += [dict({k: v for k, v in r.items() if not isinstance(v, list)}, device=data["device"],
+                          model=data["model"], group_size=data["group_size"], max_new_tokens=data["max_new_tokens"],
+                          completion_len_mean=sum(r["completion_len_mean"]) / len(r["completion_len_mean"]))
+                     for r in data["rows"]]
+    return pd.DataFrame(rows).drop_duplicates(subset=["device", "model", "side"]) if rows else pd.DataFrame()
 
 
 def bench_cli(args) -> None:
@@ -221,14 +290,26 @@ def bench_cli(args) -> None:
             raise TokeneffError(f"{name}={text!r}: expected positive integers")
         return vals
 
+    if args.name and not all(c.isalnum() or c in "-_" for c in args.name):
+        raise TokeneffError(f"--name={args.name!r}: use letters, digits, - and _ only")
     if args.vs_trl:
-        raise TokeneffError("--vs-trl is not implemented yet: TRL's GRPOTrainer comparison is run by hand "
-                            "(see README, Benchmarks)")
+        from .versus_trl import print_versus, versus_trl
+
+        if args.max_new_tokens < 1:
+            raise TokeneffError(f"--max-new-tokens={args.max_new_tokens}: must be a positive integer")
+        res = versus_trl(model=args.model, shape=args.shape, group_size=ints(args.group_sizes, "--group-sizes")[0],
+                         max_new_tokens=args.max_new_tokens, steps=args.steps,
+                         gradient_checkpointing=args.gradient_checkpointing, out=args.out)
+        print_versus(res)
+        print(f"written to {args.out}/")
+        return
     rows = run_bench(model=args.model, shape=args.shape,
                      completion_lens=ints(args.completion_lens, "--completion-lens"),
-                     group_sizes=ints(args.group_sizes, "--group-sizes"), vocab_size=args.vocab_size, out=args.out)
+                     group_sizes=ints(args.group_sizes, "--group-sizes"), vocab_size=args.vocab_size, out=args.out,
+                     gradient_checkpointing=args.gradient_checkpointing, ladder=args.ladder,
+                     name=f"_{args.name}" if args.name else "")
     for r in rows:
-        print(f"{r['device']:<22} {r['algo']:<6} L={r['completion_len']:<5} G={r['group_size']:<3} "
+        print(f"{r['device']:<22} {r['algo']:<6} {r['variant']:<14} L={r['completion_len']:<5} G={r['group_size']:<3} "
               f"peak {r['peak_memory_mb']:8.1f} MiB  step {r['step_seconds']:.3f} s  tokens in loss "
               f"{r['frac_tokens_in_loss']:.1%}")
     print(f"written to {args.out}/")

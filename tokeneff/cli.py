@@ -48,7 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--completion-lens", default="64", help="comma-separated, e.g. 256,512,1024")
     b.add_argument("--group-sizes", default="8", help="comma-separated, e.g. 8,16")
     b.add_argument("--vocab-size", type=int, default=151936, help="tiny-random's vocabulary (Qwen2's)")
-    b.add_argument("--vs-trl", action="store_true", help="also time TRL's GRPOTrainer when installed")
+    b.add_argument("--vs-trl", action="store_true",
+                   help="whole training steps (SVAMP prompts) of TRL's GRPOTrainer and ours at the same settings")
+    b.add_argument("--max-new-tokens", type=int, default=96, help="--vs-trl: completion length cap")
+    b.add_argument("--steps", type=int, default=3, help="--vs-trl: steps per side (the first is warm-up)")
+    b.add_argument("--gradient-checkpointing", action="store_true")
+    b.add_argument("--ladder", action="store_true",
+                   help="also the naive full-logits step and each saving in turn (where the memory goes)")
+    b.add_argument("--name", default="", help="suffix of the output files, e.g. growth")
     b.add_argument("--out", default="results/benchmarks")
     return p
 

@@ -126,17 +126,29 @@ def _run_side(spec: dict[str, Any]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def versus_trl(model: str = "smollm2-135m", group_size: int = 8, max_new_tokens: int = 96, steps: int = 3,
+def versus_trl(model: str = "smollm2-135m", shape: str | None = None, group_size: int = 8, max_new_tokens: int = 96,
+               steps: int = 3,
                algos: tuple[str, ...] = ("grpo", "sgrpo", "tspmo"), gradient_checkpointing: bool = False,
-               progress: bool = True) -> dict[str, Any]:
+               out: str | None = "results/benchmarks", progress: bool = True) -> dict[str, Any]:
     """TRL first, then each of our algorithms; returns rows plus ratios to TRL (time per warm step, peak memory
-    above the weights)."""
+    above the weights). Writes vs_trl_<device>_<model>.json and .csv into `out` unless it is None.
+    `shape` (e.g. qwen2-1.5b, GPU only): random weights of that shape instead of `model`, saved to a temp dir."""
     import importlib.util
 
     if importlib.util.find_spec("trl") is None:
         raise TokeneffError("--vs-trl needs trl: pip install 'trl==1.16.0'")
     if steps < 2:
         raise TokeneffError(f"--steps={steps}: --vs-trl needs at least 2 steps (the first one is warm-up)")
+    if shape:
+        if shape == "qwen2-1.5b" and not torch.cuda.is_available():
+            raise TokeneffError(f"--shape {shape} needs a GPU (it trains a 1.5B-parameter model)")
+        from .bench import save_random_shape
+
+        with tempfile.TemporaryDirectory() as tmp:
+            res = versus_trl(save_random_shape(shape, tmp), None, group_size, max_new_tokens, steps, algos,
+                             gradient_checkpointing, None, progress)
+        res["model"] = f"{shape} (random weights)"
+        return _save(res, out, shape)
     from tqdm.auto import tqdm
 
     base = dict(model=model, group_size=group_size, max_new_tokens=max_new_tokens, steps=steps,
@@ -154,7 +166,33 @@ def versus_trl(model: str = "smollm2-135m", group_size: int = 8, max_new_tokens:
         r["time_ratio_to_trl"] = r["warm_step_seconds"] / ref["warm_step_seconds"]
         r["memory_ratio_to_trl"] = r["peak_above_weights_mb"] / max(ref["peak_above_weights_mb"], 1e-9)
         r["peak_ratio_to_trl"] = r["peak_memory_mb"] / ref["peak_memory_mb"]
-    return dict(base, weights_memory_mb=weights, rows=rows[1:])
+    from .bench import device_name
+
+    result = dict(base, device=device_name(), torch=torch.__version__, weights_memory_mb=weights, rows=rows[1:],
+                  memory_measure="CUDA max allocated" if torch.cuda.is_available() else "peak RSS of the process")
+    return _save(result, out, Path(model).name)
+
+
+def _save(result: dict[str, Any], out: str | None, name: str) -> dict[str, Any]:
+    if out:
+        import pandas as pd
+
+        from .utils import atomic_write_bytes, write_json
+
+        tag = ("gpu" if torch.cuda.is_available() else "cpu") + "_" + name
+        write_json(Path(out) / f"vs_trl_{tag}.json", result)
+        flat = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, list)} for r in result["rows"]])
+        atomic_write_bytes(Path(out) / f"vs_trl_{tag}.csv", flat.to_csv(index=False).encode())
+    return result
+
+
+def print_versus(res: dict[str, Any]) -> None:
+    print(f"{res['device']}, {res['model']}, G={res['group_size']}, <= {res['max_new_tokens']} new tokens, "
+          f"weights+adapter {res['weights_memory_mb']:.0f} MiB")
+    for r in res["rows"]:
+        print(f"{r['side']:<16} warm step {r['warm_step_seconds']:6.2f} s ({r['time_ratio_to_trl']:.2f}x TRL)  "
+              f"peak above weights {r['peak_above_weights_mb']:7.0f} MiB ({r['memory_ratio_to_trl']:.2f}x TRL)  "
+              f"mean completion {sum(r['completion_len_mean']) / len(r['completion_len_mean']):.1f} tokens")
 
 
 if __name__ == "__main__":  # one side, in a fresh process

@@ -1,0 +1,54 @@
+"""`tokeneff bench`: each saving measured in turn, and the end-to-end comparison with TRL's GRPOTrainer."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tokeneff.bench import VARIANTS, _full_logits_logp, run_bench
+from tokeneff.loss import SelectiveLogProbs
+from tokeneff.models import tiny_random
+from tokeneff.rollout import left_pad
+
+
+def test_full_logits_baseline_matches_selective_head():
+    """The naive baseline the ladder starts from computes the same numbers as the path training uses."""
+    model, tok = tiny_random(seed=3)
+    ctx_ids, ctx_mask = left_pad([[5, 6, 7], [8, 9, 10, 11]], tok.pad_token_id)
+    comp_ids = torch.randint(3, 90, (4, 6), generator=torch.Generator().manual_seed(0))
+    batch = (ctx_ids, ctx_mask, comp_ids, torch.ones_like(comp_ids), torch.tensor([0, 0, 1, 1]),
+             torch.tensor([0, 1, 3, 3]), torch.tensor([0, 5, 2, 0]))
+    # the baseline takes no position_ids, so compare on rows whose context is not left-padded
+    assert_close(_full_logits_logp(*batch, model=model)[2:], SelectiveLogProbs(model)(*batch)[2:],
+                 rtol=1e-4, atol=1e-5)
+
+
+def test_bench_ladder_writes_every_variant(tmp_path):
+    rows = run_bench(completion_lens=(6,), group_sizes=(2,), vocab_size=300, prompt_len=5, out=str(tmp_path),
+                     ladder=True, name="_t")
+    assert sorted({(r["algo"], r["variant"]) for r in rows}) == sorted(
+        (a, v) for a in ("grpo", "sgrpo", "tspmo") for v in VARIANTS)
+    for r in rows:
+        assert r["step_seconds"] > 0 and 0 < r["tokens_in_loss"] <= r["tokens_total"] == 12
+    data = json.loads((tmp_path / "bench_cpu_tiny-random_t.json").read_text())
+    roll = data["rollout"]
+    assert roll["tokeneff_sample_tokens_per_s"] > 0 and roll["hf_generate_static_tokens_per_s"] > 0
+    assert len(pd.read_csv(tmp_path / "bench_cpu_tiny-random_t.csv")) == len(rows)
+
+
+def test_versus_trl_same_settings(tmp_path):
+    pytest.importorskip("trl")
+    from tokeneff.versus_trl import versus_trl
+
+    # shape "tiny": random weights saved as a local checkpoint, as `--shape qwen2-1.5b` does on a GPU
+    res = versus_trl(shape="tiny", group_size=2, max_new_tokens=6, steps=2, algos=("grpo", "tspmo"),
+                     out=str(tmp_path), progress=False)
+    trl, *ours = res["rows"]
+    assert trl["side"] == "trl-grpo" and [r["side"] for r in ours] == ["tokeneff-grpo", "tokeneff-tspmo"]
+    for r in res["rows"]:
+        assert len(r["step_seconds"]) == 2 and all(0 < n <= 6 for n in r["completion_len_mean"])
+        assert r["time_ratio_to_trl"] == pytest.approx(r["warm_step_seconds"] / trl["warm_step_seconds"])
+        assert r["peak_memory_mb"] > res["weights_memory_mb"] > 0
+    assert (tmp_path / "vs_trl_cpu_tiny.json").is_file() and res["model"] == "tiny (random weights)"
