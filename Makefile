@@ -48,18 +48,18 @@ smoke: setup
 
 # CPU (this machine): the quick table (< 2 min), where the saving comes from, cost growth, and whole steps vs TRL.
 bench: setup
-	$(VENV)/bin/tokeneff bench --completion-lens 32,64,128 --group-sizes 8
+	$(VENV)/bin/tokeneff bench
 
 bench-all: bench
-	$(VENV)/bin/tokeneff bench --ladder --name ladder --completion-lens 256
-	$(VENV)/bin/tokeneff bench --name growth --completion-lens 256,512,1024 --group-sizes 8,16
+	$(VENV)/bin/tokeneff bench --ladder --name ladder --completion-lens 256 --no-rollout
+	$(VENV)/bin/tokeneff bench --name growth --completion-lens 256,512,1024 --group-sizes 8,16 --no-rollout
 	$(VENV)/bin/tokeneff bench --vs-trl --model smollm2-135m --group-sizes 8 --max-new-tokens 96 --steps 4
 
 # One GPU, Qwen2-1.5B shape with random weights (no download), the issue's settings: ~8 minutes on an H100.
 bench-gpu: setup
 	$(VENV)/bin/tokeneff bench --shape qwen2-1.5b --ladder --name ladder --completion-lens 256 --gradient-checkpointing
 	$(VENV)/bin/tokeneff bench --shape qwen2-1.5b --name growth --completion-lens 256,512,1024 --group-sizes 8,16 \
-	  --gradient-checkpointing
+	  --gradient-checkpointing --no-rollout
 	$(VENV)/bin/tokeneff bench --vs-trl --shape qwen2-1.5b --group-sizes 8 --max-new-tokens 256 --steps 3 \
 	  --gradient-checkpointing
 

@@ -230,7 +230,8 @@ def run_bench(model: str = "tiny-random", shape: str | None = None, completion_l
     rollout_row = None
     if rollout:
         spec = dict(model=model, shape=shape, vocab_size=vocab_size, completion_len=int(completion_lens[0]),
-                    group_size=int(group_sizes[0]), prompt_len=prompt_len, kind="rollout")
+                    group_size=int(group_sizes[0]), prompt_len=prompt_len, kind="rollout",
+                    prompts=8 if shape else 4)  # on a GPU: batch 64, as in the rollout figures
         rollout_row = _in_subprocess(spec)
     device = rows[0]["device"] if rows else device_name()
     tag = ("gpu" if "CPU" not in device else "cpu") + f"_{shape or model}{name}".replace("/", "_")
@@ -307,6 +308,7 @@ def bench_cli(args) -> None:
                      completion_lens=ints(args.completion_lens, "--completion-lens"),
                      group_sizes=ints(args.group_sizes, "--group-sizes"), vocab_size=args.vocab_size, out=args.out,
                      gradient_checkpointing=args.gradient_checkpointing, ladder=args.ladder,
+                     rollout=not args.no_rollout,
                      name=f"_{args.name}" if args.name else "")
     for r in rows:
         print(f"{r['device']:<22} {r['algo']:<6} {r['variant']:<14} L={r['completion_len']:<5} G={r['group_size']:<3} "

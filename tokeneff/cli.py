@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gradient-checkpointing", action="store_true")
     b.add_argument("--ladder", action="store_true",
                    help="also the naive full-logits step and each saving in turn (where the memory goes)")
+    b.add_argument("--no-rollout", action="store_true", help="skip the rollout tokens/s measurement")
     b.add_argument("--name", default="", help="suffix of the output files, e.g. growth")
     b.add_argument("--out", default="results/benchmarks")
     return p
