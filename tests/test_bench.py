@@ -50,5 +50,6 @@ def test_versus_trl_same_settings(tmp_path):
     for r in res["rows"]:
         assert len(r["step_seconds"]) == 2 and all(0 < n <= 6 for n in r["completion_len_mean"])
         assert r["time_ratio_to_trl"] == pytest.approx(r["warm_step_seconds"] / trl["warm_step_seconds"])
-        assert r["peak_memory_mb"] > res["weights_memory_mb"] > 0
+        # at this tiny size the peak can be the imports, shared with the weights-only process: >=, not >
+        assert r["peak_memory_mb"] >= res["weights_memory_mb"] > 0
     assert (tmp_path / "vs_trl_cpu_tiny.json").is_file() and res["model"] == "tiny (random weights)"
