@@ -45,7 +45,7 @@ def _rss_mb() -> float:
 
 def device_name() -> str:
     if torch.cuda.is_available():
-        return torch.cuda.getdevice_name(0)
+        return torch.cuda.get_device_name(0)
     return f"CPU ({os.cpu_count()} cores)"
 
 
