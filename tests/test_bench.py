@@ -33,6 +33,7 @@ def test_bench_ladder_writes_every_variant(tmp_path):
     for r in rows:
         assert r["step_seconds"] > 0 and 0 < r["tokens_in_loss"] <= r["tokens_total"] == 12
     data = json.loads((tmp_path / "bench_cpu_tiny-random_t.json").read_text())
+    assert data["suite"] == "t"
     roll = data["rollout"]
     assert roll["tokeneff_sample_tokens_per_s"] > 0 and roll["hf_generate_static_tokens_per_s"] > 0
     assert len(pd.read_csv(tmp_path / "bench_cpu_tiny-random_t.csv")) == len(rows)

@@ -35,7 +35,15 @@ QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, n
                   tie_word_embeddings=True)
 
 
-def _rss_mb() -> float:
+def memory_mb(peak: bool = False) -> float:
+    """CUDA: memory allocated (peak: max allocated since the last reset); CPU: this process's resident set size
+    (peak: its high-water mark, ru_maxrss). One measure for every benchmark, so their numbers compare."""
+    if torch.cuda.is_available():
+        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**20
+    if peak:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
@@ -125,10 +133,11 @@ def one(spec: dict[str, Any]) -> dict[str, Any]:
     credits = ALGORITHMS[spec["algo"]](comps, rewards, cfg, rng)
     ctx_ids, ctx_mask = left_pad([[rng.randrange(100, vocab) for _ in range(P)]], 0)
     variant = spec.get("variant", "shared-prompt")
-    lp = SelectiveLogProbs(model, share_prompt=variant == "shared-prompt",
-                           truncate=variant in ("truncated", "shared-prompt"))
     if variant == "full-logits":
         lp = functools.partial(_full_logits_logp, model=model)
+    else:
+        lp = SelectiveLogProbs(model, share_prompt=variant == "shared-prompt",
+                               truncate=variant in ("truncated", "shared-prompt"))
     batch = dict(ctx_ids=ctx_ids.to(device), ctx_mask=ctx_mask.to(device),
                  comp_ids=torch.tensor(comps, device=device),
                  comp_mask=torch.ones(G, L, dtype=torch.long, device=device),
@@ -137,9 +146,8 @@ def one(spec: dict[str, Any]) -> dict[str, Any]:
     adv, w = torch.tensor(credits.adv, device=device), torch.tensor(credits.weight, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
-        base_mem = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    rss0 = _rss_mb()
+    loaded = memory_mb()
     times = []
     for _ in range(spec.get("repeats", 2)):
         t0 = time.perf_counter()
@@ -150,14 +158,9 @@ def one(spec: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
-        what = "CUDA max allocated above weights+adapters"
-    else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
-        what = "peak RSS above RSS after loading"
+    peak = memory_mb(peak=True) - loaded
+    what = ("CUDA max allocated above weights+adapters" if device.type == "cuda"
+            else "peak RSS above RSS after loading")
     return dict(spec, device=device_name(), peak_memory_mb=max(peak, 0.0), memory_measure=what,
                 step_seconds=min(times), tokens_in_loss=len(credits), tokens_total=G * L,
                 frac_tokens_in_loss=len(credits) / (G * L))
@@ -236,7 +239,8 @@ def run_bench(model: str = "tiny-random", shape: str | None = None, completion_l
         rollout_row = _in_subprocess(spec)
     device = rows[0]["device"] if rows else device_name()
     tag = ("gpu" if "CPU" not in device else "cpu") + f"_{shape or model}{name}".replace("/", "_")
-    result = dict(device=device, torch=torch.__version__, steps=rows, rollout=rollout_row)
+    result = dict(device=device, torch=torch.__version__, suite=name.lstrip("_") or "default", steps=rows,
+                  rollout=rollout_row)
     write_json(Path(out) / f"bench_{tag}.json", result)
     import pandas as pd
 
@@ -245,8 +249,8 @@ def run_bench(model: str = "tiny-random", shape: str | None = None, completion_l
 
 
 def load_results(*folders: str | Path):
-    """All bench_*.json of the folders as one table: `suite` is the file's name suffix (`default`, `ladder`,
-    `growth`, ...); files from older versions, without `variant`, are the training path (`shared-prompt`)."""
+    """All bench_*.json of the folders as one table, with each file's `suite` (`default`, `ladder`, `growth`,
+    ...: its --name); files from older versions, without `variant`, are the training path (`shared-prompt`)."""
     import pandas as pd
 
     frames, seen = [], set()
@@ -259,8 +263,7 @@ def load_results(*folders: str | Path):
             df = pd.DataFrame(data["steps"])
             df["model"] = df["shape"].fillna(df["model"]) if "shape" in df else df["model"]
             df["variant"] = df["variant"] if "variant" in df else VARIANTS[-1]
-            suffix = f.stem.split(str(df["model"].iloc[0]).replace("/", "_"), 1)[-1].lstrip("_")
-            df["suite"] = suffix or "default"
+            df["suite"] = data.get("suite", "default")
             frames.append(df)
     if not frames:
         raise TokeneffError(f"no bench_*.json in {', '.join(map(str, folders))}: run `tokeneff bench` first")

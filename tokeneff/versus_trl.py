@@ -11,7 +11,6 @@ warm-up, lazy init), so it is reported apart and the ratio uses the mean of the 
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,16 +20,10 @@ from typing import Any
 
 import torch
 
+from .bench import device_name, memory_mb, save_random_shape
 from .config import TokeneffError
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-def _peak_mb() -> float:
-    """CUDA: max allocated; CPU: peak resident set size of this process."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _svamp_task():
@@ -53,7 +46,7 @@ def weights_only(spec: dict[str, Any]) -> dict[str, Any]:
     model, _ = load_model(spec["model"], dtype=_dtype())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     get_peft_model(model.to(device), LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
-    return dict(side="weights", peak_memory_mb=_peak_mb())
+    return dict(side="weights", peak_memory_mb=memory_mb(peak=True))
 
 
 def tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +63,7 @@ def tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
     rows = [r for r in rows if "step_seconds" in r]
     return dict(side=f"tokeneff-{spec['algo']}", step_seconds=[r["step_seconds"] for r in rows],
                 rollout_seconds=[r["rollout_seconds"] for r in rows],
-                completion_len_mean=[r["completion_len_mean"] for r in rows], peak_memory_mb=_peak_mb())
+                completion_len_mean=[r["completion_len_mean"] for r in rows], peak_memory_mb=memory_mb(peak=True))
 
 
 def trl_side(spec: dict[str, Any]) -> dict[str, Any]:
@@ -111,7 +104,7 @@ def trl_side(spec: dict[str, Any]) -> dict[str, Any]:
                               callbacks=[StepTimer()])
         trainer.train()
     lens = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
-    return dict(side="trl-grpo", step_seconds=times, completion_len_mean=lens, peak_memory_mb=_peak_mb())
+    return dict(side="trl-grpo", step_seconds=times, completion_len_mean=lens, peak_memory_mb=memory_mb(peak=True))
 
 
 SIDES = {"weights": weights_only, "tokeneff": tokeneff_side, "trl": trl_side}
@@ -142,11 +135,10 @@ def versus_trl(model: str = "smollm2-135m", shape: str | None = None, group_size
     if shape:
         if shape == "qwen2-1.5b" and not torch.cuda.is_available():
             raise TokeneffError(f"--shape {shape} needs a GPU (it trains a 1.5B-parameter model)")
-        from .bench import save_random_shape
-
         with tempfile.TemporaryDirectory() as tmp:
-            res = versus_trl(save_random_shape(shape, tmp), None, group_size, max_new_tokens, steps, algos,
-                             gradient_checkpointing, None, progress)
+            res = versus_trl(model=save_random_shape(shape, tmp), group_size=group_size,
+                             max_new_tokens=max_new_tokens, steps=steps, algos=algos,
+                             gradient_checkpointing=gradient_checkpointing, out=None, progress=progress)
         res["model"] = f"{shape} (random weights)"
         return _save(res, out, shape)
     from tqdm.auto import tqdm
@@ -166,8 +158,6 @@ def versus_trl(model: str = "smollm2-135m", shape: str | None = None, group_size
         r["time_ratio_to_trl"] = r["warm_step_seconds"] / ref["warm_step_seconds"]
         r["memory_ratio_to_trl"] = r["peak_above_weights_mb"] / max(ref["peak_above_weights_mb"], 1e-9)
         r["peak_ratio_to_trl"] = r["peak_memory_mb"] / ref["peak_memory_mb"]
-    from .bench import device_name
-
     result = dict(base, device=device_name(), torch=torch.__version__, weights_memory_mb=weights, rows=rows[1:],
                   memory_measure="CUDA max allocated" if torch.cuda.is_available() else "peak RSS of the process")
     return _save(result, out, Path(model).name)
