@@ -27,6 +27,7 @@ class ConfigError(TokeneffError):
 ALGOS = ("grpo", "sgrpo", "tspmo")
 TASKS = ("svamp", "multiplication")
 PROFILES = ("embedded", "paper")
+BACKENDS = ("tokeneff", "hf", "hf-static")  # rollout backends (rollout.sample)
 
 
 @dataclass
@@ -66,6 +67,9 @@ class TrainConfig:
     max_new_tokens: int = 200
     temperature: float = 1.0
     top_p: float = 1.0
+    rollout_backend: str = "tokeneff"
+    """tokeneff (prompt KV shared by its group, finished rows leave the batch) | hf (transformers generate,
+    shared prompt KV) | hf-static (generate with a static cache: compiled, CUDA graphs on a GPU)"""
 
     # --- algorithm ---
     sgrpo_alpha: int = 25
@@ -123,7 +127,8 @@ class TrainConfig:
             return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
         choices = {"algo": ALGOS, "task": TASKS, "profile": PROFILES,
-                   "replay": ("on", "off", "auto"), "mixed_precision": ("no", "bf16", "fp16")}
+                   "replay": ("on", "off", "auto"), "mixed_precision": ("no", "bf16", "fp16"),
+                   "rollout_backend": BACKENDS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {', '.join(allowed)}")

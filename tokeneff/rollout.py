@@ -1,10 +1,12 @@
-"""Batched sampling: every prompt of a step x G completions in one `generate` call."""
+"""Batched sampling: every prompt of a step x G completions in one batch, the prompt's KV cache shared by its group."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from .config import BACKENDS, TokeneffError
 
 
 @dataclass
@@ -62,28 +64,95 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool = True
     return out.last_hidden_state, cache
 
 
+def pick_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+              greedy: bool = False) -> torch.Tensor:
+    """Next token per row: argmax, or a draw from softmax(logits / T) restricted to the top-p nucleus."""
+    if greedy:
+        return logits.argmax(-1)
+    scores = logits.float() / temperature
+    if top_p < 1:
+        from transformers import TopPLogitsWarper
+
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+
+
+def decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int, max_new_tokens: int,
+                eos: set[int], **pick) -> list[list[int]]:
+    """Token-by-token sampling with a KV cache. Each context is prefilled once and its cache copied to its G
+    rows; a row that emits EOS leaves the batch (its cache rows are dropped), so the step's cost follows the
+    rows still running rather than the longest one, which `generate` pays for every row."""
+    from transformers import DynamicCache
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache = DynamicCache(config=base.config)
+    out = model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=(ctx_mask.cumsum(-1) - 1).clamp(min=0),
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1].repeat_interleave(num_samples, 0)
+    cache.batch_repeat_interleave(num_samples)
+    mask = ctx_mask.repeat_interleave(num_samples, 0)
+    live = torch.arange(mask.shape[0], device=mask.device)  # original row of each row still in the batch
+    next_pos = mask.sum(-1)
+    eos_ids = torch.tensor(sorted(eos), device=mask.device)
+    gen: list[list[int]] = [[] for _ in range(mask.shape[0])]
+    for t in range(max_new_tokens):
+        tok = pick_next(logits, **pick)
+        for r, k in zip(live.tolist(), tok.tolist(), strict=True):
+            gen[r].append(k)
+        keep = ~torch.isin(tok, eos_ids)
+        if t == max_new_tokens - 1 or not keep.any():
+            break
+        if not keep.all():
+            idx = keep.nonzero().squeeze(1)
+            cache.batch_select_indices(idx)
+            live, tok, mask, next_pos = live[idx], tok[idx], mask[idx], next_pos[idx]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)
+        logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        next_pos = next_pos + 1
+    return gen
+
+
+def hf_generate(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int,
+                max_new_tokens: int, eos: set[int], temperature: float = 1.0, top_p: float = 1.0,
+                greedy: bool = False, static: bool = False) -> list[list[int]]:
+    """transformers `generate` on every context repeated G times (static: a fixed-shape, compilable cache)."""
+    ids = ctx_ids.repeat_interleave(num_samples, 0)
+    mask = ctx_mask.repeat_interleave(num_samples, 0)
+    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    if static:
+        kw["cache_implementation"] = "static"
+    elif num_samples > 1 and ctx_ids.shape[1] > 1:
+        # all but the last context token: generate() then feeds the last one and continues from the cache
+        _, cache = prefill(model, ctx_ids[:, :-1], ctx_mask[:, :-1])
+        cache.batch_repeat_interleave(num_samples)
+        kw["past_key_values"] = cache
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos), **kw)
+    return out[:, ids.shape[1]:].tolist()
+
+
 @torch.no_grad()
 def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_new_tokens: int,
-           temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> Rollout:
+           temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, backend: str = "tokeneff") -> Rollout:
     """Generate `num_samples` completions for each context (token ids); rows are context-major.
 
-    The contexts' KV cache is computed once and shared by their G samples (a G-fold saving on the prompt).
+    Backends: tokeneff, our loop (prompt KV shared by its group, finished rows leave the batch); hf, transformers
+    `generate` seeded with the shared prompt KV; hf-static, `generate` with a static KV cache (compiled forward
+    and CUDA graphs on a GPU; prompts repeated, since a static cache cannot be seeded from another cache).
     """
+    if backend not in BACKENDS:
+        raise TokeneffError(f"rollout_backend={backend!r} {backend!r}: must be one of {', '.join(BACKENDS)}")
     device = next(model.parameters()).device
     ctx_ids, ctx_mask = left_pad(contexts, tokenizer.pad_token_id)
-    ids = ctx_ids.to(device).repeat_interleave(num_samples, 0)
-    mask = ctx_mask.to(device).repeat_interleave(num_samples, 0)
-    gen_kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
-                                                           top_p=top_p, top_k=0)
-    if num_samples > 1 and ctx_ids.shape[1] > 1:
-        # all but the last context token: generate() then feeds the last one and continues from the cache
-        _, cache = prefill(model, ctx_ids[:, :-1].to(device), ctx_mask[:, :-1].to(device))
-        cache.batch_repeat_interleave(num_samples)
-        gen_kwargs["past_key_values"] = cache
+    ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
     eos = eos_ids(model, tokenizer)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos), **gen_kwargs)
-    gen = out[:, ids.shape[1]:].tolist()
+    pick = dict(temperature=temperature, top_p=top_p, greedy=greedy)
+    if backend == "tokeneff":
+        gen = decode_loop(model, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, **pick)
+    else:
+        gen = hf_generate(model, tokenizer, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos,
+                          static=backend == "hf-static", **pick)
     completions, truncated = [], []
     for row in gen:
         end = next((t for t, tok in enumerate(row) if tok in eos), None)
@@ -95,7 +164,7 @@ def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_ne
     for i, c in enumerate(completions):
         comp_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
         comp_mask[i, : len(c)] = 1
-    return Rollout(ctx_ids, ctx_mask, comp_ids, comp_mask, completions, truncated, num_samples)
+    return Rollout(ctx_ids.cpu(), ctx_mask.cpu(), comp_ids, comp_mask, completions, truncated, num_samples)
 
 
 def decode(tokenizer, tokens: list[int]) -> str:

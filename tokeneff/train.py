@@ -162,7 +162,7 @@ def _train_step(cfg, accel, policy_lp, tok, task, groups, select_rng, problem_in
     G = cfg.group_size
     t0 = time.perf_counter()
     roll = sample(policy, tok, [g.prompt_ids + g.prefix for g in groups], G, cfg.max_new_tokens,
-                  cfg.temperature, cfg.top_p)
+                  cfg.temperature, cfg.top_p, backend=cfg.rollout_backend)
     rollout_s = time.perf_counter() - t0
     texts = [decode(tok, groups[j // G].prefix + c) for j, c in enumerate(roll.completions)]
     answers = [groups[j // G].problem.answer for j in range(len(texts))]
@@ -309,7 +309,7 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
     def run_eval(step: int) -> float:
         t = time.perf_counter()
         res = evaluate_model(accel.unwrap_model(policy_lp).model, tok, task, test_problems, cfg.eval_batch_size,
-                             cfg.eval_max_new_tokens or cfg.max_new_tokens, progress and main)
+                             cfg.eval_max_new_tokens or cfg.max_new_tokens, progress and main, cfg.rollout_backend)
         evals.append(dict(step=step, accuracy=res["accuracy"], n=res["n"], seconds=time.perf_counter() - t))
         if main:
             write_json(out / f"eval_step{step}.json", res)
