@@ -2,7 +2,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch.testing import assert_close
 
-from tokeneff.loss import SelectiveLogProbs, policy_loss
+from tokeneff.loss import SelectiveLogProbs, policy_loss, width_buckets
 from tokeneff.models import tiny_random
 from tokeneff.rollout import left_pad
 
@@ -41,6 +41,27 @@ def test_selective_logprobs_match_full_forward_both_paths():
                 assert_close(lp(*batch, rows, pos), expected, rtol=1e-4, atol=1e-5)
     hot = _reference_logp(model, *batch, rows, pos, temperature=0.7)
     assert_close(SelectiveLogProbs(model, temperature=0.7)(*batch, rows, pos), hot, rtol=1e-4, atol=1e-5)
+
+
+def test_width_buckets_known_answer():
+    need = torch.tensor([0, 10, 4, 6, 0, 9, 5])
+    got = [(b.tolist(), w) for b, w in width_buckets(need)]
+    # from the widest (10): rows needing >= 5 join it; 4 starts a bucket; rows needing nothing form their own
+    assert got == [([1, 3, 5, 6], 10), ([2], 4), ([0, 4], 0)]
+    assert [(b.tolist(), w) for b, w in width_buckets(need, min_fill=1.0)] == [
+        ([1], 10), ([5], 9), ([3], 6), ([6], 5), ([2], 4), ([0, 4], 0)]
+
+
+def test_each_row_is_forwarded_only_to_its_last_credited_position():
+    model, *batch = _setup()
+    rows, pos = torch.tensor([0, 1, 1, 2, 3, 3]), torch.tensor([0, 2, 4, 1, 0, 2])  # reach per row: 0, 4, 1, 2
+    shapes = []
+    hook = model.get_base_model().model.embed_tokens.register_forward_hook(lambda m, i, o: shapes.append(
+        tuple(o.shape[:2])))
+    SelectiveLogProbs(model)(*batch, rows, pos)
+    hook.remove()
+    # the two prompts once; rows 1 and 3 to 4 tokens (3 needs 2 >= half of 4); row 2 to 1 token; row 0 not at all
+    assert shapes == [(2, 4), (2, 4), (1, 1)]
 
 
 def test_policy_gradient_matches_direct_formula():

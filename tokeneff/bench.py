@@ -28,7 +28,7 @@ ALGOS = ("grpo", "sgrpo", "tspmo")
 # Where the memory saving comes from, one change at a time (`--ladder`):
 VARIANTS = ("full-logits",    # plain forward of [prompt | completion] rows, [G, T, V] logits, log_softmax
             "chunked-head",   # same forward, TRL's chunked LM head at the credited positions only
-            "truncated",      # + no forward past the last credited column
+            "truncated",      # + each row forwarded only up to its own last credited position
             "shared-prompt")  # + the prompt forwarded once for its group (what training uses)
 QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                   num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
