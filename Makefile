@@ -46,7 +46,8 @@ smoke: setup
 	  TOKENEFF_SMOKE=1 $(VENV)/bin/papermill --cwd notebooks notebooks/$$nb.ipynb runs/smoke/$$nb.ipynb || exit 1; \
 	done
 
-# CPU (this machine): the quick table (< 2 min), where the saving comes from, cost growth, and whole steps vs TRL.
+# CPU (this machine): the quick table (< 2 min); with bench-all also where the saving comes from, cost growth
+# and whole steps vs TRL (~45 min in all).
 bench: setup
 	$(VENV)/bin/tokeneff bench
 
