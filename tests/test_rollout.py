@@ -49,6 +49,18 @@ def test_finished_rows_leave_the_batch():
     assert expected[-1] < 2 * len(CONTEXTS)
 
 
+@pytest.mark.parametrize("backend", ["tokeneff", "hf"])
+def test_rollout_with_activation_checkpointing_in_train_mode_keeps_its_cache(backend):
+    """Checkpointing in train mode makes transformers drop the KV cache; `sample` must not let that happen."""
+    model, tok = tiny_random(seed=1)
+    model.eval()
+    want = sample(model, tok, CONTEXTS, 2, 8, greedy=True, backend=backend).completions
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert sample(model, tok, CONTEXTS, 2, 8, greedy=True, backend=backend).completions == want
+    assert model.training
+
+
 def test_pick_next_draws_from_tempered_softmax_and_nucleus():
     torch.manual_seed(0)
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))[None].expand(20000, 4)

@@ -148,11 +148,18 @@ def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_ne
     ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
     eos = eos_ids(model, tokenizer)
     pick = dict(temperature=temperature, top_p=top_p, greedy=greedy)
-    if backend == "tokeneff":
-        gen = decode_loop(model, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, **pick)
-    else:
-        gen = hf_generate(model, tokenizer, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos,
-                          static=backend == "hf-static", **pick)
+    # eval mode: no dropout while sampling, and no activation checkpointing, which in train mode makes
+    # transformers drop the KV cache (each new token would then see no context)
+    was_training = model.training
+    model.eval()
+    try:
+        if backend == "tokeneff":
+            gen = decode_loop(model, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, **pick)
+        else:
+            gen = hf_generate(model, tokenizer, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos,
+                              static=backend == "hf-static", **pick)
+    finally:
+        model.train(was_training)
     completions, truncated = [], []
     for row in gen:
         end = next((t for t, tok in enumerate(row) if tok in eos), None)
