@@ -210,13 +210,28 @@ def rollout_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     return dict(spec, device=device_name(), kind="rollout", **out)
 
 
-def _in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "tokeneff.bench", json.dumps(spec)], capture_output=True, text=True)
+def run_in_subprocess(module: str, spec: dict[str, Any], what: str) -> dict[str, Any]:
+    """`python -m module '<spec json>'` in a fresh process (so its peak memory is its own); its last stdout line
+    is the JSON result. A failure raises one line: `what` and the last line of its stderr."""
+    proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
         last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
-        raise TokeneffError(f"bench {spec.get('algo', spec.get('kind'))} L={spec['completion_len']} "
-                            f"G={spec['group_size']} failed: {last}")
+        raise TokeneffError(f"{what} failed: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
+    return run_in_subprocess("tokeneff.bench", spec, f"bench {spec.get('algo', spec.get('kind'))} "
+                                                     f"L={spec['completion_len']} G={spec['group_size']}")
+
+
+def save_result(stem: Path, result: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """stem.json (the whole result) and stem.csv (one line per row, list-valued fields left out), atomically."""
+    import pandas as pd
+
+    write_json(f"{stem}.json", result)  # not with_suffix: names like qwen2-1.5b hold a dot
+    flat = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows])
+    atomic_write_bytes(f"{stem}.csv", flat.to_csv(index=False).encode())
 
 
 def run_bench(model: str = "tiny-random", shape: str | None = None, completion_lens=(64,), group_sizes=(8,),
@@ -247,10 +262,7 @@ def run_bench(model: str = "tiny-random", shape: str | None = None, completion_l
     tag = ("gpu" if "CPU" not in device else "cpu") + f"_{shape or model}{name}".replace("/", "_")
     result = dict(device=device, torch=torch.__version__, suite=name.lstrip("_") or "default", steps=rows,
                   rollout=rollout_row)
-    write_json(Path(out) / f"bench_{tag}.json", result)
-    import pandas as pd
-
-    atomic_write_bytes(Path(out) / f"bench_{tag}.csv", pd.DataFrame(rows).to_csv(index=False).encode())
+    save_result(Path(out) / f"bench_{tag}", result, rows)
     return rows
 
 

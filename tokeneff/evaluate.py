@@ -15,9 +15,7 @@ from .utils import write_json
 
 def evaluate_model(model, tokenizer, task: Task, problems: list[Problem], batch_size: int,
                    max_new_tokens: int, progress: bool = True, backend: str = "tokeneff") -> dict[str, Any]:
-    was_training = model.training
-    model.eval()
-    records = []
+    records = []  # `sample` runs the model in eval mode and restores its mode
     bar = tqdm(range(0, len(problems), batch_size), desc=f"eval {task.name}", disable=not progress,
                leave=False)
     for start in bar:
@@ -29,7 +27,6 @@ def evaluate_model(model, tokenizer, task: Task, problems: list[Problem], batch_
             text = decode(tokenizer, comp)
             records.append(dict(id=p.id, prompt=prompt, completion=text, extracted=extract_answer(text),
                                 reference=p.answer, correct=is_correct(text, p.answer), truncated=cut))
-    model.train(was_training)
     n = len(records)
     return dict(task=task.name, n=n, accuracy=sum(r["correct"] for r in records) / max(n, 1), records=records)
 

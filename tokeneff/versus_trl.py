@@ -11,7 +11,6 @@ warm-up, lazy init), so it is reported apart and the ratio uses the mean of the 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .bench import device_name, memory_mb, save_random_shape
+from .bench import device_name, memory_mb, run_in_subprocess, save_random_shape, save_result
 from .config import TokeneffError
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -111,12 +110,7 @@ SIDES = {"weights": weights_only, "tokeneff": tokeneff_side, "trl": trl_side}
 
 
 def _run_side(spec: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "tokeneff.versus_trl", json.dumps(spec)], capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-        raise TokeneffError(f"--vs-trl: the {spec['side']} run failed: {tail[0]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_subprocess("tokeneff.versus_trl", spec, f"--vs-trl: the {spec['side']} run")
 
 
 def versus_trl(model: str = "smollm2-135m", shape: str | None = None, group_size: int = 8, max_new_tokens: int = 96,
@@ -165,14 +159,8 @@ def versus_trl(model: str = "smollm2-135m", shape: str | None = None, group_size
 
 def _save(result: dict[str, Any], out: str | None, name: str) -> dict[str, Any]:
     if out:
-        import pandas as pd
-
-        from .utils import atomic_write_bytes, write_json
-
         tag = ("gpu" if torch.cuda.is_available() else "cpu") + "_" + name
-        write_json(Path(out) / f"vs_trl_{tag}.json", result)
-        flat = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, list)} for r in result["rows"]])
-        atomic_write_bytes(Path(out) / f"vs_trl_{tag}.csv", flat.to_csv(index=False).encode())
+        save_result(Path(out) / f"vs_trl_{tag}", result, result["rows"])
     return result
 
 
