@@ -1,4 +1,4 @@
-"""`tokeneff train | evaluate | bench`: user mistakes print one line and exit 2, never a traceback."""
+"""`tokeneff train | evaluate | warmstart | bench`: user mistakes print one line and exit 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--profile", choices=PROFILES, default="embedded")
     e.add_argument("--out", required=True, help="JSON file for accuracy and every completion")
     e.add_argument("overrides", nargs="*", metavar="key=value")
+
+    w = sub.add_parser("warmstart", help="supervised warm start: LoRA SFT on MAWPS + ASDiv-A, merged and cached")
+    w.add_argument("--model", help="base model (default smollm2-135m); load the result as <model>+sft")
+    w.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="recipe field, e.g. max_examples=64 lr=2e-4 (see tokeneff.warmstart.WarmStartConfig)")
 
     b = sub.add_parser("bench", help="peak memory and step time per algorithm")
     b.add_argument("--model", default="tiny-random")
@@ -84,6 +89,19 @@ def main(argv: list[str] | None = None) -> int:
             res = evaluate(task=args.task, model=args.model, adapter=args.adapter, split=args.split,
                            limit=args.limit, out=args.out, profile=args.profile, **over)
             print(f"{res['task']} {args.split}: accuracy {res['accuracy']:.3f} on {res['n']} problems -> {args.out}")
+        elif args.command == "warmstart":
+            from .warmstart import build_warm_start, default_config, make_warmstart_config, recipe_hash
+
+            over = dict(item.split("=", 1) if "=" in item else (item, None) for item in args.overrides)
+            bad = [k for k, v in over.items() if v is None]
+            if bad:
+                raise TokeneffError(f"override {bad[0]!r}: expected key=value")
+            if args.model is not None:
+                over["model"] = args.model
+            ws = make_warmstart_config(over)
+            path = build_warm_start(ws)
+            use = f"{ws.model}+sft" if ws == default_config(ws.model) else str(path)
+            print(f"warm start: {path}\nrecipe hash: {recipe_hash(ws)}; train or evaluate it as model={use}")
         elif args.command == "bench":
             from .bench import bench_cli
 

@@ -33,8 +33,15 @@ def cache_dir() -> Path:
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, vocab_size: int | None = None):
-    """Return (model, tokenizer). Tokenizers are set to left padding for batched generation."""
-    if name == "smollm2-135m":
+    """Return (model, tokenizer). Tokenizers are set to left padding for batched generation.
+
+    `<base>+sft` (e.g. smollm2-135m+sft) is the base's supervised warm start (`warmstart.py`), built on first use.
+    """
+    if name.endswith("+sft"):
+        from .warmstart import resolve  # lazy: warmstart loads the base through this module
+
+        model, tok = _load_pretrained(str(resolve(name)), dtype)
+    elif name == "smollm2-135m":
         model, tok = _load_smollm2(dtype)
     elif name == "tiny-random":
         model, tok = tiny_random(vocab_size=vocab_size)

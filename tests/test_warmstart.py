@@ -1,0 +1,218 @@
+"""Supervised warm start (warmstart.py): built once on tiny-random with 16 problems, cached, reused, rebuilt when
+the recipe changes, never half-written, loadable as `<base>+sft`, and never trained on a SVAMP test problem."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokeneff import warmstart as ws
+from tokeneff.config import ConfigError
+from tokeneff.models import load_model, tiny_random
+from tokeneff.rollout import build_prompt
+from tokeneff.tasks import SVAMP, extract_answer
+
+TINY = dict(model="tiny-random", max_examples=16, batch_size=4, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOKENEFF_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def built(cache):
+    cfg = ws.make_warmstart_config(TINY)
+    return cfg, ws.build_warm_start(cfg, progress=False)
+
+
+def answer_logprob(model, tok, row) -> float:
+    """Sum of log-probabilities of a training example's answer tokens after its prompt."""
+    prompt = build_prompt(tok, row["prompt"])
+    full = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([tok(full, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logp = model(ids).logits[0, :-1].log_softmax(-1)
+    targets = ids[0, 1:]
+    return logp[len(p) - 1:].gather(-1, targets[len(p) - 1:, None]).sum().item()
+
+
+def test_build_trains_merges_and_records(built):
+    cfg, path = built
+    assert path.parent == Path(os.environ["TOKENEFF_CACHE"]) / "warmstart"
+    assert path.name == f"tiny-random-{ws.recipe_hash(cfg)}"
+    info = json.loads((path / "warmstart.json").read_text())
+    assert info["examples"] == 16 and info["recipe_hash"] == ws.recipe_hash(cfg)
+    assert info["recipe"]["config"]["lr"] == 1e-2 and info["recipe"]["versions"]["trl"]
+    assert info["wall_seconds"] > 0 and info["optimizer_steps"] == 4
+    assert info["loss_log"][-1]["loss"] < info["loss_log"][0]["loss"]
+
+    warm, tok = load_model(str(path))  # an ordinary merged checkpoint: no adapter
+    base, _ = tiny_random()
+    assert not any("lora" in n for n, _ in warm.named_parameters())
+    w, b = warm.state_dict(), base.state_dict()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(w[q], b[q])  # LoRA merged into the attention projections
+    assert torch.equal(w["model.embed_tokens.weight"], b["model.embed_tokens.weight"])  # not a LoRA target
+
+    rows, _ = ws.training_examples(cfg)
+    warm.eval(), base.eval()
+    assert answer_logprob(warm, tok, rows[0]) > answer_logprob(base, tok, rows[0]) + 1.0
+
+
+def test_second_call_reuses_the_cache(built, monkeypatch):
+    cfg, path = built
+    mtime = (path / "model.safetensors").stat().st_mtime_ns
+
+    def no_training(*a, **k):
+        raise AssertionError("rebuilt a cached warm start")
+
+    monkeypatch.setattr(ws, "_train_and_save", no_training)
+    assert ws.build_warm_start(ws.make_warmstart_config(TINY), progress=False) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_changed_recipe_or_data_gives_another_folder(built, tmp_path):
+    cfg, path = built
+    for change in (dict(lr=2e-2), dict(seed=1), dict(max_examples=17), dict(lora_r=8), dict(num_shots=2),
+                   dict(model="smollm2-135m")):
+        other = ws.make_warmstart_config({**TINY, **change})
+        assert ws.cache_path(other) != path, change
+    # the data's location is not part of the recipe, its content is
+    src = ws._svamp_dir(cfg)
+    copy = tmp_path / "svamp"
+    (copy / "mawps-asdiv-a_svamp").mkdir(parents=True)
+    (copy / "SVAMP.json").write_bytes((src / "SVAMP.json").read_bytes())
+    csv = (src / "mawps-asdiv-a_svamp" / "train.csv").read_bytes()
+    (copy / "mawps-asdiv-a_svamp" / "train.csv").write_bytes(csv)
+    assert ws.cache_path(ws.make_warmstart_config({**TINY, "svamp_dir": str(copy)})) == path
+    (copy / "mawps-asdiv-a_svamp" / "train.csv").write_bytes(csv.replace(b"books", b"novels"))
+    assert ws.cache_path(ws.make_warmstart_config({**TINY, "svamp_dir": str(copy)})) != path
+
+
+def test_interrupted_build_is_never_used(cache, monkeypatch):
+    cfg = ws.make_warmstart_config({**TINY, "seed": 7})
+    target = ws.cache_path(cfg)
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def killed(cfg, out, progress):  # dies half-way through writing
+        (out / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ws, "_train_and_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ws.build_warm_start(cfg, progress=False)
+    assert not target.exists()
+    assert not list(target.parent.glob(f".{target.name}-*"))  # its temporary folder was removed
+
+    # a process killed outright (SIGKILL) leaves its temporary folder behind, and may have left an incomplete
+    # folder under the final name: neither is used, the next call builds
+    leftover = target.parent / f".{target.name}-dead"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"partial")
+    (leftover / "warmstart.json").write_text("{}")
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"partial")
+    calls = []
+
+    def fake(cfg, out, progress):
+        calls.append(out)
+        (out / "model.safetensors").write_bytes(b"complete")
+        (out / "warmstart.json").write_text("{}")
+
+    monkeypatch.setattr(ws, "_train_and_save", fake)
+    assert ws.build_warm_start(cfg, progress=False) == target
+    assert len(calls) == 1 and calls[0] != leftover
+    assert (target / "model.safetensors").read_bytes() == b"complete"
+
+
+def test_sft_model_name_loads_the_warm_start(built, monkeypatch):
+    cfg, path = built
+    monkeypatch.setattr(ws, "default_config", lambda base: ws.make_warmstart_config({**TINY, "model": base}))
+    monkeypatch.setattr(ws, "_train_and_save", lambda *a, **k: pytest.fail("rebuilt"))
+    assert ws.resolve("tiny-random+sft") == path
+    model, tok = load_model("tiny-random+sft")
+    assert tok.padding_side == "left" and tok.chat_template and tok.pad_token_id is not None
+    ids = tok(build_prompt(tok, [{"role": "user", "content": "1 + 1?"}]), return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 3)
+
+
+def test_cli_prints_folder_and_hash(built, capsys):
+    from tokeneff.cli import main
+
+    cfg, path = built
+    argv = ["warmstart", "--model", "tiny-random"] + [f"{k}={v}" for k, v in TINY.items() if k != "model"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert str(path) in out and ws.recipe_hash(cfg) in out
+
+
+@pytest.mark.parametrize("over, needle", [
+    (dict(lr="-1"), "lr=-1.0"),
+    (dict(lr="fast"), "lr='fast'"),
+    (dict(batch_size="0"), "batch_size=0"),
+    (dict(max_examples="-3"), "max_examples=-3"),
+    (dict(epochs="1.5"), "epochs='1.5'"),
+    (dict(lora_dropout="1"), "lora_dropout=1.0"),
+    (dict(lora_targets=" , "), "lora_targets"),
+    (dict(model=""), "model=''"),
+    (dict(max_example="1"), "did you mean 'max_examples'"),
+])
+def test_bad_option_is_one_line_config_error(over, needle, capsys):
+    from tokeneff.cli import main
+
+    with pytest.raises(ConfigError) as e:
+        ws.make_warmstart_config(over)
+    assert needle in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert main(["warmstart"] + [f"{k}={v}" for k, v in over.items()]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    with pytest.raises(ConfigError, match="<base>"):
+        ws.resolve("+sft")
+
+
+def test_training_data_has_no_svamp_test_problem_and_the_rl_prompt_format():
+    cfg = ws.WarmStartConfig(model="tiny-random")
+    rows, counts = ws.training_examples(cfg)
+    assert counts["problems"] == 3138 and len(rows) == 3138 - counts["dropped_bad_equation"] > 3100
+    assert counts["dropped_test_overlap"] == 0
+
+    def norm(text):
+        return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
+
+    svamp = SVAMP(num_shots=cfg.num_shots)
+    test = {norm(p.question) for p in svamp.problems("test")}
+    assert len(test) == 300
+    questions = [r["prompt"][-1]["content"] for r in rows]
+    assert not test & {norm(q) for q in questions}
+    assert not test & {norm(m["content"]) for r in rows[:1] for m in r["prompt"]}  # nor the few-shot turns
+
+    # the prompt is exactly what RL sends (same messages, same template), the answer in the prompt's format
+    _, tok = tiny_random()
+    for row in rows[:50]:
+        assert row["prompt"][:-1] == svamp.messages(svamp.problems("test")[0])[:-1]
+        full = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+        assert full.startswith(build_prompt(tok, row["prompt"]))
+        answer = row["completion"][0]["content"]
+        assert re.fullmatch(r"[\d.()+\-*/ ]+ = [\d.]+\. The answer is [\d.]+\.", answer), answer
+        assert extract_answer(answer) is not None
+
+
+@pytest.mark.parametrize("eq, nums, text", [
+    ("- number0 * number1 number2", [25000, 1500, 8], "25000 - 1500 * 8 = 13000. The answer is 13000."),
+    ("/ + number0 number1 number2", [9, 7, 8], "(9 + 7) / 8 = 2. The answer is 2."),
+    ("- number0 - number1 number2", [9, 7, 1], "9 - (7 - 1) = 3. The answer is 3."),
+    ("- - number0 number1 number2", [9, 7, 1], "9 - 7 - 1 = 1. The answer is 1."),
+    ("* number0 12.0", [2.5], "2.5 * 12 = 30. The answer is 30."),
+    ("/ number0 number1", [10, 4], "10 / 4 = 2.5. The answer is 2.5."),
+    ("/ number0 number1", [4, 3], "4 / 3 = 1.33333333333. The answer is 1.33333333333."),
+])
+def test_worked_answer(eq, nums, text):
+    assert ws.worked_answer(eq, [float(n) for n in nums])[0] == text

@@ -1,0 +1,393 @@
+"""Supervised warm start: one epoch of LoRA SFT on MAWPS + ASDiv-A, merged into the base weights.
+
+SmolLM2-135M-Instruct answers too few SVAMP problems for RL to get a reward signal, so the experiments can start
+from a warm-started base instead (labelled "SmolLM2-135M + SFT warm start"). The recipe:
+
+- data: the SVAMP authors' MAWPS + ASDiv-A training fold shipped with SVAMP (3,138 problems, never a SVAMP
+  problem; any whose text equals a SVAMP test problem's would be dropped). Each example is the exact chat prompt
+  RL uses (`SVAMP.messages`: instruction, few-shot turns, question) and, as the assistant turn, a worked answer
+  in the prompt's answer format built from the data's equation: "25000 - 1500 * 8 = 13000. The answer is 13000."
+- training: TRL's `SFTTrainer` on a conversational prompt/completion dataset, so the loss is on the completion
+  only (TRL's `completion_only_loss`, its default for that format; it works with any chat template, unlike
+  `assistant_only_loss`, which needs `{% generation %}` markers). fp32, seeded, LoRA on q/k/v/o.
+- result: the LoRA merged into the weights (peft `merge_and_unload`), saved as an ordinary checkpoint under
+  `cache_dir()/warmstart/<model>-<recipe hash>/` with `warmstart.json` (recipe, hash, loss, wall time). The
+  folder is written under a temporary name and renamed, so a half-written one is never used; a changed recipe
+  (anything that changes the result, library versions included) gets a new folder.
+
+A model name `<base>+sft` (e.g. `smollm2-135m+sft`) loads the warm start of `<base>` with the default recipe,
+building it on first use (`models.load_model`). CLI: `tokeneff warmstart [--model M] [key=value ...]`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+from .tasks.answer import is_correct
+from .tasks.base import format_number
+
+SUFFIX = "+sft"
+BUILDER_VERSION = 1
+"""bump when the way examples or training are built changes: it is part of the recipe hash"""
+
+
+@dataclass
+class WarmStartConfig:
+    model: str = "smollm2-135m"
+    """base model: built-in name, hub id or local path"""
+    num_shots: int = 1
+    """few-shot turns in each training prompt: the embedded profile's RL prompt format"""
+    svamp_dir: str = ""
+    """SVAMP folder holding mawps-asdiv-a_svamp/train.csv; empty: the shipped copy (its content is hashed)"""
+    epochs: int = 1
+    lr: float = 2e-4
+    batch_size: int = 8
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    seed: int = 0
+    max_examples: int = 0
+    """train on a seeded subset of this many problems (0: all)"""
+
+    def validate(self) -> WarmStartConfig:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise bad("model", "must be a built-in name, a hub id or a local path")
+        for name in ("epochs", "batch_size", "lora_r", "lora_alpha"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(name, "must be a positive integer")
+        for name in ("num_shots", "seed", "max_examples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise bad(name, "must be a non-negative integer")
+        if not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", "must be a positive number")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise bad("lora_dropout", "must be in [0, 1)")
+        if not [t for t in str(self.lora_targets).split(",") if t.strip()]:
+            raise bad("lora_targets", "name at least one module, e.g. q_proj,v_proj")
+        return self
+
+
+FIELD_NAMES = tuple(f.name for f in fields(WarmStartConfig))
+
+
+def make_warmstart_config(overrides: dict[str, Any] | None = None) -> WarmStartConfig:
+    """Defaults <- overrides (strings from the CLI are converted to each field's type); validated."""
+    values = {}
+    for key, raw in (overrides or {}).items():
+        key = key.strip().replace("-", "_")
+        if key not in FIELD_NAMES:
+            import difflib
+
+            near = difflib.get_close_matches(key, FIELD_NAMES, n=1)
+            raise ConfigError(f"unknown warm-start key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+        values[key] = _coerce(key, raw)
+    return WarmStartConfig(**values).validate()
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    kind = type(getattr(WarmStartConfig, name))
+    if isinstance(raw, kind) and not isinstance(raw, bool):
+        return raw
+    text = str(raw).strip()
+    try:
+        if kind is int:
+            f = float(text)
+            if not f.is_integer():
+                raise ValueError
+            return int(f)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected {kind.__name__}") from None
+    return text
+
+
+def default_config(base: str) -> WarmStartConfig:
+    """The recipe a model name `<base>+sft` resolves to."""
+    return WarmStartConfig(model=base).validate()
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+def answer_text(x: float) -> str:
+    """format_number, with more digits where its 6 significant digits would not pass the exact-match reward."""
+    text = format_number(x)
+    return text if is_correct(text, x) else f"{x:.12g}"
+
+
+def worked_answer(equation: str, numbers: list[float]) -> tuple[str, float]:
+    """A prefix equation ("- number0 * number1 number2") as the infix calculation with the numbers substituted
+    and its result, in the prompts' answer format: "25000 - 1500 * 8 = 13000. The answer is 13000."
+
+    Returns (text, value). Parentheses only where precedence needs them.
+    """
+    tokens = equation.split()
+    pos = 0
+
+    def parse() -> tuple[str, float, int]:  # (text, value, precedence; 3 for a number)
+        nonlocal pos
+        if pos >= len(tokens):
+            raise ValueError(f"equation {equation!r} ends early")
+        tok = tokens[pos]
+        pos += 1
+        if tok in _PREC:
+            lt, lv, lp = parse()
+            rt, rv, rp = parse()
+            p = _PREC[tok]
+            if lp < p:
+                lt = f"({lt})"
+            if rp < p or (rp == p and tok in "-/"):
+                rt = f"({rt})"
+            value = {"+": lv + rv, "-": lv - rv, "*": lv * rv, "/": lv / rv if rv else math.nan}[tok]
+            return f"{lt} {tok} {rt}", value, p
+        m = re.fullmatch(r"number(\d+)", tok)
+        value = numbers[int(m.group(1))] if m else float(tok)
+        return format_number(value), value, 3
+
+    text, value, _ = parse()
+    if pos != len(tokens):
+        raise ValueError(f"equation {equation!r} has tokens left over")
+    result = answer_text(value)
+    return f"{text} = {result}. The answer is {result}.", value
+
+
+def _svamp_dir(cfg: WarmStartConfig) -> Path:
+    from .tasks.svamp import default_dir
+
+    return Path(cfg.svamp_dir) if cfg.svamp_dir else default_dir()
+
+
+def _data_file(cfg: WarmStartConfig) -> Path:
+    file = _svamp_dir(cfg) / "mawps-asdiv-a_svamp" / "train.csv"
+    if not file.is_file():
+        raise ConfigError(f"svamp_dir={cfg.svamp_dir!r}: the warm start needs {str(file)!r}, which was not found")
+    return file
+
+
+def _normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z0-9.]+", " ", text.lower()).split())
+
+
+def training_examples(cfg: WarmStartConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The SFT dataset rows ({"prompt": messages, "completion": [assistant turn]}) and counts.
+
+    Problems whose equation does not give the dataset's answer, or whose text equals a SVAMP test problem's, are
+    left out (none are, in the shipped data).
+    """
+    from .tasks.svamp import SVAMP, load_mawps_asdiv
+
+    task = SVAMP(num_shots=cfg.num_shots, svamp_dir=str(_svamp_dir(cfg)))
+    problems = load_mawps_asdiv(_svamp_dir(cfg))
+    with _data_file(cfg).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    test_texts = {_normalise(p.question) for p in task.problems("test")}
+    counts = {"problems": len(problems), "dropped_test_overlap": 0, "dropped_bad_equation": 0}
+    items = []
+    for problem, row in zip(problems, rows, strict=True):
+        if _normalise(problem.question) in test_texts:
+            counts["dropped_test_overlap"] += 1
+            continue
+        try:
+            text, value = worked_answer(row["Equation"], [float(n) for n in row["Numbers"].split()])
+        except (ValueError, IndexError):
+            counts["dropped_bad_equation"] += 1
+            continue
+        if not is_correct(answer_text(value), problem.answer):
+            counts["dropped_bad_equation"] += 1
+            continue
+        items.append((problem, text))
+    if cfg.max_examples:
+        keep = sorted(random.Random(cfg.seed).sample(range(len(items)), min(cfg.max_examples, len(items))))
+        items = [items[i] for i in keep]
+    return [{"prompt": task.messages(p), "completion": [{"role": "assistant", "content": text}]}
+            for p, text in items], counts
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    out = {pkg: version(pkg) for pkg in ("trl", "transformers", "peft")}
+    out["torch"] = version("torch").split("+")[0]
+    return out
+
+
+def recipe(cfg: WarmStartConfig) -> dict[str, Any]:
+    """Everything that changes the result: the config (less the data's location), the data's content, the
+    prompt format, the builder and the library versions."""
+    from .tasks.svamp import SVAMP
+
+    cfg.validate()
+    task = SVAMP(num_shots=cfg.num_shots)
+    svamp_json = _svamp_dir(cfg) / "SVAMP.json"
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "svamp_dir"}
+    return {
+        "config": config,
+        "data_sha256": _sha256(_data_file(cfg)),
+        "svamp_sha256": _sha256(svamp_json) if svamp_json.is_file() else None,  # the test split kept out
+        "prompt": {"instruction": task.instruction, "shots": [list(s) for s in task.shots[: cfg.num_shots]]},
+        "builder_version": BUILDER_VERSION,
+        "versions": _versions(),
+    }
+
+
+def recipe_hash(cfg: WarmStartConfig) -> str:
+    text = json.dumps(recipe(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_path(cfg: WarmStartConfig) -> Path:
+    from .models import cache_dir
+
+    name = re.sub(r"[^A-Za-z0-9_.+-]+", "--", cfg.model.strip().strip("/"))[-80:]
+    return cache_dir() / "warmstart" / f"{name}-{recipe_hash(cfg)}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() and (path / "warmstart.json").is_file()
+
+
+def build_warm_start(cfg: WarmStartConfig | None = None, progress: bool = True) -> Path:
+    """The cached warm-started checkpoint for this recipe; trained, merged and saved first if missing.
+
+    Concurrent callers (e.g. data-parallel ranks) wait on a file lock and then reuse the first one's result.
+    """
+    from filelock import FileLock
+
+    cfg = (cfg or WarmStartConfig()).validate()
+    target = cache_path(cfg)
+    if is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if is_complete(target):
+            return target
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+        try:
+            _train_and_save(cfg, tmp, progress)
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover of the final name, if any
+            os.replace(tmp, target)  # atomic: a half-written warm start is never seen under its name
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve(name: str) -> Path:
+    """`<base>+sft` -> the folder of the base's warm start (default recipe), built if missing."""
+    if not name.endswith(SUFFIX) or not name[: -len(SUFFIX)].strip():
+        raise ConfigError(f"model={name!r}: a warm-start name is <base>{SUFFIX}, e.g. smollm2-135m{SUFFIX}")
+    return build_warm_start(default_config(name[: -len(SUFFIX)]))
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def _train_and_save(cfg: WarmStartConfig, out: Path, progress: bool) -> None:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from .models import load_model
+
+    start = time.perf_counter()
+    rows, counts = training_examples(cfg)
+    if not rows:
+        raise ConfigError(f"max_examples={cfg.max_examples!r}: no training examples left")
+    model, tok = load_model(cfg.model, dtype=torch.float32)
+    tok.padding_side = "right"
+    steps = math.ceil(len(rows) / cfg.batch_size) * cfg.epochs
+    args = SFTConfig(
+        output_dir=str(out / "_trainer"), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1, lr_scheduler_type="linear",
+        warmup_steps=0, weight_decay=0.0, seed=cfg.seed, data_seed=cfg.seed,
+        bf16=False, fp16=False, activation_checkpointing=False,  # fp32 (TRL defaults: bf16, checkpointing)
+        completion_only_loss=True,  # loss on the assistant's answer only (prompt/completion dataset)
+        max_length=None,  # no truncation: the longest example is a few hundred tokens
+        logging_steps=max(1, steps // 20), logging_first_step=True, save_strategy="no", report_to="none",
+        push_to_hub=False, disable_tqdm=not progress, dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                             target_modules=[t.strip() for t in cfg.lora_targets.split(",") if t.strip()],
+                             task_type="CAUSAL_LM")
+    with _quiet(not progress):
+        trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tok, peft_config=peft_config)
+        if not progress:
+            trainer.remove_callback(PrinterCallback)  # the per-log-step lines printed when tqdm is off
+        result = trainer.train()
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(out, safe_serialization=True)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    tok.padding_side = "left"
+    tok.save_pretrained(out)
+    shutil.rmtree(out / "_trainer", ignore_errors=True)
+    info = {
+        "label": f"{cfg.model} + SFT warm start",
+        "recipe_hash": recipe_hash(cfg),
+        "recipe": recipe(cfg),
+        "examples": len(rows),
+        "data_counts": counts,
+        "optimizer_steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "loss_log": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+        "wall_seconds": round(time.perf_counter() - start, 2),
+        "train_seconds": round(result.metrics["train_runtime"], 2),
+        "train_seconds_per_example": round(result.metrics["train_runtime"] / (len(rows) * cfg.epochs), 4),
+    }
+    (out / "warmstart.json").write_text(json.dumps(info, indent=2) + "\n")
+    os.chmod(out, 0o755)  # mkdtemp made it private; the cache is an ordinary folder
+
+
+@contextlib.contextmanager
+def _quiet(on: bool):
+    """Turn off the datasets and transformers progress bars (tokenising, saving) while `on`."""
+    import datasets
+    import transformers
+
+    was = datasets.is_progress_bar_enabled(), transformers.utils.logging.is_progress_bar_enabled()
+    if on:
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if on and was[0]:
+            datasets.enable_progress_bars()
+        if on and was[1]:
+            transformers.utils.logging.enable_progress_bar()
