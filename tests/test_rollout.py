@@ -76,3 +76,19 @@ def test_pick_next_draws_from_tempered_softmax_and_nucleus():
 def test_unknown_backend_is_a_config_error():
     with pytest.raises(ConfigError, match="rollout_backend='vllm'"):
         make_config("embedded", overrides=dict(rollout_backend="vllm"))
+
+
+def test_shared_prompt_prefix_prefilled_once_same_completions():
+    """Contexts that start with the same 12 tokens (an instruction and worked examples do): that part is
+    forwarded once (batch 1), the rest per context, and greedy completions equal transformers' generate."""
+    model, tok = tiny_random(seed=1)
+    model.eval()
+    head = [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31]
+    contexts = [head + [5, 6, 7], head + [10], head + [12, 13]]  # ragged tails: padding between head and tail
+    shapes = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[:2])))
+    ours = sample(model, tok, contexts, 2, 6, greedy=True)
+    hook.remove()
+    assert shapes[0] == (1, 12) and shapes[1] == (3, 3), shapes[:2]
+    ref = sample(model, tok, contexts, 2, 6, greedy=True, backend="hf")
+    assert ours.completions == ref.completions

@@ -77,6 +77,31 @@ def pick_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0
     return torch.multinomial(scores.softmax(-1), 1).squeeze(1)
 
 
+def _share_prefix(model, cache, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, min_shared: int = 8):
+    """Forward the tokens every context starts with once, into `cache` for all rows; return what is left.
+
+    Prompts of one task share their instruction and worked examples (most of an evaluation prompt), so a batch
+    of U contexts prefills that part once instead of U times. Returns the ids still to forward, the attention
+    mask over [shared | ids] (padding sits between the two, masked out) and the position ids of `ids`."""
+    lens = ctx_mask.sum(-1)
+    width = ctx_ids.shape[1]
+    rows = [ctx_ids[i, width - int(n):] for i, n in enumerate(lens.tolist())]
+    limit = int(lens.min()) - 1  # every context keeps at least one token of its own
+    shared = 0
+    if len(rows) > 1 and limit > 0:
+        same = (torch.stack([r[:limit] for r in rows]) == rows[0][:limit]).all(0)
+        shared = int(same.int().cumprod(0).sum())
+    if shared < min_shared:
+        return ctx_ids, ctx_mask, (ctx_mask.cumsum(-1) - 1).clamp(min=0)
+    # the shared tokens sit right-aligned in every row: all rows are at least `shared` long
+    model(input_ids=rows[0][None, :shared], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(len(rows))
+    suffix_ids, suffix_mask = left_pad([r[shared:].tolist() for r in rows], 0)
+    suffix_ids, suffix_mask = suffix_ids.to(ctx_ids.device), suffix_mask.to(ctx_ids.device)
+    full = torch.cat([suffix_mask.new_ones(len(rows), shared), suffix_mask], 1)
+    return suffix_ids, full, (full.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+
+
 def decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int, max_new_tokens: int,
                 eos: set[int], **pick) -> list[list[int]]:
     """Token-by-token sampling with a KV cache. Each context is prefilled once and its cache copied to its G
@@ -86,8 +111,9 @@ def decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_sample
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cache = DynamicCache(config=base.config)
-    out = model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=(ctx_mask.cumsum(-1) - 1).clamp(min=0),
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    ids, ctx_mask, pos = _share_prefix(model, cache, ctx_ids, ctx_mask)
+    out = model(input_ids=ids, attention_mask=ctx_mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
     logits = out.logits[:, -1].repeat_interleave(num_samples, 0)
     cache.batch_repeat_interleave(num_samples)
     mask = ctx_mask.repeat_interleave(num_samples, 0)
