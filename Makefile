@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 NB      := 01_svamp 02_multiplication 03_ablation_full_vs_selective 04_memory_and_speed
 
-.PHONY: setup reproduce test test-slow smoke lab bench bench-all bench-gpu lint clean summary
+.PHONY: setup reproduce reproduce-full test test-slow smoke lab bench bench-all bench-gpu lint clean summary
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
+# Default tier (~1 h on 2 cores): every notebook; runs of a grid go in parallel, one process per core.
 reproduce: setup
 	@mkdir -p results/$(PROFILE)/notebooks
 	@start=$$(date +%s); \
@@ -26,10 +27,20 @@ reproduce: setup
 	  $(VENV)/bin/papermill --cwd notebooks -p profile $(PROFILE) notebooks/$$nb.ipynb \
 	    results/$(PROFILE)/notebooks/$$nb.ipynb || exit 1; \
 	done; \
-	$(PY) -m tokeneff.summary --profile $(PROFILE) --wall-seconds $$(( $$(date +%s) - start ))
+	$(PY) -m tokeneff.summary --name $(PROFILE) --wall-seconds $$(( $$(date +%s) - start ))
+
+# Full tier: SVAMP from the SFT warm start (built first, cached), more updates and seeds -> results/embedded-full/.
+FULL := -p results_name embedded-full -p model smollm2-135m+sft -p seeds "[0, 1]" -p steps 40 -p eval_every 10
+reproduce-full: setup
+	@mkdir -p results/embedded-full/notebooks
+	@start=$$(date +%s); \
+	$(VENV)/bin/tokeneff warmstart --model smollm2-135m && \
+	$(VENV)/bin/papermill --cwd notebooks -p profile embedded $(FULL) notebooks/01_svamp.ipynb \
+	  results/embedded-full/notebooks/01_svamp.ipynb && \
+	$(PY) -m tokeneff.summary --name embedded-full --wall-seconds $$(( $$(date +%s) - start ))
 
 summary: setup
-	$(PY) -m tokeneff.summary --profile $(PROFILE)
+	$(PY) -m tokeneff.summary --name $(PROFILE)
 
 # pytest exits 5 when it collects nothing: that is a failure to run tests, reported as such, not a crash.
 test: setup

@@ -46,6 +46,8 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/default"
     """run directory: metrics.jsonl, config.json, adapter/, checkpoint/"""
+    threads: int = 0
+    """CPU intra-op threads (0: auto = 1; see utils.set_threads for the measurement behind it); unused on a GPU"""
 
     # --- task ---
     svamp_dir: str = ""
@@ -162,7 +164,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise bad(name, "must be a non-negative number")
-        for name in ("seed", "num_shots", "eval_every", "eval_limit", "eval_max_new_tokens"):
+        for name in ("seed", "threads", "num_shots", "eval_every", "eval_limit", "eval_max_new_tokens"):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
         if not [t for t in self.lora_targets.split(",") if t.strip()]:

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .config import TokeneffError, make_config
 from .rollout import build_prompt, decode, encode_prompts, sample
 from .tasks import Problem, Task, extract_answer, is_correct, make_task
-from .utils import write_json
+from .utils import set_threads, write_json
 
 
 def evaluate_model(model, tokenizer, task: Task, problems: list[Problem], batch_size: int,
@@ -44,6 +44,8 @@ def evaluate(task: str = "svamp", model: str = "smollm2-135m", adapter: str | No
     problems = t.problems(split)
     problems = problems[:limit] if limit else problems
     torch.manual_seed(cfg.seed)
+    if not torch.cuda.is_available():
+        set_threads(cfg.threads)
     lm, tok = load_model(cfg.model)
     if adapter:
         from pathlib import Path

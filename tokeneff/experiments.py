@@ -1,26 +1,67 @@
-"""Experiment grids for the notebooks: (variant x seed) runs that resume and skip what is done.
+"""Experiment grids for the notebooks: (variant x seed) runs that resume, skip what is done, and run in parallel.
 
 Plumbing, not algorithm: each run is an ordinary `train(...)` into runs/<profile>/<experiment>/<variant>-s<seed>.
+
+Why worker processes, one intra-op thread each: on a small CPU, PyTorch's OpenMP threads spin-wait and
+collapse as soon as anything else wants the cores (a 24x576x1536 GEMM on this 2-core machine: 69 GFLOP/s
+with 1 thread, 2.8 with 2 under light load). Independent runs, one per core, each single-threaded, use
+the machine fully and never fight. A run's numbers do not depend on the worker that runs it: the same
+config (threads included) gives the same metrics sequentially or in parallel (tests/test_experiments.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
-from .config import make_config
+from .config import ConfigError, TrainConfig, make_config
 from .evaluate import evaluate
+from .report import pct, plot_accuracy, plot_metric, save_figure, save_table, scale_label
+from .stats import DELTA, N_BOOT, Interval, paired_bootstrap, verdict
 from .train import train
+from .utils import write_json
 
-# The paper's reported numbers (PAPER.md), shown beside ours and never mixed with them.
-PAPER = {
-    "svamp_base": 0.46, "svamp_sgrpo": ">0.70", "svamp_tspmo": ">0.70", "svamp_grpo": "no gain over base",
-    "multiplication_tspmo": "strong gain", "multiplication_grpo": "no gain over base",
-    "tokens_grpo": 1.0, "tokens_sgrpo": "0.30-0.50", "tokens_tspmo": "<0.05",
+# The paper's reported results, shown beside ours and never mixed with them. Each accuracy claim is
+# (variant, compared with, expected: "gain" | "no gain" | None for not reported, the paper's words).
+# "X above grpo" is implied by the paper (X gains, full-token GRPO does not), not stated as a number.
+PAPER_BASE = {"svamp": "46% (Qwen2-1.5B-Instruct)", "multiplication": "not reported"}
+CLAIMS: dict[str, list[tuple[str, str, str | None, str]]] = {
+    "svamp": [("sgrpo", "base", "gain", "46% → over 70%"), ("tspmo", "base", "gain", "46% → over 70%"),
+              ("grpo", "base", "no gain", "no gain over the base model"),
+              ("sgrpo", "grpo", "gain", "above full-token GRPO (implied)"),
+              ("tspmo", "grpo", "gain", "above full-token GRPO (implied)")],
+    "multiplication": [("tspmo", "base", "gain", "strong gain"), ("grpo", "base", "no gain", "no gain over base"),
+                       ("tspmo", "grpo", "gain", "above full-token GRPO (implied)"),
+                       ("sgrpo", "base", None, "not reported"), ("tspmo-noreplay", "base", None, "not reported")],
 }
+# Share of completion tokens that carry loss, relative to full-token GRPO: (low, high) bounds the paper gives.
+TOKEN_SHARE = {"grpo": ("100%", 1.0, 1.0), "sgrpo": ("30–50%", 0.30, 0.50), "tspmo": ("< 5%", 0.0, 0.05)}
+
+
+# CI (`make test`, TOKENEFF_SMOKE=1): every notebook at tiny scale, its files outside results/.
+SMOKE = dict(model="tiny-random", max_new_tokens=8, group_size=4, prompts_per_step=2, eval_batch_size=4,
+             digits_a=1, digits_b=1)
+
+
+EVAL_KEYS = ("task", "model", "svamp_dir", "digits_a", "digits_b", "num_shots", "max_new_tokens", "eval_limit",
+             "eval_max_new_tokens", "rollout_backend")
+
+
+def default_workers() -> int:
+    """One worker per core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
 
 
 def run_dir(root: str, profile: str, experiment: str, variant: str, seed: int) -> Path:
@@ -28,27 +69,232 @@ def run_dir(root: str, profile: str, experiment: str, variant: str, seed: int) -
 
 
 def base_accuracy(task: str, profile: str = "embedded", root: str = "runs", **overrides) -> dict[str, Any]:
-    """Greedy accuracy of the model without adapters on the eval set; computed once and cached."""
+    """Greedy accuracy of the model without adapters on the eval set (every problem's outcome kept); cached."""
     cfg = make_config(profile, overrides=dict(task=task, **overrides))
-    path = Path(root) / profile / f"base_{task}_{cfg.model.replace('/', '_')}_n{cfg.eval_limit}.json"
+    # cached per everything that changes the problems, the prompts or the greedy completions
+    key = {k: v for k, v in cfg.to_dict().items() if k in EVAL_KEYS}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    path = Path(root) / profile / f"base_{task}_{cfg.model.replace('/', '_')}_n{cfg.eval_limit}_{digest}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    res = evaluate(task=task, model=cfg.model, limit=cfg.eval_limit, profile=profile, out=str(path),
-                   **{k: v for k, v in overrides.items() if k not in ("model",)})
-    return res
+    return evaluate(task=task, model=cfg.model, limit=cfg.eval_limit, profile=profile, out=str(path),
+                    **{k: v for k, v in overrides.items() if k not in ("model",)})
+
+
+def _train_one(cfg: TrainConfig) -> str:
+    """Worker entry point (a top-level function, so that spawned processes can import it)."""
+    train(cfg, resume=True, progress=False)
+    return cfg.out
 
 
 def run_grid(experiment: str, task: str, variants: dict[str, dict[str, Any]], seeds: list[int], steps: int,
-             profile: str = "embedded", root: str = "runs", **common) -> pd.DataFrame:
-    """Train every variant with every seed (resuming unfinished runs); return all metrics as one table."""
-    frames = []
-    for variant, over in variants.items():
-        for seed in seeds:
-            out = run_dir(root, profile, experiment, variant, seed)
-            cfg = make_config(profile, overrides=dict(common, task=task, steps=steps, seed=seed, out=str(out),
-                                                      eval_at_start=False, **over))
+             profile: str = "embedded", root: str = "runs", workers: int = 0, **common) -> pd.DataFrame:
+    """Train every variant with every seed (resuming unfinished runs); return all metrics as one table.
+
+    workers: parallel processes (0: one per core; 1: in this process, one run after another). Each run uses
+    `threads` intra-op threads (config; the embedded default is 1).
+    """
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise ConfigError(f"workers={workers!r}: must be 0 (one per core) or a positive integer")
+    if not variants or not seeds:
+        raise ConfigError(f"{experiment}: needs at least one variant and one seed")
+    configs = [make_config(profile, overrides=dict(common, task=task, steps=steps, seed=seed, eval_at_start=False,
+                                                   out=str(run_dir(root, profile, experiment, variant, seed)), **over))
+               for variant, over in variants.items() for seed in seeds]
+    workers = min(workers or default_workers(), len(configs))
+    bar = tqdm(total=len(configs), desc=f"{experiment}: runs", unit="run")
+    if workers == 1:
+        for cfg in configs:
             train(cfg, resume=True)
-            df = pd.read_json(out / "metrics.jsonl", lines=True)
-            df["variant"], df["seed"], df["algo"] = variant, seed, cfg.algo
-            frames.append(df)
+            bar.update()
+    else:
+        # spawn, not fork: a forked child inherits the parent's OpenMP and tokenizer thread pools half-set-up
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            for fut in as_completed([pool.submit(_train_one, cfg) for cfg in configs]):
+                bar.set_postfix_str(Path(fut.result()).name)  # re-raises a worker's error here
+                bar.update()
+    bar.close()
+    frames = []
+    for (variant, _), cfg in zip([(v, s) for v in variants for s in seeds], configs, strict=True):
+        df = pd.read_json(Path(cfg.out) / "metrics.jsonl", lines=True)
+        df["variant"], df["seed"], df["algo"] = variant, cfg.seed, cfg.algo
+        frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+def outcomes(records: list[dict[str, Any]], ids: list[str]) -> np.ndarray:
+    """0/1 outcome per problem, in the order of `ids` (the pairing across arms)."""
+    by_id = {r["id"]: float(r["correct"]) for r in records}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise ValueError(f"evaluation lacks problem {missing[0]!r}: arms must be evaluated on the same problems")
+    return np.array([by_id[i] for i in ids])
+
+
+def grid_outcomes(root: str, profile: str, experiment: str, variants: list[str], seeds: list[int],
+                  ids: list[str], step: int | None = None) -> dict[str, np.ndarray]:
+    """Per variant: [seeds, problems] outcomes at `step` (default: each run's last evaluation)."""
+    out = {}
+    for v in variants:
+        rows = []
+        for s in seeds:
+            d = run_dir(root, profile, experiment, v, s)
+            evals = sorted(d.glob("eval_step*.json"), key=lambda p: int(p.stem.removeprefix("eval_step")))
+            f = d / f"eval_step{step}.json" if step is not None else (evals[-1] if evals else None)
+            if f is None or not f.is_file():
+                raise FileNotFoundError(f"{d}: no evaluation{'' if step is None else f' at step {step}'}")
+            rows.append(outcomes(json.loads(f.read_text())["records"], ids))
+        out[v] = np.stack(rows)
+    return out
+
+
+def token_share(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (variant, seed): credited tokens / tokens of the groups with reward variance. Groups whose rewards are
+    all equal carry no loss under any algorithm, so this is the share the paper compares (GRPO = 100%)."""
+    g = df[df.step > 0].groupby(["variant", "seed"])
+    signal = g.tokens_in_signal_groups.sum()
+    return (g.tokens_in_loss.sum() / signal.where(signal > 0)).rename("share").reset_index()  # NaN: no signal
+
+
+def accuracy_curve(root: str, profile: str, experiment: str, variants: list[str], seeds: list[int],
+                   ids: list[str], steps: list[int], base_vec: np.ndarray) -> pd.DataFrame:
+    """Accuracy at every evaluated step with a 95% bootstrap interval over problems and seeds; base at step 0."""
+    b = paired_bootstrap(base_vec)
+    rows = [dict(variant=v, step=0, mean=b.mean, lo=b.lo, hi=b.hi) for v in variants]
+    for step in steps:
+        arms = grid_outcomes(root, profile, experiment, variants, seeds, ids, step)
+        for v, a in arms.items():
+            iv = paired_bootstrap(a)
+            rows.append(dict(variant=v, step=step, mean=iv.mean, lo=iv.lo, hi=iv.hi))
+    return pd.DataFrame(rows)
+
+
+def accuracy_experiment(task: str, variants: dict[str, dict[str, Any]], seeds: list[int], steps: int,
+                        profile: str = "embedded", runs_dir: str = "runs", results_dir: str = "results",
+                        experiment: str | None = None, workers: int = 0, n_boot: int = N_BOOT,
+                        delta: float = DELTA, results_name: str = "", **common) -> dict[str, Any]:
+    """The whole accuracy experiment of notebooks 01 and 02: base model once, the grid of runs, paired bootstrap
+    intervals (each variant against the base model and against full-token GRPO), verdicts per claim of the
+    paper, figures, tables and `<task>_summary.json` under results_dir/profile."""
+    experiment = experiment or task
+    cfg = make_config(profile, overrides=dict(common, task=task))
+    base = base_accuracy(task, profile, runs_dir, **common)
+    ids = [r["id"] for r in base["records"]]
+    base_vec = outcomes(base["records"], ids)
+    df = run_grid(experiment, task, variants, seeds, steps, profile, runs_dir, workers=workers, **common)
+    names = list(variants)
+    label = scale_label(profile, cfg.model, len(seeds))
+
+    final = grid_outcomes(runs_dir, profile, experiment, names, seeds, ids)
+    shares = token_share(df)
+
+    def iv(a, b=None) -> Interval:
+        return paired_bootstrap(a, b, n_boot=n_boot)
+
+    arms = {}
+    for v in names:
+        s = shares[shares.variant == v].share.dropna()
+        arms[v] = dict(accuracy=iv(final[v]), vs_base=iv(final[v], base_vec),
+                       vs_grpo=iv(final[v], final["grpo"]) if "grpo" in final and v != "grpo" else None,
+                       token_share=[float(x) for x in s])
+    claims = []
+    for v, ref, expect, paper in CLAIMS.get(task, []):
+        if v not in arms or (ref == "grpo" and "grpo" not in arms):
+            continue
+        d = arms[v]["vs_base" if ref == "base" else "vs_grpo"]
+        claims.append(dict(claim=f"{v} vs {'the base model' if ref == 'base' else 'full-token GRPO'}", paper=paper,
+                           ours=pct(d, signed=True), verdict=verdict(d, expect, delta) if expect else "—"))
+
+    eval_steps = sorted(int(x) for x in df.dropna(subset=["eval_accuracy"]).step.unique() if x > 0)
+    curve = accuracy_curve(runs_dir, profile, experiment, names, seeds, ids, eval_steps, base_vec)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    plot_accuracy(curve, f"{task}: held-out accuracy ({len(ids)} problems)", base["accuracy"], ax=axes[0])
+    plot_metric(df[df.step > 0], "reward_mean", "training reward", f"{task}: training reward", smooth=5, ax=axes[1])
+    fig.suptitle(f"{label} · 95% bootstrap intervals (problems × seeds)")
+    out = Path(results_dir) / (results_name or profile)
+    save_figure(fig, str(out / f"{task}_curves"))
+
+    table = pd.DataFrame([dict(variant=v, accuracy=pct(a["accuracy"]), gain_vs_base=pct(a["vs_base"], True),
+                               gain_vs_grpo=pct(a["vs_grpo"], True),
+                               token_share=f"{100 * np.mean(a['token_share']):.0f}%" if a["token_share"] else "—",
+                               scale=label) for v, a in arms.items()])
+    save_table(table, str(out / f"{task}_final"))
+    claims_df = pd.DataFrame(claims)
+    summary = dict(task=task, experiment=experiment, label=label, model=cfg.model, profile=profile, steps=steps,
+                   seeds=list(seeds), problems=len(ids), base=dict(accuracy=base["accuracy"], n=len(ids)),
+                   paper_base=PAPER_BASE.get(task, "—"), delta=delta, n_boot=n_boot, eval_steps=eval_steps,
+                   arms={v: {k: (x.__dict__ if isinstance(x, Interval) else x) for k, x in a.items()}
+                         for v, a in arms.items()},
+                   claims=claims, variants=variants,
+                   config={k: v for k, v in cfg.to_dict().items() if k not in ("out", "seed")})
+    write_json(out / f"{task}_summary.json", summary)
+    return dict(df=df, curve=curve, table=table, claims=claims_df, summary=summary, figure=fig)
+
+
+def share_verdict(shares: list[float], lo: float, hi: float) -> str:
+    """Every seed inside the paper's range: holds; every seed outside it: contradicted; else unresolved."""
+    if not shares:
+        return "—"
+    inside = [lo - 1e-9 <= x <= hi + 1e-9 for x in shares]
+    return "holds" if all(inside) else ("contradicted" if not any(inside) else "unresolved (seeds disagree)")
+
+
+def ablation(task: str, seeds: list[int], steps: int, p_values: list[float], profile: str = "embedded",
+             runs_dir: str = "runs", results_dir: str = "results", results_name: str = "", workers: int = 0,
+             n_boot: int = N_BOOT, **common) -> dict[str, Any]:
+    """Notebook 03: token shares and KL drift of the accuracy experiment's runs (reused), S-GRPO's P sweep
+    against the base model, and the tokens T-SPMO credits in real groups."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from .credits_view import credited_tokens, plot_credited
+
+    cfg = make_config(profile, overrides=dict(common, task=task))
+    out = Path(results_dir) / (results_name or profile)
+    label = scale_label(profile, cfg.model, len(seeds))
+    variants = {"grpo": {"algo": "grpo"}, "sgrpo": {"algo": "sgrpo"}, "tspmo": {"algo": "tspmo", "replay": "on"}}
+    df = run_grid(task, task, variants, seeds, steps, profile, runs_dir, workers=workers, **common)
+    shares = token_share(df)
+    rows = []
+    for v, (paper, lo, hi) in TOKEN_SHARE.items():
+        s = [float(x) for x in shares[shares.variant == v].share.dropna()]
+        rows.append(dict(variant=v, share_of_signal_tokens=f"{100 * np.mean(s):.1f}% (seeds: "
+                         + ", ".join(f"{100 * x:.1f}%" for x in s) + ")" if s else "—",
+                         paper=paper, verdict=share_verdict(s, lo, hi), scale=label, shares=s))
+    table = pd.DataFrame(rows)
+
+    base = base_accuracy(task, profile, runs_dir, **common)
+    ids = [r["id"] for r in base["records"]]
+    base_vec = outcomes(base["records"], ids)
+    sweep_variants = {f"sgrpo-P{p}": {"algo": "sgrpo", "sgrpo_p": p} for p in p_values}
+    run_grid(task + "-psweep", task, sweep_variants, seeds[:1], steps, profile, runs_dir, workers=workers, **common)
+    arms = grid_outcomes(runs_dir, profile, task + "-psweep", list(sweep_variants), seeds[:1], ids)
+    arms[f"sgrpo-P{cfg.sgrpo_p}"] = grid_outcomes(runs_dir, profile, task, ["sgrpo"], seeds[:1], ids)["sgrpo"]
+    sweep = pd.DataFrame([dict(variant=v, P=float(v.removeprefix("sgrpo-P")),
+                               accuracy=pct(paired_bootstrap(a, n_boot=n_boot)),
+                               gain_vs_base=pct(paired_bootstrap(a, base_vec, n_boot=n_boot), True))
+                          for v, a in arms.items()]).sort_values("P")
+
+    sns.set_theme(style="whitegrid")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    sns.barplot(shares, x="variant", y="share", ax=axes[0], errorbar=None)
+    sns.stripplot(shares, x="variant", y="share", ax=axes[0], color="black")
+    axes[0].set(title="Share of signal-group completion tokens in the loss (dots: seeds)", ylabel="share")
+    plot_metric(df[df.step > 0], "kl", "KL(policy ‖ base), k3 on credited tokens", "KL drift from the base model",
+                smooth=5, ax=axes[1])
+    fig.suptitle(f"{label} · {task}")
+    save_figure(fig, str(out / "ablation"))
+    save_table(table.drop(columns="shares"), str(out / "ablation_token_share"))
+    save_table(sweep, str(out / "ablation_p_sweep"))
+    write_json(out / "ablation_summary.json", dict(task=task, label=label, steps=steps, seeds=list(seeds),
+                                                   share={r["variant"]: r["shares"] for r in rows},
+                                                   verdicts={r["variant"]: r["verdict"] for r in rows},
+                                                   sweep=sweep.to_dict("records")))
+
+    examples = credited_tokens(task=task, profile=profile, num_groups=3, **common)
+    fig2 = plot_credited(examples, title=f"Tokens T-SPMO credits (green +, red −) — "
+                                         f"{scale_label(profile, cfg.model, 1)}")
+    save_figure(fig2, str(out / "tspmo_credited_tokens"))
+    return dict(df=df, table=table.drop(columns="shares"), sweep=sweep, figure=fig)

@@ -1,4 +1,7 @@
-"""results/summary.md: each claim of the paper beside our number, with model, scale, seeds and 95% CI."""
+"""results/summary.md: each claim of the paper beside our number, its 95% interval and the verdict it supports.
+
+Reads the `<task>_summary.json` and `ablation_summary.json` files the notebooks write; computes nothing new.
+"""
 
 from __future__ import annotations
 
@@ -6,81 +9,81 @@ import argparse
 import json
 from pathlib import Path
 
-from .report import fmt_ci, mean_ci
+from .stats import DELTA, Interval
 from .utils import atomic_write_bytes
 
 
-def _verdict(ours: list[float], base: float, expect_gain: bool) -> str:
-    m, h, n = mean_ci(ours)
-    if n < 2 or h != h:
-        return "inconclusive (too few seeds)"
-    lo, hi = m - h, m + h
-    if expect_gain:
-        return "yes" if lo > base else ("no gain at this budget" if hi <= base else "inconclusive (CI spans base)")
-    return "yes (no gain)" if lo <= base else "no (it gained)"
+def _iv(d: dict | None) -> Interval | None:
+    return Interval(**d) if d else None
 
 
-def build(results: Path, profile: str, wall_seconds: int | None = None) -> str:
-    d = results / profile
-    lines = [f"# Summary — profile `{profile}`", "",
-             "Paper: Lee & Tong, *Token-Efficient RL for LLM Reasoning* (arXiv 2504.20834), Qwen2-1.5B + LoRA. "
-             "Our numbers are from the runs in this folder; mean ± 95% t-interval over seeds. "
-             "Embedded-scale numbers are **not** the paper's numbers: different model (SmolLM2-135M), CPU budget "
-             "of a few updates.", ""]
+def _accuracy_rows(s: dict) -> list[str]:
+    arms = s["arms"]
+    where = (f"{s['label']}, {s['problems']} held-out problems, {s['steps']} updates, "
+             f"seeds {','.join(map(str, s['seeds']))}")
+    rows = [f"| {s['task']}: base model accuracy | {s['paper_base']} | {100 * s['base']['accuracy']:.1f}% "
+            f"({s['problems']} problems, greedy) | {where} | — |"]
+    for c in s["claims"]:
+        rows.append(f"| {s['task']}: {c['claim']} | {c['paper']} | {c['ours']} | {where} | **{c['verdict']}** |")
+    for v, a in arms.items():
+        acc = _iv(a["accuracy"])
+        rows.append(f"| {s['task']}: {v}, accuracy after {s['steps']} updates | — | {100 * acc.mean:.1f}% "
+                    f"[{100 * acc.lo:.1f}, {100 * acc.hi:.1f}] | {where} | — |")
+    return rows
+
+
+def build(folder: Path, wall_seconds: int | None = None) -> str:
+    lines = [f"# Summary — `{folder.name}`", "",
+             "Paper: Lee & Tong, *Token-Efficient RL for LLM Reasoning* (arXiv 2504.20834), Qwen2-1.5B-Instruct + "
+             "LoRA; it reports no seeds or intervals. Ours: every arm evaluated greedily on the same held-out "
+             "problems; gains are differences in accuracy in percentage points with a 95% paired bootstrap interval "
+             "(problems resampled jointly for both arms, seeds per arm; `tokeneff/stats.py`). Verdicts follow from "
+             f"the interval: a claimed gain **holds** if the interval is above 0 and is **contradicted** if it lies "
+             f"below +{100 * DELTA:.0f} points (no gain of that size); a claimed absence of gain holds if the interval "
+             f"lies below +{100 * DELTA:.0f} and is contradicted if it is above 0; anything else is **unresolved** "
+             "(± half-width). Small-scale numbers are **not** the paper's numbers.", ""]
     if wall_seconds:
-        lines += [f"`make reproduce PROFILE={profile}` wall time: {wall_seconds / 60:.1f} min.", ""]
-    lines += ["| claim | paper | ours (model, scale, seeds, 95% CI) | holds at our scale? |", "|---|---|---|---|"]
-    for task, name in (("svamp", "SVAMP"), ("multiplication", "Multiplication")):
-        f = d / f"{task}_summary.json"
-        if not f.is_file():
-            lines.append(f"| {name} | — | not run | — |")
-            continue
-        s = json.loads(f.read_text())
-        base, label = s["base"], s["label"]
-        paper_base = "46%" if task == "svamp" else "not given"
-        lines.append(f"| {name}: base model accuracy | {paper_base} | {base:.1%} ({label}, {s['eval_limit'] or 'all'} "
-                     f"held-out problems) | — |")
-        for algo, paper, gain in (("sgrpo", ">70%" if task == "svamp" else "not reported", True),
-                                  ("tspmo", ">70%" if task == "svamp" else "strong gain", True),
-                                  ("grpo", "no gain over base", False)):
-            if algo not in s["final"]:
-                continue
-            lines.append(f"| {name}: {algo} after {s['steps']} updates | {paper} | {fmt_ci(s['final'][algo])} "
-                         f"({label}) | {_verdict(s['final'][algo], base, gain)} |")
-        if "tspmo-noreplay" in s["final"]:
-            lines.append(f"| {name}: tspmo without replay | not reported | {fmt_ci(s['final']['tspmo-noreplay'])} "
-                         f"({label}) | — |")
-    f = d / "ablation_summary.json"
+        lines += [f"Wall time of the run that produced this folder: {wall_seconds / 60:.1f} min.", ""]
+    lines += ["| claim | paper | ours: accuracy or gain, 95% CI | model · scale · problems · updates | verdict |",
+              "|---|---|---|---|---|"]
+    found = False
+    for task in ("svamp", "multiplication"):
+        f = folder / f"{task}_summary.json"
+        if f.is_file():
+            found = True
+            lines += _accuracy_rows(json.loads(f.read_text()))
+        else:
+            lines.append(f"| {task} | — | not run | — | — |")
+    f = folder / "ablation_summary.json"
     if f.is_file():
-        # Groups whose rewards are all equal carry no loss under any algorithm, so the share of *all* sampled
-        # tokens understates what the paper counts; the ratio to full-token GRPO (which credits every token of
-        # every group with signal) is the comparable number.
+        from .experiments import TOKEN_SHARE
+
         s = json.loads(f.read_text())
-        grpo_mean = mean_ci(s["share"].get("grpo", []))[0]
-        for algo, paper in (("grpo", "100%"), ("sgrpo", "30–50%"), ("tspmo", "< 5%")):
-            vals = s["share"].get(algo, [])
-            if not vals:
-                continue
-            rel = mean_ci(vals)[0] / grpo_mean if grpo_mean else float("nan")
-            ok = {"grpo": True, "sgrpo": 0.3 <= rel <= 0.5, "tspmo": rel < 0.05}[algo]
-            lines.append(f"| share of completion tokens in the loss: {algo} | {paper} | {fmt_ci(vals)} of all sampled "
-                         f"tokens = {rel:.0%} of full-token GRPO's ({s['label']}) | {'yes' if ok else 'no'} |")
-    full = [(n, json.loads((d / n).read_text())) for n in ("base_full_svamp.json", "base_full_multiplication_2x1.json")
-            if (d / n).is_file()]
-    if full:  # written by `tokeneff evaluate` on the whole test sets; the notebooks use subsets
-        lines += ["", "Base model on the full held-out sets (`tokeneff evaluate`, greedy): " + "; ".join(
-            f"{r['task']} {r['accuracy']:.1%} on {r['n']} problems (`{n}`)" for n, r in full) + "."]
+        for v, shares in s["share"].items():
+            paper = TOKEN_SHARE.get(v, ("—",))[0]
+            ours = ", ".join(f"{100 * x:.1f}%" for x in shares) or "—"
+            lines.append(f"| share of signal-group completion tokens in the loss: {v} | {paper} | {ours} (per seed) "
+                         f"| {s['label']}, {s['task']}, {s['steps']} updates | **{s['verdicts'].get(v, '—')}** |")
+    if not found:
+        lines += ["", "No experiment summaries in this folder yet: run `make reproduce`."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tokeneff.summary")
-    ap.add_argument("--profile", default="embedded")
+    ap.add_argument("--name", "--profile", dest="name", default="embedded", help="folder under --results")
     ap.add_argument("--results", default="results")
+    ap.add_argument("--out", help="default: results/summary.md for embedded, else results/<name>/summary.md")
     ap.add_argument("--wall-seconds", type=int)
     a = ap.parse_args(argv)
-    text = build(Path(a.results), a.profile, a.wall_seconds)
-    atomic_write_bytes(Path(a.results) / "summary.md", text.encode())
+    folder = Path(a.results) / a.name
+    if not folder.is_dir():
+        print(f"tokeneff.summary: error: {str(folder)!r} does not exist (run the notebooks first)")
+        return 2
+    out = Path(a.out) if a.out else (Path(a.results) / "summary.md" if a.name == "embedded"
+                                     else folder / "summary.md")
+    text = build(folder, a.wall_seconds)
+    atomic_write_bytes(out, text.encode())
     print(text)
     return 0
 

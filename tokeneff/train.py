@@ -29,7 +29,7 @@ from .evaluate import evaluate_model
 from .loss import SelectiveLogProbs, policy_loss
 from .rollout import build_prompt, decode, encode_prompts, sample
 from .tasks import Problem, make_task
-from .utils import atomic_write_bytes, peak_memory_mb, seed_everything, write_json
+from .utils import atomic_write_bytes, peak_memory_mb, seed_everything, set_threads, write_json
 
 TIMING_KEYS = ("step_seconds", "rollout_seconds", "peak_memory_mb", "eval_seconds")
 
@@ -252,6 +252,8 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
     cfg = config.validate()
 
     accel = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    if accel.device.type == "cpu":
+        set_threads(cfg.threads)
     main = accel.is_main_process
     out = Path(cfg.out)
     if resume and (out / "final.json").is_file() and not overwrite:

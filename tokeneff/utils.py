@@ -41,6 +41,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_threads(n: int = 0) -> int:
+    """Set PyTorch's CPU intra-op threads; 0 picks the measured default, 1.
+
+    Measured on the 2-core machine this project is developed on (README, "CPU threads"): one thread per
+    process was never slower than two when the machine was otherwise idle and several times faster under any
+    load, because OpenMP's spinning threads collapse when another process wants a core. Parallelism comes
+    from running independent runs side by side (experiments.run_grid), not from threads inside one run.
+    """
+    n = n or 1
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA: max allocated by tensors. CPU: the process's peak resident set size (whole process)."""
     if device.type == "cuda":
