@@ -1,0 +1,62 @@
+"""Paired bootstrap and verdicts: known answers on hand-made outcomes."""
+
+import numpy as np
+import pytest
+
+from tokeneff.stats import Interval, paired_bootstrap, verdict
+
+
+def test_one_seed_matches_the_exact_bootstrap_distribution():
+    # gain per problem: [1, 0, 0, 0]. A resample of 4 problems holds Binomial(4, 1/4) copies of the first, so
+    # the resampled mean gain is k/4 with P(k=0) = 0.316 and P(k <= 2) = 0.949 < 0.975 <= P(k <= 3) = 0.996:
+    # the exact 95% percentile interval is [0, 0.75].
+    iv = paired_bootstrap([1, 0, 0, 0], [0, 0, 0, 0], n_boot=20_000)
+    assert (iv.mean, iv.lo, iv.hi) == (0.25, 0.0, 0.75)
+
+
+def test_identical_arms_have_a_zero_width_interval_because_problems_are_paired():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 2, size=50)
+    iv = paired_bootstrap(a, a.copy())
+    assert (iv.mean, iv.lo, iv.hi) == (0.0, 0.0, 0.0)
+    # the same outcomes, unpaired (problems shuffled in one arm), give a wide interval
+    assert paired_bootstrap(a, a[rng.permutation(50)]).half_width > 0.05
+
+
+def test_seeds_are_resampled():
+    # two seeds that disagree on every problem: resampling 2 of 2 seeds gives means 0, 1/2, 1 with
+    # probabilities 1/4, 1/2, 1/4, so the interval is [0, 1]; resampling problems alone would give [1/2, 1/2].
+    iv = paired_bootstrap([[1, 1, 1, 1], [0, 0, 0, 0]])
+    assert (iv.mean, iv.lo, iv.hi) == (0.5, 0.0, 1.0)
+    assert (iv.seeds, iv.problems) == (2, 4)
+
+
+def test_intervals_stay_in_range():
+    rng = np.random.default_rng(0)
+    a = (rng.random((3, 40)) < 0.97).astype(float)  # near the ceiling, where a t-interval would leave [0, 1]
+    b = (rng.random(40) < 0.03).astype(float)
+    acc, gain = paired_bootstrap(a), paired_bootstrap(a, b)
+    assert 0 <= acc.lo <= acc.mean <= acc.hi <= 1
+    assert -1 <= gain.lo <= gain.mean <= gain.hi <= 1
+
+
+def test_arms_must_share_problems():
+    with pytest.raises(ValueError, match="share their problems"):
+        paired_bootstrap(np.ones((2, 5)), np.ones(4))
+
+
+@pytest.mark.parametrize("lo,hi,claim,expected", [
+    (0.01, 0.10, "gain", "holds"),
+    (-0.05, 0.015, "gain", "contradicted"),          # no gain of 2 points or more is compatible
+    (-0.03, 0.04, "gain", "unresolved (± 3.5 points)"),
+    (-0.03, 0.015, "no gain", "holds"),
+    (0.005, 0.08, "no gain", "contradicted"),
+    (-0.02, 0.06, "no gain", "unresolved (± 4.0 points)"),
+])
+def test_verdict_follows_the_interval(lo, hi, claim, expected):
+    assert verdict(Interval((lo + hi) / 2, lo, hi, 1, 100), claim) == expected
+
+
+def test_verdict_rejects_unknown_claims():
+    with pytest.raises(ValueError, match="claim='better'"):
+        verdict(Interval(0, 0, 0, 1, 1), "better")
