@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ladder", action="store_true",
                    help="also the naive full-logits step and each saving in turn (where the memory goes)")
     b.add_argument("--no-rollout", action="store_true", help="skip the rollout tokens/s measurement")
+    b.add_argument("--decode-limit", action="store_true",
+                   help="only: one decode step of --model (default here: smollm2-135m) against this machine's "
+                        "measured GEMM rate on the step's shapes, 1 thread")
     b.add_argument("--name", default="", help="suffix of the output files, e.g. growth")
     b.add_argument("--out", default="results/benchmarks")
     return p
@@ -103,9 +106,18 @@ def main(argv: list[str] | None = None) -> int:
             use = f"{ws.model}+sft" if ws == default_config(ws.model) else str(path)
             print(f"warm start: {path}\nrecipe hash: {recipe_hash(ws)}; train or evaluate it as model={use}")
         elif args.command == "bench":
-            from .bench import bench_cli
+            if args.decode_limit:
+                from .decode_limit import decode_limit
 
-            bench_cli(args)
+                model = "smollm2-135m" if args.model == "tiny-random" else args.model
+                for r in decode_limit(model, out=args.out):
+                    print(f"{r['model']} batch {r['batch']}: decode step {r['step_ms']:.0f} ms, machine floor "
+                          f"{r['floor_ms']:.0f} ms -> {r['fraction_of_limit']:.0%} of the limit "
+                          f"({r['achieved_gflops']:.1f} GFLOP/s, {r['tokens_per_s']:.0f} tokens/s)")
+            else:
+                from .bench import bench_cli
+
+                bench_cli(args)
     except TokeneffError as e:
         print(f"tokeneff: error: {e}", file=sys.stderr)
         return 2
