@@ -1,4 +1,4 @@
-"""T-SPMO (token-specific prefix matching optimisation), Lee & Tong 2025 [reconstructed from PAPER.md].
+"""T-SPMO (token-specific prefix matching optimisation), Lee & Tong 2025 [reconstructed: docs/paper.md].
 Differs from GRPO in what gets credit:
 1. The G completions are merged into a prefix trie. For a prefix p, V(p) = mean reward of the completions
    that start with p; for a next token v, Q(p, v) = mean reward of those that start with p.v.
