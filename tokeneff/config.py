@@ -1,6 +1,6 @@
 """Run configuration: one dataclass, two profiles, strict validation.
 
-Every knob the paper leaves open is a field here with the default from ../shared/PAPER.md, marked
+Every knob the paper leaves open is a field here with a default chosen in docs/paper.md, marked
 [reconstructed] in its comment. Bad values raise `ConfigError` with one line naming the value; the CLI
 turns that into exit code 2 without a traceback.
 """
@@ -185,13 +185,13 @@ class TrainConfig:
 
 # Profile defaults: applied first, then the config file, then key=value overrides.
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
-    # The paper's settings (PAPER.md): Qwen2-1.5B-Instruct, G=8, 200 new tokens, a few hundred updates.
+    # The paper's settings (docs/paper.md): Qwen2-1.5B-Instruct, G=8, 200 new tokens, a few hundred updates.
     "paper": dict(model="Qwen/Qwen2-1.5B-Instruct", steps=300, group_size=8, prompts_per_step=4,
                   max_new_tokens=200, lr=2e-5, mixed_precision="bf16", gradient_checkpointing=True,
                   eval_every=25, eval_batch_size=64, micro_batch_size=32),
     # Sized for a 2-core CPU: SmolLM2-135M, short answers (its few-shot answers are one line),
     # several prompts per step so that some groups have reward variance, a larger LoRA learning rate.
-    # beta=0 skips the reference forward (a third of the step on a CPU); PAPER.md allows it.
+    # beta=0 skips the reference forward (a third of the step on a CPU); docs/paper.md allows it.
     # On a CPU a decode step costs about the same for 10 or 40 rows (it is bound by reading the weights), so
     # rollouts use many rows per step and evaluations one batch.
     "embedded": dict(model="smollm2-135m", steps=20, group_size=6, prompts_per_step=4, num_shots=1,
