@@ -8,6 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from tokeneff.bench import VARIANTS, _full_logits_logp, run_bench
+from tokeneff.config import TokeneffError
 from tokeneff.loss import SelectiveLogProbs
 from tokeneff.models import tiny_random
 from tokeneff.rollout import left_pad
@@ -54,3 +55,75 @@ def test_versus_trl_same_settings(tmp_path):
         # at this tiny size the peak can be the imports, shared with the weights-only process: >=, not >
         assert r["peak_memory_mb"] >= res["weights_memory_mb"] > 0
     assert (tmp_path / "vs_trl_cpu_tiny.json").is_file() and res["model"] == "tiny (random weights)"
+    # random weights earn no reward: both sides get the synthetic one, so every group of ours carries signal
+    assert res["reward"] == "synthetic" and res["complete"]
+    for r in ours:
+        assert all(n > 0 for n in r["tokens_in_loss"])
+
+
+def test_synthetic_rewards_reach_train_and_are_undone():
+    import importlib
+
+    from tokeneff.config import make_config
+    from tokeneff.versus_trl import synthetic_reward, synthetic_rewards
+
+    train_mod = importlib.import_module("tokeneff.train")  # the module (the package exports a `train` function)
+    cfg = make_config("embedded")
+    with synthetic_rewards():
+        task = train_mod.make_task(cfg)
+        assert task.reward(prompts=[None] * 4, completions=["a"] * 4, answer=[1.0] * 4) == [0.0, 1.0, 0.0, 1.0]
+    assert train_mod.make_task(cfg).reward is not synthetic_reward
+    assert synthetic_reward([None] * 3, ["x", "y", "z"]) == [0.0, 1.0, 0.0]
+
+
+def _fail_on(n, result):
+    calls = []
+
+    def run(spec, *args):
+        calls.append(spec)
+        if len(calls) == n:
+            raise TokeneffError("boom")
+        return result(spec)
+    return run
+
+
+def test_bench_keeps_what_it_measured_when_a_configuration_fails(tmp_path, monkeypatch):
+    import tokeneff.bench as bench
+
+    row = lambda spec: dict(spec, device="CPU (2 cores)", peak_memory_mb=1.0, step_seconds=0.1, tokens_in_loss=1,
+                            tokens_total=2, frac_tokens_in_loss=0.5)
+    monkeypatch.setattr(bench, "_in_subprocess", _fail_on(3, row))
+    with pytest.raises(TokeneffError, match="boom"):
+        run_bench(completion_lens=(4,), out=str(tmp_path), rollout=False)
+    data = json.loads((tmp_path / "bench_cpu_tiny-random.json").read_text())
+    assert [r["algo"] for r in data["steps"]] == ["grpo", "sgrpo"] and data["complete"] is False
+    # the rollout first, in two processes (the compiled static cache apart): a failure in the second keeps the first
+    roll = lambda spec: row(spec) if "algo" in spec else dict(spec, device="GPU", **{f"{b}_tokens_per_s": 1.0
+                                                                                    for b in spec["backends"]})
+    monkeypatch.setattr(bench, "_in_subprocess", _fail_on(2, roll))
+    with pytest.raises(TokeneffError, match="boom"):
+        run_bench(completion_lens=(4,), out=str(tmp_path))
+    data = json.loads((tmp_path / "bench_cpu_tiny-random.json").read_text())
+    assert data["steps"] == [] and data["device"] == "GPU" and data["complete"] is False
+    assert {k for k in data["rollout"] if k.endswith("_per_s")} == {"hf_generate_tokens_per_s",
+                                                                   "tokeneff_sample_tokens_per_s"}
+    monkeypatch.setattr(bench, "_in_subprocess", _fail_on(0, roll))
+    run_bench(completion_lens=(4,), out=str(tmp_path))
+    data = json.loads((tmp_path / "bench_cpu_tiny-random.json").read_text())
+    assert len(data["steps"]) == 3 and data["complete"] is True and "backends" not in data["rollout"]
+    assert data["rollout"]["hf_generate_static_tokens_per_s"] == 1.0
+
+
+def test_versus_trl_keeps_the_sides_it_finished(tmp_path, monkeypatch):
+    pytest.importorskip("trl")
+    import tokeneff.versus_trl as vs
+
+    side = lambda spec: dict(side=spec["side"] if spec["side"] != "tokeneff" else f"tokeneff-{spec['algo']}",
+                             peak_memory_mb=10.0 if spec["side"] == "weights" else 20.0, step_seconds=[2.0, 1.0],
+                             completion_len_mean=[4.0, 4.0])
+    monkeypatch.setattr(vs, "_run_side", _fail_on(4, side))  # weights, TRL, grpo, then sgrpo fails
+    with pytest.raises(TokeneffError, match="boom"):
+        vs.versus_trl(model="tiny-random", steps=2, out=str(tmp_path), progress=False)
+    data = json.loads((tmp_path / "vs_trl_cpu_tiny-random.json").read_text())
+    assert [r["side"] for r in data["rows"]] == ["trl", "tokeneff-grpo"] and data["complete"] is False
+    assert data["rows"][1]["memory_ratio_to_trl"] == 1.0 and data["reward"] == "task"

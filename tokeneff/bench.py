@@ -84,9 +84,14 @@ def save_random_shape(shape: str, folder: str | Path) -> str:
                                                                vocab_size=1000)  # "tiny": for tests
     tok = char_tokenizer()
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**dims, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    cuda = torch.cuda.is_available()  # initialised on the GPU where there is one: seconds, not a minute on CPU
+    with torch.device("cuda" if cuda else "cpu"):
+        model = Qwen2ForCausalLM(Qwen2Config(**dims, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
+    del model
+    if cuda:  # this process stays alive while the measured ones run: give the memory back
+        torch.cuda.empty_cache()
     return str(folder)
 
 
@@ -191,21 +196,30 @@ def rollout_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     def ours() -> int:  # stops a row at the tokenizer's EOS (rare with random weights): count what it made
         return sum(len(c) for c in sample(model, tok, prompts, G, L).completions)
 
-    # static: a fixed-shape KV cache, which transformers compiles (CUDA graphs) on a GPU; its first call compiles
-    backends = dict(hf_generate=hf, hf_generate_static=lambda: hf(cache_implementation="static"),
-                    tokeneff_sample=ours)
+    # static: a fixed-shape KV cache, which transformers compiles (CUDA graphs) on a GPU; its first call compiles.
+    # `tokeneff bench` runs it in a process of its own, so that a compilation cut short leaves the others measured.
+    backends = dict(hf_generate=hf, tokeneff_sample=ours,
+                    hf_generate_static=lambda: hf(cache_implementation="static"))
     out = {}
-    for name, run in backends.items():
-        compiles = name == "hf_generate_static" and device.type == "cuda"  # no compilation on CPU
-        for attempt in ("first", "warm") if compiles else ("warm",):
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                n_tokens = run()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            if attempt == "first":
-                out[f"{name}_first_call_seconds"] = dt
+    for name in spec.get("backends", list(backends)):
+        run = backends[name]
+        # on a GPU every backend's first call is apart (CUDA/cuBLAS warm-up for whichever runs first, compilation
+        # for the static cache); a CPU has neither, and its calls are slow, so it times one call
+        try:
+            for attempt in ("first", "warm") if device.type == "cuda" else ("warm",):
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    n_tokens = run()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                if attempt == "first":
+                    out[f"{name}_first_call_seconds"] = dt
+        except Exception as e:  # noqa: BLE001 - e.g. a compilation failure: recorded, the others still count
+            if name != "hf_generate_static":
+                raise
+            out[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            continue
         out[f"{name}_tokens_per_s"] = n_tokens / dt
     return dict(spec, device=device_name(), kind="rollout", **out)
 
@@ -251,18 +265,29 @@ def run_bench(model: str = "tiny-random", shape: str | None = None, completion_l
                   prompt_len=prompt_len, gradient_checkpointing=gradient_checkpointing, variant=v)
              for L in completion_lens for G in group_sizes for a in ALGOS
              for v in (VARIANTS if ladder else VARIANTS[-1:])]
-    rows = [_in_subprocess(spec) for spec in tqdm(specs, desc="bench")]
-    rollout_row = None
-    if rollout:
+    tag = ("gpu" if torch.cuda.is_available() else "cpu") + f"_{shape or model}{name}".replace("/", "_")
+
+    def save(complete: bool) -> None:  # after every configuration: an interrupted run keeps what it measured
+        first = rows[0] if rows else rollout_row or {}
+        device = first.get("device") or device_name()  # from a subprocess: no CUDA context in this one
+        result = dict(device=device, torch=torch.__version__, suite=name.lstrip("_") or "default", steps=rows,
+                      rollout=rollout_row, complete=complete)
+        save_result(Path(out) / f"bench_{tag}", result, rows)
+
+    rows: list[dict[str, Any]] = []
+    rollout_row: dict[str, Any] | None = None
+    if rollout:  # first, and the compiled static cache apart: a compilation cut short loses only its own numbers
         spec = dict(model=model, shape=shape, vocab_size=vocab_size, completion_len=int(completion_lens[0]),
                     group_size=int(group_sizes[0]), prompt_len=prompt_len, kind="rollout",
                     prompts=8 if shape else 2)  # GPU: batch 64, as in the issue; CPU: 16, to stay under 2 min
-        rollout_row = _in_subprocess(spec)
-    device = rows[0]["device"] if rows else device_name()
-    tag = ("gpu" if "CPU" not in device else "cpu") + f"_{shape or model}{name}".replace("/", "_")
-    result = dict(device=device, torch=torch.__version__, suite=name.lstrip("_") or "default", steps=rows,
-                  rollout=rollout_row)
-    save_result(Path(out) / f"bench_{tag}", result, rows)
+        for backends in (["hf_generate", "tokeneff_sample"], ["hf_generate_static"]):
+            rollout_row = dict(rollout_row or {}, **_in_subprocess(dict(spec, backends=backends)))
+            rollout_row.pop("backends")
+            save(complete=False)
+    for spec in tqdm(specs, desc="bench"):
+        rows.append(_in_subprocess(spec))
+        save(complete=False)
+    save(complete=True)
     return rows
 
 

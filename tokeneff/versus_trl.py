@@ -6,10 +6,16 @@ no top-k/top-p), LoRA r16 on q/k/v/o, AdamW, beta 0 (no reference model). Each s
 subprocess so that its peak memory is its own; a third subprocess loads the model with its adapter and
 nothing else, which is what "above the weights" subtracts. The first step carries one-off costs (allocator
 warm-up, lazy init), so it is reported apart and the ratio uses the mean of the later steps.
+
+Random weights (`shape`) never solve a problem: every group would have equal rewards, so our algorithms would
+skip the update (no signal) while TRL still runs its loss. Both sides then get `synthetic_reward` instead (every
+other completion of a group rewarded, as in `tokeneff bench`'s synthetic groups), so every group carries signal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import sys
 import tempfile
@@ -32,6 +38,31 @@ def _svamp_task():
     return make_task(make_config("embedded", overrides=dict(task="svamp")))
 
 
+def synthetic_reward(prompts: list, completions: list, **columns) -> list[float]:
+    """TRL's reward signature; 1 for every other completion (rows of a group are consecutive on both sides), so
+    that every group has reward variance whatever the model writes: for timing steps of random-weight models."""
+    return [float(i % 2) for i in range(len(completions))]
+
+
+@contextlib.contextmanager
+def synthetic_rewards():
+    """Within this block, `tokeneff.train.train` rewards completions with `synthetic_reward` (evaluation, which
+    checks answers, is unchanged)."""
+    train_mod = importlib.import_module(f"{__package__}.train")  # the module: the package exports a `train` function
+    make_task = train_mod.make_task
+
+    def with_synthetic_reward(cfg):
+        task = make_task(cfg)
+        task.reward = synthetic_reward
+        return task
+
+    train_mod.make_task = with_synthetic_reward
+    try:
+        yield
+    finally:
+        train_mod.make_task = make_task
+
+
 def _dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
@@ -51,7 +82,8 @@ def weights_only(spec: dict[str, Any]) -> dict[str, Any]:
 def tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
     from .train import train
 
-    with tempfile.TemporaryDirectory() as tmp:
+    rewards = synthetic_rewards() if spec.get("reward") == "synthetic" else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory() as tmp, rewards:
         train(profile="embedded", model=spec["model"], task="svamp", algo=spec["algo"], steps=spec["steps"],
               group_size=spec["group_size"], prompts_per_step=1, max_new_tokens=spec["max_new_tokens"],
               beta=0.0, log_kl=False, lora_r=16, lora_alpha=32, lora_targets=",".join(LORA_TARGETS),
@@ -62,6 +94,7 @@ def tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
     rows = [r for r in rows if "step_seconds" in r]
     return dict(side=f"tokeneff-{spec['algo']}", step_seconds=[r["step_seconds"] for r in rows],
                 rollout_seconds=[r["rollout_seconds"] for r in rows],
+                tokens_in_loss=[r["tokens_in_loss"] for r in rows],
                 completion_len_mean=[r["completion_len_mean"] for r in rows], peak_memory_mb=memory_mb(peak=True))
 
 
@@ -97,7 +130,8 @@ def trl_side(spec: dict[str, Any]) -> dict[str, Any]:
                           bf16=torch.cuda.is_available(), gradient_checkpointing=spec.get("gradient_checkpointing",
                                                                                           False),
                           disable_tqdm=True)
-        trainer = GRPOTrainer(model=model, reward_funcs=task.reward, args=args, train_dataset=data,
+        reward = synthetic_reward if spec.get("reward") == "synthetic" else task.reward
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
                               processing_class=tok, peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                                                            target_modules=LORA_TARGETS),
                               callbacks=[StepTimer()])
@@ -118,43 +152,56 @@ def versus_trl(model: str = "smollm2-135m", shape: str | None = None, group_size
                algos: tuple[str, ...] = ("grpo", "sgrpo", "tspmo"), gradient_checkpointing: bool = False,
                out: str | None = "results/benchmarks", progress: bool = True) -> dict[str, Any]:
     """TRL first, then each of our algorithms; returns rows plus ratios to TRL (time per warm step, peak memory
-    above the weights). Writes vs_trl_<device>_<model>.json and .csv into `out` unless it is None.
-    `shape` (e.g. qwen2-1.5b, GPU only): random weights of that shape instead of `model`, saved to a temp dir."""
+    above the weights). Writes vs_trl_<device>_<model>.json and .csv into `out` unless it is None, rewritten after
+    each side (`complete` false until the last), so an interrupted run keeps the sides it finished.
+    `shape` (e.g. qwen2-1.5b, GPU only): random weights of that shape instead of `model`, saved to a temp dir, and
+    `synthetic_reward` on both sides (random weights earn no reward, so no group would carry signal)."""
     import importlib.util
 
     if importlib.util.find_spec("trl") is None:
         raise TokeneffError("--vs-trl needs trl: pip install 'trl==1.16.0'")
     if steps < 2:
         raise TokeneffError(f"--steps={steps}: --vs-trl needs at least 2 steps (the first one is warm-up)")
-    if shape:
-        if shape == "qwen2-1.5b" and not torch.cuda.is_available():
-            raise TokeneffError(f"--shape {shape} needs a GPU (it trains a 1.5B-parameter model)")
-        with tempfile.TemporaryDirectory() as tmp:
-            res = versus_trl(model=save_random_shape(shape, tmp), group_size=group_size,
-                             max_new_tokens=max_new_tokens, steps=steps, algos=algos,
-                             gradient_checkpointing=gradient_checkpointing, out=None, progress=progress)
-        res["model"] = f"{shape} (random weights)"
-        return _save(res, out, shape)
+    base = dict(group_size=group_size, max_new_tokens=max_new_tokens, steps=steps,
+                gradient_checkpointing=gradient_checkpointing)
+    if not shape:
+        return _compare(dict(base, model=model, reward="task"), algos, out, Path(model).name, model, progress)
+    if shape == "qwen2-1.5b" and not torch.cuda.is_available():
+        raise TokeneffError(f"--shape {shape} needs a GPU (it trains a 1.5B-parameter model)")
+    with tempfile.TemporaryDirectory() as tmp:
+        return _compare(dict(base, model=save_random_shape(shape, tmp), reward="synthetic"), algos, out, shape,
+                        f"{shape} (random weights)", progress)
+
+
+def _compare(base: dict[str, Any], algos, out: str | None, name: str, label: str, progress: bool) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    base = dict(model=model, group_size=group_size, max_new_tokens=max_new_tokens, steps=steps,
-                gradient_checkpointing=gradient_checkpointing)
     specs = [dict(base, side="weights"), dict(base, side="trl")] + [dict(base, side="tokeneff", algo=a) for a in algos]
-    rows = [_run_side(s) for s in tqdm(specs, desc="vs-trl", disable=not progress)]
-    weights = rows[0]["peak_memory_mb"]
-    ref = None
-    for r in rows[1:]:
+    rows: list[dict[str, Any]] = []
+    for s in tqdm(specs, desc="vs-trl", disable=not progress):
+        rows.append(_run_side(s))
+        if len(rows) > 1:  # the weights and TRL are in: save what there is
+            result = _summarise(dict(base, model=label), rows, complete=len(rows) == len(specs))
+            _save(result, out, name)
+    return result
+
+
+def _summarise(base: dict[str, Any], rows: list[dict[str, Any]], complete: bool) -> dict[str, Any]:
+    weights = rows[0]["peak_memory_mb"]  # the model and adapter alone; rows[1] is TRL
+    sides = [dict(r) for r in rows[1:]]
+    for r in sides:
         warm = r["step_seconds"][1:]
         r["first_step_seconds"] = r["step_seconds"][0]
         r["warm_step_seconds"] = sum(warm) / len(warm)
         r["peak_above_weights_mb"] = r["peak_memory_mb"] - weights
-        ref = ref or r  # TRL
+    ref = sides[0]
+    for r in sides:
         r["time_ratio_to_trl"] = r["warm_step_seconds"] / ref["warm_step_seconds"]
         r["memory_ratio_to_trl"] = r["peak_above_weights_mb"] / max(ref["peak_above_weights_mb"], 1e-9)
         r["peak_ratio_to_trl"] = r["peak_memory_mb"] / ref["peak_memory_mb"]
-    result = dict(base, device=device_name(), torch=torch.__version__, weights_memory_mb=weights, rows=rows[1:],
-                  memory_measure="CUDA max allocated" if torch.cuda.is_available() else "peak RSS of the process")
-    return _save(result, out, Path(model).name)
+    return dict(base, device=device_name(), torch=torch.__version__, weights_memory_mb=weights, rows=sides,
+                complete=complete,
+                memory_measure="CUDA max allocated" if torch.cuda.is_available() else "peak RSS of the process")
 
 
 def _save(result: dict[str, Any], out: str | None, name: str) -> dict[str, Any]:
