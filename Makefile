@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 NB      := 01_svamp 02_multiplication 03_ablation_full_vs_selective 04_memory_and_speed
 
-.PHONY: setup reproduce reproduce-full test test-slow smoke lab bench bench-all bench-gpu lint clean summary
+.PHONY: setup reproduce reproduce-full test test-slow smoke lab bench bench-all bench-gpu gpu-session lint clean summary
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -74,6 +74,11 @@ bench-gpu: setup
 	  --gradient-checkpointing --no-rollout
 	$(VENV)/bin/tokeneff bench --vs-trl --shape qwen2-1.5b --group-sizes 8 --max-new-tokens 256 --steps 3 \
 	  --gradient-checkpointing
+
+# A short lent GPU session (no venv, no internet): wheels carried in .whl/, staged by priority within BUDGET_S
+# seconds, results packed into $$OUT/gpu_results.tar.gz after each stage. TINY=1: the same plumbing on a CPU.
+gpu-session:
+	bash tokeneff/gpu_session.sh
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks
