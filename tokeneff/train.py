@@ -8,8 +8,10 @@ policy-gradient loss (+ beta * KL to the adapter-free reference) -> one AdamW up
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -24,10 +26,27 @@ from tqdm.auto import tqdm
 
 from .algorithms import ALGORITHMS, Credits
 from .algorithms.tspmo import last_branch_points
+from .checks import check_context, check_lora_targets, check_model_path, check_precision
 from .config import TokeneffError, TrainConfig, make_config
 from .evaluate import evaluate_model
 from .loss import SelectiveLogProbs, policy_loss
 from .rollout import build_prompt, decode, encode_prompts, sample
+from .rundir import (
+    CKPT,
+    FORMAT_KEY,
+    MANIFEST,
+    RUN_FORMAT,
+    TMP,
+    RunLock,
+    check_out,
+    clear_run,
+    disk_error,
+    finish_save,
+    hook,
+    recover_checkpoints,
+    say,
+    start_save,
+)
 from .tasks import Problem, make_task
 from .utils import atomic_write_bytes, peak_memory_mb, seed_everything, set_threads, write_json
 
@@ -43,58 +62,52 @@ class Group:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# plumbing: setup, checkpoints
+# plumbing: checkpoints, metrics (the run directory's rules are in rundir.py)
 # ----------------------------------------------------------------------------------------------------------
 
-def _prepare_out_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> Path:
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise TokeneffError(f"out={cfg.out!r} exists and is not a directory")
-    holds_run = out.is_dir() and any((out / n).exists() for n in ("metrics.jsonl", "config.json", "checkpoint"))
-    if holds_run and not (resume or overwrite):
-        raise TokeneffError(f"out={cfg.out!r} already holds a run: pass --resume to continue it or "
-                            "--overwrite to replace it")
-    if holds_run and resume:
-        old = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
-        differ = [k for k, v in cfg.to_dict().items() if k not in ("steps", "out") and old.get(k, v) != v]
-        if differ:
-            k = differ[0]
-            raise TokeneffError(f"out={cfg.out!r} holds a different run ({k}={old[k]!r}, not {getattr(cfg, k)!r}): "
-                                "use another --out or --overwrite")
-    if overwrite and out.is_dir():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def _numpy_state() -> list:
+    s = np.random.get_state()
+    return [s[0], s[1].tolist(), *s[2:]]
 
 
-def _save_checkpoint(out: Path, policy, optimizer, state: dict[str, Any]) -> None:
-    """adapter + optimiser + RNG + loop state, written to a temp folder and swapped in by rename."""
-    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp / "adapter")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    np_state = np.random.get_state()
-    state = dict(state, numpy_rng=[np_state[0], np_state[1].tolist(), *np_state[2:]])
-    (tmp / "state.json").write_text(json.dumps(state))
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+def _set_numpy_state(s: list) -> None:
+    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), *s[2:]))
 
 
-def _load_checkpoint(out: Path, policy, optimizer) -> dict[str, Any] | None:
-    ck = out / "checkpoint"
-    if not (ck / "state.json").is_file() and (out / "checkpoint.old" / "state.json").is_file():
-        ck = out / "checkpoint.old"  # killed between the two renames
-    if not (ck / "state.json").is_file():
-        return None
+def _load_checkpoint(out: Path, policy, optimizer, rank: int, world: int) -> dict[str, Any] | None:
+    """Every rank restores the shared parts (adapter, optimiser) and its own (data position, RNGs, replay buffer).
+    Rank 0 has already verified checkpoint/ (rundir.recover_checkpoints)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    ck = out / CKPT
+    man = json.loads((ck / MANIFEST).read_text()) if (ck / MANIFEST).is_file() else None
+    if man is None:
+        return _load_legacy_checkpoint(ck, policy, optimizer, world) if (ck / "state.json").is_file() else None
+    n = man.get("num_processes", 1)
+    if n != world:
+        raise TokeneffError(f"out={str(out)!r}: its checkpoint (step {man['step']}) was written by {n} processes, "
+                            f"this run has {world}: resume with {n} processes")
+    set_peft_model_state_dict(policy, load_file(ck / "adapter" / "adapter_model.safetensors"))
+    optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True))
+    shared = json.loads((ck / "state.json").read_text())
+    mine = torch.load(ck / f"rank{rank}.pt", weights_only=True)
+    torch.set_rng_state(mine["torch_rng"])
+    if mine["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(mine["cuda_rng"])
+    _set_numpy_state(mine["numpy_rng"])
+    random.setstate(mine["python_rng"])
+    return dict(step=shared["step"], evals=shared["evals"], data_pos=mine["data_pos"], bad_in_row=mine["bad_in_row"],
+                replay_buf=mine["replay_buf"], select_rng=mine["select_rng"], replay_rng=mine["replay_rng"])
+
+
+def _load_legacy_checkpoint(ck: Path, policy, optimizer, world: int) -> dict[str, Any]:
+    """A checkpoint from before manifests (one process wrote everything)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if world != 1:
+        raise TokeneffError(f"{str(ck)!r} predates per-process checkpoints: resume it with one process")
     set_peft_model_state_dict(policy, load_file(ck / "adapter" / "adapter_model.safetensors"))
     optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True))
     rng = torch.load(ck / "rng.pt", weights_only=True)
@@ -102,13 +115,10 @@ def _load_checkpoint(out: Path, policy, optimizer) -> dict[str, Any] | None:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     state = json.loads((ck / "state.json").read_text())
-    s = state.pop("numpy_rng")
-    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), *s[2:]))
+    _set_numpy_state(state.pop("numpy_rng"))
+    state["select_rng"] = _rng_state_from_json(state["select_rng"])
+    state["replay_rng"] = _rng_state_from_json(state["replay_rng"])
     return state
-
-
-def _rng_state_to_json(state: tuple) -> list:
-    return [state[0], list(state[1]), state[2]]
 
 
 def _rng_state_from_json(state: list) -> tuple:
@@ -116,20 +126,55 @@ def _rng_state_from_json(state: list) -> tuple:
 
 
 class MetricsLog:
-    """metrics.jsonl, one JSON object per step; on resume, lines past the checkpoint are dropped."""
+    """metrics.jsonl, one JSON object per step. On (re)start, rows from `keep_below_step` on are dropped (the
+    checkpoint is older than them), and so are a torn last line (a kill or a full disk during a write) and
+    duplicate steps, each with a message."""
 
     def __init__(self, path: Path, keep_below_step: int, enabled: bool):
         self.path, self.enabled = path, enabled
-        if enabled and path.is_file():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln).get("step", 0) < keep_below_step]
-            atomic_write_bytes(path, "".join(ln + "\n" for ln in kept).encode())
+        if not (enabled and path.is_file()):
+            return
+        lines = path.read_bytes().decode(errors="replace").split("\n")
+        kept, bad, dup, seen = [], [], 0, set()
+        last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+        for i, ln in enumerate(lines):
+            if not ln.strip():
+                continue
+            try:
+                row = json.loads(ln)
+                step = int(row["step"])
+            except (ValueError, TypeError, KeyError):
+                bad.append(i)
+                continue
+            if step >= keep_below_step:
+                continue
+            if step in seen:
+                dup += 1
+                continue
+            seen.add(step)
+            kept.append(ln)
+        if bad == [last]:
+            say(f"{path}: dropped a torn last line (line {last + 1}, cut off by an interruption or a full disk)")
+        elif bad:
+            say(f"{path}: dropped unreadable line(s) {', '.join(str(i + 1) for i in bad)}")
+        if dup:
+            say(f"{path}: dropped {dup} duplicate step row(s)")
+        text = "".join(ln + "\n" for ln in kept).encode()
+        if text != path.read_bytes():
+            atomic_write_bytes(path, text)
 
     def write(self, row: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+        if not self.enabled:
+            return
+        line = json.dumps(row) + "\n"
+        with self.path.open("a") as f:
+            if os.environ.get("TOKENEFF_TEST_KILL_AT", "").startswith("torn"):  # test: a kill mid-line
+                f.write(line[: len(line) // 2])
                 f.flush()
+                hook("torn")
+                line = line[len(line) // 2:]
+            f.write(line)
+            f.flush()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,30 +284,57 @@ def _train_step(cfg, accel, policy_lp, tok, task, groups, select_rng, problem_in
 
 def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True, **overrides) -> dict[str, Any]:
-    """Train a LoRA adapter with `config.algo`; returns the final summary (also written to final.json)."""
-    from accelerate import Accelerator
-    from peft import LoraConfig, get_peft_model
+    """Train a LoRA adapter with `config.algo`; returns the final summary (also written to final.json).
 
-    from .models import load_model
+    resume: continue the run in `config.out` from its newest complete checkpoint (a finished run returns its
+    final.json at once; a new or empty folder starts at step 0). overwrite: delete the run in `config.out` first
+    (only a tokeneff run directory holding nothing else; see rundir.py).
+    """
+    from accelerate import Accelerator
 
     if config is None:
         config = make_config(overrides.pop("profile", "embedded"), overrides=overrides)
     elif overrides:
         config = make_config(config.profile, overrides={**config.to_dict(), **overrides})
     cfg = config.validate()
+    check_precision(cfg.mixed_precision)
 
     accel = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     if accel.device.type == "cpu":
         set_threads(cfg.threads)
     main = accel.is_main_process
     out = Path(cfg.out)
-    if resume and (out / "final.json").is_file() and not overwrite:
+    kind = check_out(cfg.to_dict(), resume, overwrite)  # read-only: before anything is loaded or written
+    if resume and kind == "run" and (out / "final.json").is_file():
         final = json.loads((out / "final.json").read_text())
         if final.get("steps_done", 0) >= cfg.steps and final.get("algo") == cfg.algo:
+            if progress and main:
+                say(f"{out} finished at step {final['steps_done']}: nothing to resume")
             return final
+    check_model_path(cfg.model)
+    accel.wait_for_everyone()
+    lock = RunLock(out).acquire() if main else None  # one process per run directory
+    try:
+        if main:
+            kind = check_out(cfg.to_dict(), resume, overwrite)  # again, now that no other process can change it
+        return _train_locked(cfg, accel, out, kind, resume, overwrite, progress)
+    finally:
+        if lock is not None:  # a folder this call created is removed again if the run never started
+            lock.release(remove_created=not (out / "config.json").is_file())
 
+
+def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, overwrite: bool,
+                  progress: bool) -> dict[str, Any]:
+    from peft import LoraConfig, get_peft_model
+
+    from .models import load_model
+
+    main = accel.is_main_process
     task = make_task(cfg)
     train_problems, test_problems = task.problems("train"), task.problems("test")
+    for split, probs in (("train", train_problems), ("test", test_problems)):
+        if not probs:
+            raise TokeneffError(f"task {cfg.task!r}: its {split} split is empty")
     if cfg.eval_limit:
         test_problems = test_problems[: cfg.eval_limit]
     problem_index = {p.id: i for i, p in enumerate(train_problems)}
@@ -271,16 +343,21 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
     dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" and torch.cuda.is_available() else torch.float32
     model, tok = load_model(cfg.model, dtype=dtype)
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        raise TokeneffError(f"lora_targets: module {missing[0]!r} is not in {cfg.model}")
+    check_lora_targets(model, targets, cfg.model)
+    check_context(model, tok, task, train_problems + test_problems, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    # Only now, with task and model loaded without error, does anything get written.
+    # Only now, with task and model loaded without error, does anything in the run directory change.
     if main:
-        _prepare_out_dir(cfg, resume, overwrite)
+        if overwrite and kind == "run":
+            clear_run(out)
+        if resume and kind == "run":
+            recover_checkpoints(out)
+        try:
+            write_json(out / "config.json", {**cfg.to_dict(), FORMAT_KEY: RUN_FORMAT})
+        except OSError as e:
+            raise disk_error(e, f"{out}/config.json") from None
     accel.wait_for_everyone()
     policy = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                               lora_dropout=cfg.lora_dropout, target_modules=targets,
@@ -290,23 +367,27 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     policy_lp, optimizer = accel.prepare(policy_lp, optimizer)
 
-    # Loop state: everything needed to continue bit-for-bit after a crash.
+    # Loop state: everything needed to continue bit-for-bit after a crash, per rank.
     order_rng = random.Random(cfg.seed)
     order = list(range(len(train_problems)))
     order_rng.shuffle(order)
     select_rng, replay_rng = random.Random(cfg.seed + 1), random.Random(cfg.seed + 2)
     start, data_pos, bad_in_row, replay_buf = 0, accel.process_index * cfg.prompts_per_step, 0, []
     evals: list[dict[str, Any]] = []
-    state = _load_checkpoint(out, accel.unwrap_model(policy_lp).model, optimizer) if resume else None
+    rank, world = accel.process_index, accel.num_processes
+    state = _load_checkpoint(out, accel.unwrap_model(policy_lp).model, optimizer, rank, world) if resume else None
     if state:
         start, data_pos, bad_in_row = state["step"], state["data_pos"], state["bad_in_row"]
         replay_buf = [tuple(x) for x in state["replay_buf"]]
         evals = state["evals"]
-        select_rng.setstate(_rng_state_from_json(state["select_rng"]))
-        replay_rng.setstate(_rng_state_from_json(state["replay_rng"]))
-    if main:
-        write_json(out / "config.json", cfg.to_dict())
-    log = MetricsLog(out / "metrics.jsonl", start + 1, main)
+        select_rng.setstate(state["select_rng"])
+        replay_rng.setstate(state["replay_rng"])
+    if resume and main:
+        if state:
+            say(f"resuming from step {start} ({out / CKPT})")
+        elif kind == "run" or progress:
+            say(f"no checkpoint in {out}: starting at step 0")
+    log = MetricsLog(out / "metrics.jsonl", start + 1 if state else 0, main)
 
     def run_eval(step: int) -> float:
         t = time.perf_counter()
@@ -318,11 +399,26 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
         return res["accuracy"]
 
     def save(step: int) -> None:
-        if main:
-            _save_checkpoint(out, accel.unwrap_model(policy_lp).model, optimizer, dict(
-                step=step, data_pos=data_pos, bad_in_row=bad_in_row, replay_buf=replay_buf, evals=evals,
-                select_rng=_rng_state_to_json(select_rng.getstate()),
-                replay_rng=_rng_state_to_json(replay_rng.getstate())))
+        """Each rank writes its own state into checkpoint.tmp/, rank 0 the shared parts, the manifest and the
+        swap (rundir.finish_save)."""
+        try:
+            if main:
+                start_save(out)
+            accel.wait_for_everyone()
+            torch.save(dict(data_pos=data_pos, bad_in_row=bad_in_row, replay_buf=replay_buf,
+                            select_rng=select_rng.getstate(), replay_rng=replay_rng.getstate(),
+                            python_rng=random.getstate(), numpy_rng=_numpy_state(), torch_rng=torch.get_rng_state(),
+                            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+                       out / TMP / f"rank{rank}.pt")
+            hook("partial")
+            accel.wait_for_everyone()
+            if main:
+                accel.unwrap_model(policy_lp).model.save_pretrained(out / TMP / "adapter")
+                torch.save(optimizer.state_dict(), out / TMP / "optimizer.pt")
+                write_json(out / TMP / "state.json", dict(step=step, evals=evals, num_processes=world))
+                finish_save(out, dict(format=RUN_FORMAT, step=step, num_processes=world))
+        except OSError as e:
+            raise disk_error(e, f"the checkpoint of step {step} in {out}") from None
 
     if start == 0 and not evals and cfg.eval_at_start:
         acc = run_eval(0)
@@ -378,14 +474,28 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save(step)
     except KeyboardInterrupt:
-        save(done)
+        if world == 1:  # several ranks cannot agree on a last save after a signal: their last checkpoint stands
+            recover_checkpoints(out)  # the interrupt may have landed inside a save
+            save(done)
         if main:
-            print(f"\ninterrupted: checkpoint saved in {out}/checkpoint. Resume with the same command plus "
+            ck = json.loads((out / CKPT / MANIFEST).read_text())["step"] if (out / CKPT / MANIFEST).is_file() else 0
+            print(f"\ninterrupted: checkpoint of step {ck} saved in {out}/{CKPT}. Resume with the same command plus "
                   "--resume")
+        raise
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise disk_error(e, f"{out} at step {step}") from None
         raise
 
     if main:
-        accel.unwrap_model(policy_lp).model.save_pretrained(out / "adapter")
+        try:  # adapter/ and final.json are replaced together: final.json is written last
+            (out / "final.json").unlink(missing_ok=True)
+            shutil.rmtree(out / "adapter.tmp", ignore_errors=True)
+            accel.unwrap_model(policy_lp).model.save_pretrained(out / "adapter.tmp")
+            shutil.rmtree(out / "adapter", ignore_errors=True)
+            os.replace(out / "adapter.tmp", out / "adapter")
+        except OSError as e:
+            raise disk_error(e, f"{out}/adapter") from None
     # Data-parallel ranks must end with the same adapter: record a checksum per rank.
     checksum = torch.stack([p.detach().double().abs().sum() for p in params]).sum().reshape(1).to(accel.device)
     final = dict(rank_adapter_checksums=accel.gather(checksum).tolist(),

@@ -1,0 +1,433 @@
+"""The run directory: what --overwrite may delete, one process per run, checkpoints that survive a kill.
+
+A run directory is recognised by its `config.json`: the resolved config plus `tokeneff_run_format` (runs written
+before the field existed are recognised by a config.json of tokeneff's fields next to a metrics.jsonl).
+`--overwrite` deletes only such a directory, and only when everything in it is something a run writes.
+
+Checkpoints: `checkpoint/` (latest) and `checkpoint.prev/` (the one before) are complete, each with a
+`manifest.json` (every file's size and SHA-256, plus the step) written last. A save writes `checkpoint.tmp/`,
+then removes `checkpoint.prev/`, renames `checkpoint/` to `checkpoint.prev/` and `checkpoint.tmp/` to
+`checkpoint/`. A kill at any instant leaves at least one complete checkpoint (or none before the first save);
+`recover_checkpoints` (run at start, under the lock) picks the newest complete one, finishes an interrupted
+swap and removes the leftovers.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import FIELD_NAMES, TokeneffError
+from .utils import write_json
+
+RUN_FORMAT = 1
+FORMAT_KEY = "tokeneff_run_format"
+LOCK_NAME = ".tokeneff.lock"
+CKPT, PREV, TMP, LEGACY_OLD = "checkpoint", "checkpoint.prev", "checkpoint.tmp", "checkpoint.old"
+MANIFEST = "manifest.json"
+# What a run writes (anything else in a folder means it is not only a run, and --overwrite leaves it alone).
+RUN_NAMES = {"config.json", "metrics.jsonl", "final.json", "adapter", "adapter.tmp", CKPT, PREV, TMP, LEGACY_OLD,
+             LOCK_NAME}
+RUN_PATTERNS = (re.compile(r"eval_step\d+\.json"),
+                # atomic_write_bytes' temp files, left by a kill during a write
+                re.compile(r"\.(config\.json|metrics\.jsonl|final\.json|eval_step\d+\.json)\..+"))
+# Keys that do not change the training trajectory: they may differ on --resume.
+RESUMABLE_KEYS = ("steps", "out", "save_every", "eval_every", "eval_batch_size", "eval_limit", "eval_max_new_tokens",
+                  "eval_at_start", "threads", "max_bad_steps")
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json",
+               "tokenizer_config.json", "generation_config.json")
+
+
+def say(msg: str) -> None:
+    print(f"tokeneff: {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what a folder is
+# ----------------------------------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_config(out: Path) -> dict[str, Any] | None:
+    """The run's config.json if `out` is a tokeneff run directory, else None."""
+    cfg = _read_json(out / "config.json")
+    if not isinstance(cfg, dict):
+        return None
+    if isinstance(cfg.get(FORMAT_KEY), int):
+        return cfg
+    legacy = {"algo", "task", "model", "steps"} <= cfg.keys() and all(k in FIELD_NAMES for k in cfg)
+    return cfg if legacy and (out / "metrics.jsonl").is_file() else None
+
+
+def is_run_entry(name: str) -> bool:
+    return name in RUN_NAMES or any(p.fullmatch(name) for p in RUN_PATTERNS)
+
+
+def _is_model_folder(out: Path) -> bool:
+    cfg = _read_json(out / "config.json")
+    if isinstance(cfg, dict) and ("model_type" in cfg or "architectures" in cfg):
+        return True
+    return any((out / n).exists() for n in MODEL_FILES) or any(out.glob("*.safetensors")) or any(out.glob("*.gguf"))
+
+
+def classify(out: Path) -> str:
+    """missing | file | empty | run | model | foreign"""
+    if not out.exists():
+        return "file" if out.is_symlink() else "missing"
+    if not out.is_dir():
+        return "file"
+    if not [p for p in out.iterdir() if p.name != LOCK_NAME]:
+        return "empty"
+    if run_config(out) is not None:
+        return "run"
+    return "model" if _is_model_folder(out) else "foreign"
+
+
+def nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_writable(path: Path, what: str) -> None:
+    """`path` (a folder, existing or to be created) can be created and written: one line if not."""
+    anc = nearest_existing(path)
+    if not anc.is_dir():
+        raise TokeneffError(f"{what}={str(path)!r}: {str(anc)!r} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=anc, prefix=".tokeneff-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise TokeneffError(f"{what}={str(path)!r}: cannot write in {str(anc)!r} ({e.strerror})") from None
+
+
+def check_out_file(out: str, what: str = "out") -> Path:
+    """An output file (e.g. evaluate's JSON): not a folder, and its folder writable. Checked before the compute."""
+    p = Path(out).expanduser()
+    if p.is_dir():
+        raise TokeneffError(f"{what}={out!r} is a folder: name a JSON file, e.g. {str(p / 'eval.json')!r}")
+    if not p.name or out.endswith(("/", os.sep)):
+        raise TokeneffError(f"{what}={out!r}: name a file, e.g. eval.json")
+    check_writable(p.parent, what)
+    if p.exists() and not os.access(p, os.W_OK):
+        raise TokeneffError(f"{what}={out!r}: the file is not writable")
+    return p
+
+
+def check_out_folder(out: str, what: str = "--out") -> Path:
+    """An output folder (e.g. bench's): not a file, and writable. Checked before the compute."""
+    p = Path(out).expanduser()
+    if p.exists() and not p.is_dir():
+        raise TokeneffError(f"{what}={out!r} is a file, not a folder")
+    check_writable(p, what)
+    return p
+
+
+def _protected(out: Path) -> str | None:
+    """Why `out` must never be deleted, or None."""
+    r, cwd, home = out.resolve(), Path.cwd().resolve(), Path.home().resolve()
+    if r == cwd:
+        return "is the current folder"
+    if r in cwd.parents:
+        return "is a parent of the current folder"
+    if r == home or r in home.parents:
+        return "is your home folder or above it"
+    return None
+
+
+def check_same_run(old: dict[str, Any], new: dict[str, Any], out: str) -> None:
+    """On resume, every key that changes the trajectory must be as before."""
+    for k, v in new.items():
+        if k in RESUMABLE_KEYS or k not in old or k == FORMAT_KEY:
+            continue
+        if old[k] != v:
+            raise TokeneffError(f"out={out!r} holds a different run: {k}={old[k]!r} there, {v!r} now (on resume only "
+                                f"{', '.join(RESUMABLE_KEYS)} may change): use another --out or --overwrite")
+
+
+def check_out(cfg_dict: dict[str, Any], resume: bool, overwrite: bool) -> str:
+    """Read-only check of the run directory before anything is computed or written; returns its kind."""
+    out_s = cfg_dict["out"]
+    out = Path(out_s)
+    if resume and overwrite:
+        raise TokeneffError("--resume and --overwrite exclude each other: --resume continues the run in --out, "
+                            "--overwrite replaces it")
+    kind = classify(out)
+    if kind == "file":
+        raise TokeneffError(f"out={out_s!r} exists and is not a directory")
+    if kind == "model":
+        raise TokeneffError(f"out={out_s!r} is a model folder (config.json, weights or tokenizer), not a tokeneff run: "
+                            "use another --out")
+    if kind == "foreign":
+        names = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise TokeneffError(f"out={out_s!r} holds files that are not a tokeneff run ({shown}): use a new or empty "
+                            "folder")
+    if kind == "run":
+        old = run_config(out) or {}
+        if isinstance(old.get(FORMAT_KEY), int) and old[FORMAT_KEY] > RUN_FORMAT:
+            raise TokeneffError(f"out={out_s!r} was written by a newer tokeneff (run format {old[FORMAT_KEY]}, this "
+                                f"one reads {RUN_FORMAT}): upgrade tokeneff or use another --out")
+        if not (resume or overwrite):
+            raise TokeneffError(f"out={out_s!r} already holds a run: pass --resume to continue it or --overwrite to "
+                                "replace it")
+        if resume:
+            check_same_run(old, cfg_dict, out_s)
+        if overwrite:
+            why = _protected(out)
+            if why:
+                raise TokeneffError(f"out={out_s!r} {why}: it is never deleted; give the run its own folder")
+            extra = sorted(p.name for p in out.iterdir() if not is_run_entry(p.name))
+            if extra:
+                raise TokeneffError(f"out={out_s!r} also holds {extra[0]!r}, which a tokeneff run does not write: "
+                                    "nothing was deleted; move it away or use another --out")
+    if kind in ("missing", "empty") or overwrite:
+        check_writable(out, "out")
+    return kind
+
+
+def clear_run(out: Path) -> None:
+    """Delete what a run wrote (check_out has verified that nothing else is there); the lock file stays."""
+    for p in out.iterdir():
+        if p.name == LOCK_NAME or not is_run_entry(p.name):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one process per run directory
+# ----------------------------------------------------------------------------------------------------------
+
+class RunLock:
+    """An OS lock (flock) on out/.tokeneff.lock, held while a process trains into `out`. The kernel releases it
+    when the process dies, so a killed run never leaves a stale lock."""
+
+    def __init__(self, out: Path):
+        self.out, self.fd, self.created = out, None, None
+
+    def acquire(self) -> RunLock:
+        out = self.out
+        if not out.exists():
+            self.created = out
+            while not self.created.parent.exists():
+                self.created = self.created.parent
+            out.mkdir(parents=True, exist_ok=True)
+        path = out / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            self.fd = fd
+            return self
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise TokeneffError(f"out={str(out)!r} is in use by process {holder} (lock {str(path)!r}): wait for it "
+                                "to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self, remove_created: bool = False) -> None:
+        """Unlock; with remove_created, also delete the folders acquire() created (nothing was written yet)."""
+        if self.fd is not None:
+            if remove_created and self.created is not None:
+                shutil.rmtree(self.created, ignore_errors=True)
+            os.close(self.fd)
+            self.fd = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+_hook_counts: dict[str, int] = {}
+
+
+def hook(phase: str) -> None:
+    """Test hooks, off unless set: TOKENEFF_TEST_PAUSE=seconds sleeps at every phase of a checkpoint save
+    (widening the windows a random kill can land in); TOKENEFF_TEST_KILL_AT=phase[:n] SIGKILLs this process
+    the n-th time (default 1st) it reaches `phase` (tests/test_killloop.py)."""
+    pause = os.environ.get("TOKENEFF_TEST_PAUSE")
+    if pause:
+        time.sleep(float(pause))
+    kill_at = os.environ.get("TOKENEFF_TEST_KILL_AT")
+    if kill_at:
+        name, _, n = kill_at.partition(":")
+        if name == phase:
+            _hook_counts[phase] = _hook_counts.get(phase, 0) + 1
+            if _hook_counts[phase] == int(n or 1) and os.environ.get("RANK", "0") == "0":
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: so that renames in it reach the disk)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path, meta: dict[str, Any]) -> None:
+    """Every file's size and hash, then the manifest itself (atomically): a folder with a valid manifest whose
+    files all match is complete."""
+    files = {}
+    for p in _files(folder):
+        fsync_path(p)
+        files[p.relative_to(folder).as_posix()] = dict(size=p.stat().st_size, sha256=_sha256(p))
+    for d in {p.parent for p in _files(folder)} | {folder}:
+        fsync_path(d)
+    write_json(folder / MANIFEST, dict(meta, files=files))
+    fsync_path(folder)
+
+
+def verify(folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """(manifest, "") if `folder` is a complete checkpoint, else (None, why)."""
+    if not folder.is_dir():
+        return None, "missing"
+    man = _read_json(folder / MANIFEST)
+    if not isinstance(man, dict) or not isinstance(man.get("files"), dict) or not isinstance(man.get("step"), int):
+        return None, "no complete manifest.json"
+    for rel, info in man["files"].items():
+        p = folder / rel
+        if not p.is_file():
+            return None, f"{rel} is missing"
+        if p.stat().st_size != info.get("size"):
+            return None, f"{rel} has {p.stat().st_size} bytes, the manifest says {info.get('size')}"
+        if _sha256(p) != info.get("sha256"):
+            return None, f"{rel} does not match its hash"
+    return man, ""
+
+
+def _legacy(folder: Path) -> dict[str, Any] | None:
+    """A checkpoint written before manifests existed (state.json, rng.pt, optimizer.pt, adapter/)."""
+    st = _read_json(folder / "state.json")
+    need = ("rng.pt", "optimizer.pt", "adapter/adapter_model.safetensors")
+    if isinstance(st, dict) and isinstance(st.get("step"), int) and all((folder / n).is_file() for n in need) \
+            and not (folder / MANIFEST).exists():
+        return dict(step=st["step"], legacy=True, num_processes=1)
+    return None
+
+
+def _rmtree(path: Path) -> None:
+    """Delete a folder file by file (the test hook can pause in the middle: a kill then leaves half of it)."""
+    if not path.exists():
+        return
+    for i, p in enumerate(sorted(path.rglob("*"), key=lambda p: -len(p.parts))):
+        if p.is_dir() and not p.is_symlink():
+            p.rmdir()
+        else:
+            p.unlink()
+        if i == 0:
+            hook("removing")
+    path.rmdir()
+
+
+def recover_checkpoints(out: Path) -> dict[str, Any] | None:
+    """Called at start under the lock: make `checkpoint/` the newest complete checkpoint (finishing a swap a kill
+    interrupted, or falling back to the previous one), delete leftovers; return its manifest or None."""
+    found: dict[str, tuple[dict[str, Any] | None, str]] = {}
+    for name in (CKPT, PREV, TMP):
+        if (out / name).exists():
+            found[name] = verify(out / name)
+    if CKPT in found and found[CKPT][0] is None:
+        legacy = _legacy(out / CKPT)
+        if legacy:
+            found[CKPT] = (legacy, "")
+    if (out / LEGACY_OLD).exists():
+        found[LEGACY_OLD] = (_legacy(out / LEGACY_OLD), "leftover")
+    complete = {n: m for n, (m, _) in found.items() if m is not None}
+    best = max(complete, key=lambda n: (complete[n]["step"], n == CKPT), default=None)
+    if CKPT in found and found[CKPT][0] is None:
+        alt = f"using {best}/ (step {complete[best]['step']}) instead" if best else "removed it; no complete checkpoint is left"
+        say(f"{out / CKPT}/ is incomplete or corrupt ({found[CKPT][1]}): {alt}")
+    if best == TMP:  # killed during a swap: finish it
+        _rmtree(out / PREV)
+        if CKPT in complete:
+            os.replace(out / CKPT, out / PREV)
+        else:
+            _rmtree(out / CKPT)
+        os.replace(out / TMP, out / CKPT)
+    elif best in (PREV, LEGACY_OLD):
+        _rmtree(out / CKPT)
+        os.replace(out / best, out / CKPT)
+    elif best is None:
+        _rmtree(out / CKPT)  # corrupt, and nothing to fall back to
+    for name in (TMP, LEGACY_OLD):
+        _rmtree(out / name)
+    if (out / PREV).exists() and verify(out / PREV)[0] is None:
+        _rmtree(out / PREV)
+    fsync_path(out)
+    return complete[best] if best else None
+
+
+def start_save(out: Path) -> Path:
+    """A fresh checkpoint.tmp/ (rank 0, before the ranks write their parts)."""
+    tmp = out / TMP
+    _rmtree(tmp)
+    (tmp / "adapter").mkdir(parents=True)
+    return tmp
+
+
+def finish_save(out: Path, meta: dict[str, Any]) -> None:
+    """Manifest last, then the swap. Invariant before and after: checkpoint/ (if any) is complete."""
+    tmp = out / TMP
+    hook("written")
+    write_manifest(tmp, meta)
+    hook("manifest")
+    _rmtree(out / PREV)
+    hook("prev-removed")
+    if (out / CKPT).exists():
+        os.replace(out / CKPT, out / PREV)
+        hook("moved")
+    os.replace(tmp, out / CKPT)
+    fsync_path(out)
+    hook("swapped")
+
+
+def disk_error(e: OSError, what: str) -> TokeneffError:
+    return TokeneffError(f"could not write {what} ({e.strerror or e}): the last complete checkpoint is intact; "
+                         "free space or fix the folder, then --resume")
