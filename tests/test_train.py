@@ -71,7 +71,7 @@ def test_training_raises_reward(tiny_cfg, toy_task, algo):
     assert last > first + 0.3, (first, last)
 
 
-def test_same_seed_same_metrics_and_resume_continues_identically(tiny_cfg, tmp_path):
+def test_same_seed_same_metrics_and_resume_continues_identically(tiny_cfg, tmp_path, capsys):
     a = tiny_cfg(steps=4, out=str(tmp_path / "a"), save_every=2, eval_every=2)
     b = tiny_cfg(steps=4, out=str(tmp_path / "b"), save_every=2, eval_every=2)
     train(a, progress=False)
@@ -84,9 +84,44 @@ def test_same_seed_same_metrics_and_resume_continues_identically(tiny_cfg, tmp_p
     train(c, progress=False)
     with (tmp_path / "c" / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 3, "reward_mean": 123}) + "\n")
+        f.write(json.dumps({"step": 4, "reward_mean": 0.5})[:17])  # a torn last line (full disk, kill)
     (tmp_path / "c" / "final.json").unlink()
+    capsys.readouterr()
     train(tiny_cfg(steps=4, out=str(tmp_path / "c"), save_every=2, eval_every=2), resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "dropped a torn last line (line 5" in err and "resuming from step 2" in err
     assert _strip_timing(_metrics(tmp_path / "c")) == ref
+
+
+def test_resume_without_checkpoint_says_so_and_never_duplicates_rows(tiny_cfg, capsys):
+    cfg = tiny_cfg(steps=2)
+    train(cfg, progress=False)
+    run = __import__("pathlib").Path(cfg.out)
+    ref = _strip_timing(_metrics(run))
+    import shutil
+
+    shutil.rmtree(run / "checkpoint")
+    shutil.rmtree(run / "checkpoint.prev")
+    (run / "final.json").unlink()
+    capsys.readouterr()
+    train(cfg, resume=True, progress=False)
+    assert "no checkpoint in" in capsys.readouterr().err
+    assert _strip_timing(_metrics(run)) == ref  # steps 0, 1, 2 once each
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tiny_cfg, capsys):
+    cfg = tiny_cfg(steps=3)
+    train(cfg, progress=False)
+    run = __import__("pathlib").Path(cfg.out)
+    ref = _strip_timing(_metrics(run))
+    (run / "checkpoint" / "optimizer.pt").write_bytes(b"garbage")  # bit rot, a bad disk
+    (run / "final.json").unlink()
+    capsys.readouterr()
+    train(cfg, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "incomplete or corrupt (optimizer.pt has 7 bytes" in err and "using checkpoint.prev/ (step 2)" in err
+    assert "resuming from step 2" in err
+    assert _strip_timing(_metrics(run)) == ref
 
 
 def test_refuses_to_mix_runs(tiny_cfg):
@@ -94,9 +129,38 @@ def test_refuses_to_mix_runs(tiny_cfg):
     train(cfg, progress=False)
     with pytest.raises(TokeneffError, match="already holds a run"):
         train(cfg, progress=False)
-    with pytest.raises(TokeneffError, match="holds a different run"):
+    with pytest.raises(TokeneffError, match="holds a different run: algo='sgrpo' there, 'grpo' now"):
         train(tiny_cfg(steps=1, algo="grpo"), resume=True, progress=False)
+    with pytest.raises(TokeneffError, match="holds a different run: lr=0.01 there, 0.02 now"):
+        train(tiny_cfg(steps=2, lr=0.02), resume=True, progress=False)
+    # keys that do not change the trajectory may change on resume
+    final = train(tiny_cfg(steps=2, eval_limit=2, eval_batch_size=2, save_every=3, threads=1), resume=True,
+                  progress=False)
+    assert final["steps_done"] == 2
     train(tiny_cfg(steps=1, algo="grpo"), overwrite=True, progress=False)
+
+
+def test_concurrent_resume_is_refused_naming_the_holder(tmp_path, capsys):
+    from tokeneff.cli import main
+
+    args = ["train", "--model", "tiny-random", "--task", "multiplication", "--steps", "500", "--out",
+            str(tmp_path / "r"), "digits_a=1", "digits_b=1", "group_size=4", "prompts_per_step=2", "max_new_tokens=8",
+            "eval_limit=4", "save_every=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "tokeneff.cli"] + args, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        metrics = tmp_path / "r" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            time.sleep(0.1)
+        assert main(args + ["--resume"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"is in use by process {proc.pid}" in err and len(err.splitlines()) == 1
+    finally:
+        proc.kill()
+        proc.wait()
+    steps = [r["step"] for r in _metrics(tmp_path / "r")]
+    assert len(steps) == len(set(steps))
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tiny_cfg, tmp_path):
