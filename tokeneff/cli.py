@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             over = parse_overrides(args.overrides)
             for k in ("algo", "task", "model", "steps", "out", "seed"):
                 if getattr(args, k) is not None:
+                    _no_collision(over, k, getattr(args, k))
                     over[k] = getattr(args, k)
             cfg = make_config(args.profile, args.config, over)
             install_sigterm_handler()
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluate import evaluate
 
             over = parse_overrides(args.overrides)
+            for k, flag in (("task", "--task"), ("model", "--model"), ("profile", "--profile"),
+                            ("eval_limit", "--limit"), ("out", "--out")):
+                if k in over:
+                    raise TokeneffError(f"override '{k}={over[k]}' collides with evaluate's {flag}: use {flag}")
             res = evaluate(task=args.task, model=args.model, adapter=args.adapter, split=args.split,
                            limit=args.limit, out=args.out, profile=args.profile, **over)
             print(f"{res['task']} {args.split}: accuracy {res['accuracy']:.3f} on {res['n']} problems -> {args.out}")
@@ -106,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             use = f"{ws.model}+sft" if ws == default_config(ws.model) else str(path)
             print(f"warm start: {path}\nrecipe hash: {recipe_hash(ws)}; train or evaluate it as model={use}")
         elif args.command == "bench":
+            from .rundir import check_out_folder
+
+            check_out_folder(args.out)  # before the compute
             if args.decode_limit:
                 from .decode_limit import decode_limit
 
@@ -124,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _no_collision(over: dict, key: str, flag_value) -> None:
+    if key in over and str(over[key]) != str(flag_value):
+        raise TokeneffError(f"override '{key}={over[key]}' collides with --{key} {flag_value}: give it once")
 
 
 if __name__ == "__main__":

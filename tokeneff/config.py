@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,10 @@ ALGOS = ("grpo", "sgrpo", "tspmo")
 TASKS = ("svamp", "multiplication")
 PROFILES = ("embedded", "paper")
 BACKENDS = ("tokeneff", "hf", "hf-static")  # rollout backends (rollout.sample)
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+MAX_LR = 1.0
+MAX_SEED = 2**32 - 3  # numpy seeds must be < 2**32; the loop also uses seed + 1 and seed + 2
+PATH_KEYS = ("out", "svamp_dir")  # `~` is expanded in these (and in a model given as a path)
 
 
 @dataclass
@@ -148,6 +153,14 @@ class TrainConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise bad(name, "must be a positive number")
+        # past these the sampler's softmax overflows (temperature) or the first update destroys the model (lr)
+        if not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:
+            raise bad("temperature", f"must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE:g} "
+                                     "(held-out evaluation is greedy already)")
+        if self.lr > MAX_LR:
+            raise bad("lr", f"must be at most {MAX_LR:g} (LoRA learning rates are around 1e-5 to 1e-3)")
+        if self.seed > MAX_SEED:
+            raise bad("seed", f"must be at most {MAX_SEED} (numpy's seed range, less the two derived seeds)")
         for name in ("digits_a", "digits_b"):
             if not 1 <= getattr(self, name) <= 12:
                 raise bad(name, "must be between 1 and 12")
@@ -207,6 +220,13 @@ def _coerce(name: str, raw: Any) -> Any:
     """Convert a CLI/YAML value to the field's type, with a one-line error on failure."""
     default = getattr(TrainConfig, name, None)
     kind = type(default) if default is not None else str
+    if raw is None:
+        raise ConfigError(f"{name}: null is not a value (leave the key out for the default, {default!r})")
+    if isinstance(raw, (list, tuple)) and name == "lora_targets" and all(isinstance(x, str) for x in raw):
+        raw = ",".join(raw)  # a YAML list of module names
+    if isinstance(raw, (list, tuple, dict, set)):
+        what = "a mapping" if isinstance(raw, dict) else "a list"
+        raise ConfigError(f"{name}={raw!r}: expected {kind.__name__}, got {what}")
     if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
         return raw
     text = str(raw).strip()
@@ -241,21 +261,40 @@ def make_config(profile: str = "embedded", file: str | None = None,
     if profile not in PROFILES:
         raise ConfigError(f"profile={profile!r}: must be one of {', '.join(PROFILES)}")
     values: dict[str, Any] = dict(PROFILE_DEFAULTS[profile], profile=profile)
-    if file:
-        values.update(load_config_file(file))
-    values.update(overrides or {})
+    given: dict[str, Any] = dict(load_config_file(file)) if file else {}
+    given.update(overrides or {})
+    if str(given.get("profile", profile)) != profile:  # a profile is a set of defaults, chosen before the rest
+        where = f"config file {file!r}" if file and "profile" not in (overrides or {}) else "the overrides"
+        raise ConfigError(f"profile={given['profile']!r} in {where} while the profile is {profile!r}: choose it "
+                          f"with --profile {given['profile']} (or make_config(profile=...))")
+    values.update(given)
     for key in values:
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {key!r} is not a name (keys are config fields such as group_size)")
         if key not in FIELD_NAMES:
             raise unknown_key_error(key)
-    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    coerced = {k: _coerce(k, v) for k, v in values.items()}
+    for k in PATH_KEYS:
+        if isinstance(coerced.get(k), str) and coerced[k].startswith("~"):
+            coerced[k] = os.path.expanduser(coerced[k])
+    if isinstance(coerced.get("model"), str) and coerced["model"].startswith("~"):
+        coerced["model"] = os.path.expanduser(coerced["model"])
+    cfg = TrainConfig(**coerced)
     return cfg.validate()
 
 
 def load_config_file(path: str) -> dict[str, Any]:
-    p = Path(path)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"config file {path!r} is a folder: name a YAML or JSON file")
     if not p.is_file():
         raise ConfigError(f"config file {path!r} does not exist")
-    text = p.read_text()
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path!r} is not a text file (expected YAML or JSON)") from None
+    if "\x00" in text:
+        raise ConfigError(f"config file {path!r} is not a text file (expected YAML or JSON)")
     try:
         if p.suffix == ".json":
             data = json.loads(text)

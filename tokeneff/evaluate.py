@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,27 +36,38 @@ def evaluate_model(model, tokenizer, task: Task, problems: list[Problem], batch_
 def evaluate(task: str = "svamp", model: str = "smollm2-135m", adapter: str | None = None,
              split: str = "test", limit: int = 0, out: str | None = None, profile: str = "embedded",
              progress: bool = True, **overrides) -> dict[str, Any]:
-    """Accuracy of `model` (optionally with a LoRA adapter directory) on a task split; JSON to `out`."""
+    """Accuracy of `model` (optionally with a LoRA adapter: a run's adapter/ folder, or the run folder) on a task
+    split; JSON to `out`. Every input and the output path are checked before the model is loaded."""
+    from .checks import check_model_path
     from .models import load_model
+    from .rundir import check_out_file
 
     cfg = make_config(profile, overrides=dict(task=task, model=model, **overrides))
     if limit < 0:
         raise TokeneffError(f"limit={limit}: must not be negative")
+    if out:
+        out = str(check_out_file(out, "out"))
     t = make_task(cfg)
     problems = t.problems(split)
+    if not problems:
+        raise TokeneffError(f"task {cfg.task!r}: its {split} split is empty")
     problems = problems[:limit] if limit else problems
+    adapter_dir = _adapter_dir(adapter, cfg.model) if adapter else None
+    check_model_path(cfg.model)
     torch.manual_seed(cfg.seed)
     if not torch.cuda.is_available():
         set_threads(cfg.threads)
     lm, tok = load_model(cfg.model)
-    if adapter:
-        from pathlib import Path
-
+    if adapter_dir:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise TokeneffError(f"adapter={adapter!r}: no adapter_config.json there (a run's adapter/ folder)")
-        lm = PeftModel.from_pretrained(lm, adapter)
+        try:
+            lm = PeftModel.from_pretrained(lm, str(adapter_dir))
+        except (RuntimeError, ValueError, KeyError) as e:
+            base = _adapter_base(adapter_dir)
+            raise TokeneffError(f"adapter={adapter!r} does not fit model={cfg.model!r}"
+                                f"{f' (it was trained on {base!r})' if base else ''}: "
+                                f"{str(e).strip().splitlines()[-1][:160]}") from None
     if torch.cuda.is_available():
         lm = lm.to("cuda")
     result = evaluate_model(lm, tok, t, problems, cfg.eval_batch_size,
@@ -63,3 +76,30 @@ def evaluate(task: str = "svamp", model: str = "smollm2-135m", adapter: str | No
     if out:
         write_json(out, result)
     return result
+
+
+def _adapter_dir(adapter: str, model: str) -> Path:
+    """The adapter folder (a run folder is accepted for its adapter/), checked against the run's base model."""
+    p = Path(adapter).expanduser()
+    if not (p / "adapter_config.json").is_file() and (p / "adapter" / "adapter_config.json").is_file():
+        p = p / "adapter"
+    if not (p / "adapter_config.json").is_file():
+        raise TokeneffError(f"adapter={adapter!r}: no adapter_config.json there (a run's adapter/ folder)")
+    run_cfg = _read_json(p.parent / "config.json")
+    if isinstance(run_cfg, dict) and isinstance(run_cfg.get("model"), str) and "algo" in run_cfg \
+            and run_cfg["model"] != model:
+        raise TokeneffError(f"adapter={adapter!r} was trained on model={run_cfg['model']!r} "
+                            f"({p.parent / 'config.json'}), not {model!r}: pass --model {run_cfg['model']}")
+    return p
+
+
+def _adapter_base(p: Path) -> str | None:
+    cfg = _read_json(p / "adapter_config.json")
+    return cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -382,7 +382,8 @@ def recover_checkpoints(out: Path) -> dict[str, Any] | None:
     complete = {n: m for n, (m, _) in found.items() if m is not None}
     best = max(complete, key=lambda n: (complete[n]["step"], n == CKPT), default=None)
     if CKPT in found and found[CKPT][0] is None:
-        alt = f"using {best}/ (step {complete[best]['step']}) instead" if best else "removed it; no complete checkpoint is left"
+        alt = (f"using {best}/ (step {complete[best]['step']}) instead" if best
+               else "removed it; no complete checkpoint is left")
         say(f"{out / CKPT}/ is incomplete or corrupt ({found[CKPT][1]}): {alt}")
     if best == TMP:  # killed during a swap: finish it
         _rmtree(out / PREV)

@@ -26,6 +26,10 @@ class Task:
     shots: tuple[tuple[str, str], ...] = ()  # (question, worked answer) pairs, none from the test set
 
     def __init__(self, num_shots: int = 2):
+        if num_shots > len(self.shots):
+            from ..config import ConfigError
+
+            raise ConfigError(f"num_shots={num_shots}: the {self.name} task has {len(self.shots)} worked examples")
         self.num_shots = num_shots
 
     def problems(self, split: str) -> list[Problem]:

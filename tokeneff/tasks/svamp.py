@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 import re
@@ -45,7 +46,7 @@ def load_svamp(path: str) -> tuple[Problem, ...]:
         raise ConfigError(f"SVAMP file {str(file)!r} is not valid JSON: {e}") from None
     if not isinstance(records, list) or not records:
         raise ConfigError(f"SVAMP file {str(file)!r} must hold a non-empty list of problems")
-    out = []
+    out, first_at = [], {}
     for i, r in enumerate(records):
         missing = [k for k in REQUIRED if not isinstance(r, dict) or k not in r]
         if missing:
@@ -55,6 +56,12 @@ def load_svamp(path: str) -> tuple[Problem, ...]:
         except (TypeError, ValueError):
             raise ConfigError(f"SVAMP file {str(file)!r}: record {r['ID']!r} has non-numeric "
                               f"Answer {r['Answer']!r}") from None
+        if not math.isfinite(answer):
+            raise ConfigError(f"SVAMP file {str(file)!r}: record {r['ID']!r} has non-finite Answer {r['Answer']!r}")
+        if str(r["ID"]) in first_at:
+            raise ConfigError(f"SVAMP file {str(file)!r}: ID {str(r['ID'])!r} appears twice (records "
+                              f"{first_at[str(r['ID'])]} and {i})")
+        first_at[str(r["ID"])] = i
         body, question = str(r["Body"]).strip(), str(r["Question"]).strip()
         out.append(Problem(id=str(r["ID"]), question=f"{body} {question}", answer=answer))
     return tuple(out)
@@ -101,10 +108,13 @@ class SVAMP(Task):
         check_split(split)
         allp = load_svamp(str(self.dir))
         test_ids = set(shipped_test_ids())
-        if split == "test":
-            return [p for p in allp if p.id in test_ids]
-        train = [p for p in allp if p.id not in test_ids]
-        return train + load_mawps_asdiv(self.dir) if self.extra_train else train
+        chosen = [p for p in allp if (p.id in test_ids) == (split == "test")]
+        if not chosen:
+            file = self.dir / "SVAMP.json" if self.dir.is_dir() else self.dir
+            which = ("none of its IDs is" if split == "test" else "all of its IDs are")
+            raise ConfigError(f"SVAMP file {str(file)!r}: the {split} split is empty ({which} in the shipped test-ID "
+                              "list tokeneff/tasks/splits/svamp_test_ids.txt, which fixes the split)")
+        return chosen + load_mawps_asdiv(self.dir) if split == "train" and self.extra_train else chosen
 
 
 def shipped_test_ids() -> list[str]:
