@@ -4,7 +4,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 # CPU build for CI and laptops. GPU users: make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH   ?= torch==2.13.0
-NB      := 01_svamp 02_multiplication 03_ablation_full_vs_selective 04_memory_and_speed
+NB      := 01_svamp 02_multiplication 03_ablation_full_vs_selective 04_memory_and_speed 05_trl
 
 .PHONY: setup reproduce reproduce-full test test-slow smoke lab bench bench-all bench-gpu gpu-session lint clean summary
 
