@@ -33,6 +33,7 @@ def _cfg(out, steps):
 
 def _child(out, steps, env):
     os.environ.update(env)
+    torch.cuda.is_available = lambda: False  # CPU, like the reference: a forked child must not touch CUDA
     try:
         train(_cfg(out, steps), resume=True, progress=False)
     except BaseException:  # noqa: BLE001 - report through the exit code only
@@ -49,7 +50,8 @@ def _comparable(run: Path):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows], final, adapter
 
 
-def _kill_loop(tmp_path, steps, n_phase, n_random, seed):
+def _kill_loop(tmp_path, steps, n_phase, n_random, seed, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the children fork from this process
     rng = random.Random(seed)
     clean = tmp_path / "clean"
     train(_cfg(clean, steps), progress=False)
@@ -94,8 +96,8 @@ def _kill_loop(tmp_path, steps, n_phase, n_random, seed):
     return kills
 
 
-def test_kill_loop_thirty_kills(tmp_path):
+def test_kill_loop_thirty_kills(tmp_path, monkeypatch):
     """>= 20 SIGKILLs (32 here: every save phase plus 24 random instants, windows widened), resumed each time;
     about 50 s on a loaded 2-core CPU."""
-    kills = _kill_loop(tmp_path, steps=60, n_phase=len(PHASES), n_random=24, seed=1)
+    kills = _kill_loop(tmp_path, steps=60, n_phase=len(PHASES), n_random=24, seed=1, monkeypatch=monkeypatch)
     assert kills >= 20
