@@ -259,3 +259,16 @@ def test_evaluate_accepts_a_run_folder_as_adapter(tmp_path, tiny_cfg, capsys):
                  "--adapter", cfg.out, "--out", str(tmp_path / "e.json"), "digits_a=1", "digits_b=1",
                  "max_new_tokens=4"]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 1
+
+
+def test_rerun_with_other_settings_never_relabels_a_finished_run(tiny_cfg):
+    """What experiments.run_grid meets when a notebook is rerun with other parameters over runs on disk."""
+    cfg = tiny_cfg(steps=2)
+    train(cfg, progress=False)
+    assert train(cfg, resume=True, progress=False)["steps_done"] == 2  # same settings: its results, at once
+    with pytest.raises(TokeneffError, match="finished at step 2; steps=1 asks for fewer"):
+        train(tiny_cfg(steps=1), resume=True, progress=False)
+    with pytest.raises(TokeneffError, match="finished with eval_limit=4 .*; eval_limit=2 now would mislabel them"):
+        train(tiny_cfg(steps=2, eval_limit=2), resume=True, progress=False)
+    with pytest.raises(TokeneffError, match="holds a different run: lr=0.01 there, 0.02 now"):
+        train(tiny_cfg(steps=2, lr=0.02), resume=True, progress=False)

@@ -308,6 +308,7 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
     if resume and kind == "run" and (out / "final.json").is_file():
         final = json.loads((out / "final.json").read_text())
         if final.get("steps_done", 0) >= cfg.steps and final.get("algo") == cfg.algo:
+            _check_finished_run(out, final, cfg)
             if progress and main:
                 say(f"{out} finished at step {final['steps_done']}: nothing to resume")
             return final
@@ -321,6 +322,21 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
     finally:
         if lock is not None:  # a folder this call created is removed again if the run never started
             lock.release(remove_created=not (out / "config.json").is_file())
+
+
+# A finished run's results were measured with these: returning them for other values would mislabel them.
+RESULT_KEYS = ("eval_limit", "eval_max_new_tokens", "eval_every", "eval_at_start")
+
+
+def _check_finished_run(out: Path, final: dict[str, Any], cfg: TrainConfig) -> None:
+    if final["steps_done"] > cfg.steps:
+        raise TokeneffError(f"out={str(out)!r} finished at step {final['steps_done']}; steps={cfg.steps} asks for "
+                            "fewer, which its results cannot show: use another --out")
+    old = json.loads((out / "config.json").read_text())
+    for k in RESULT_KEYS:
+        if k in old and old[k] != getattr(cfg, k):
+            raise TokeneffError(f"out={str(out)!r} finished with {k}={old[k]!r} (its results were measured so); "
+                                f"{k}={getattr(cfg, k)!r} now would mislabel them: use another --out")
 
 
 def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, overwrite: bool,
