@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,14 @@ def evaluate(task: str = "svamp", model: str = "smollm2-135m", adapter: str | No
             lm = PeftModel.from_pretrained(lm, str(adapter_dir))
         except (RuntimeError, ValueError, KeyError) as e:
             base = _adapter_base(adapter_dir)
+            size = r"torch\.Size\(\[([^\]]*)\]\)"
+            m = re.search(rf"size mismatch for (\S+): copying a param with shape {size} .*? current model is {size}",
+                          str(e))
+            why = (f"{m.group(1)} has shape [{m.group(2)}] in the adapter, [{m.group(3)}] in the model" if m
+                   else str(e).strip().splitlines()[-1][:160])
             raise TokeneffError(f"adapter={adapter!r} does not fit model={cfg.model!r}"
-                                f"{f' (it was trained on {base!r})' if base else ''}: "
-                                f"{str(e).strip().splitlines()[-1][:160]}") from None
+                                f"{f' (it was trained on {base!r})' if base else ' (another base model?)'}: "
+                                f"{why}") from None
     if torch.cuda.is_available():
         lm = lm.to("cuda")
     result = evaluate_model(lm, tok, t, problems, cfg.eval_batch_size,

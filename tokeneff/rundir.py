@@ -105,9 +105,11 @@ def nearest_existing(path: Path) -> Path:
     return p
 
 
-def check_writable(path: Path, what: str) -> None:
-    """`path` (a folder, existing or to be created) can be created and written: one line if not."""
+def check_writable(path: Path, what: str, shown: str | None = None) -> None:
+    """`path` (a folder, existing or to be created) can be created and written: one line if not. `shown`: the
+    value to name in the message (default: path)."""
     anc = nearest_existing(path)
+    path = shown if shown is not None else str(path)
     if not anc.is_dir():
         raise TokeneffError(f"{what}={str(path)!r}: {str(anc)!r} is a file, not a folder")
     try:
@@ -125,7 +127,7 @@ def check_out_file(out: str, what: str = "out") -> Path:
         raise TokeneffError(f"{what}={out!r} is a folder: name a JSON file, e.g. {str(p / 'eval.json')!r}")
     if not p.name or out.endswith(("/", os.sep)):
         raise TokeneffError(f"{what}={out!r}: name a file, e.g. eval.json")
-    check_writable(p.parent, what)
+    check_writable(p.parent, what, out)
     if p.exists() and not os.access(p, os.W_OK):
         raise TokeneffError(f"{what}={out!r}: the file is not writable")
     return p
