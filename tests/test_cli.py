@@ -42,6 +42,8 @@ def test_bad_input_is_one_line_exit_2(argv, needle, tmp_path, capsys, monkeypatc
 
 def test_unreachable_hub_id_says_how_to_fix(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # read at import: without this the hub client still tries the network and waits out its retries (~45 s)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     code = main(["train", "--model", "someone/not-cached-model", "--steps", "1", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and "someone/not-cached-model" in err and "smollm2-135m" in err and "local path" in err

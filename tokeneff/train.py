@@ -42,6 +42,7 @@ from .rundir import (
     clear_run,
     disk_error,
     finish_save,
+    fsync_path,
     hook,
     recover_checkpoints,
     say,
@@ -432,6 +433,7 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
                 accel.unwrap_model(policy_lp).model.save_pretrained(out / TMP / "adapter")
                 torch.save(optimizer.state_dict(), out / TMP / "optimizer.pt")
                 write_json(out / TMP / "state.json", dict(step=step, evals=evals, num_processes=world))
+                fsync_path(out / "metrics.jsonl")  # the rows this checkpoint covers reach the disk before it does
                 finish_save(out, dict(format=RUN_FORMAT, step=step, num_processes=world))
         except OSError as e:
             raise disk_error(e, f"the checkpoint of step {step} in {out}") from None
