@@ -217,8 +217,11 @@ FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 
 
 def _coerce(name: str, raw: Any) -> Any:
-    """Convert a CLI/YAML value to the field's type, with a one-line error on failure."""
-    default = getattr(TrainConfig, name, None)
+    return coerce(name, raw, getattr(TrainConfig, name, None))
+
+
+def coerce(name: str, raw: Any, default: Any) -> Any:
+    """Convert a CLI/YAML value to the type of the field's default, with a one-line error on failure."""
     kind = type(default) if default is not None else str
     if raw is None:
         raise ConfigError(f"{name}: null is not a value (leave the key out for the default, {default!r})")

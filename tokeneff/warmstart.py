@@ -37,7 +37,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, coerce
 from .tasks.answer import is_correct
 from .tasks.base import format_number
 
@@ -101,26 +101,8 @@ def make_warmstart_config(overrides: dict[str, Any] | None = None) -> WarmStartC
 
             near = difflib.get_close_matches(key, FIELD_NAMES, n=1)
             raise ConfigError(f"unknown warm-start key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-        values[key] = _coerce(key, raw)
+        values[key] = coerce(key, raw, getattr(WarmStartConfig, key))
     return WarmStartConfig(**values).validate()
-
-
-def _coerce(name: str, raw: Any) -> Any:
-    kind = type(getattr(WarmStartConfig, name))
-    if isinstance(raw, kind) and not isinstance(raw, bool):
-        return raw
-    text = str(raw).strip()
-    try:
-        if kind is int:
-            f = float(text)
-            if not f.is_integer():
-                raise ValueError
-            return int(f)
-        if kind is float:
-            return float(text)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected {kind.__name__}") from None
-    return text
 
 
 def default_config(base: str) -> WarmStartConfig:
