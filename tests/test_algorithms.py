@@ -96,3 +96,95 @@ def test_last_branch_points_for_replay():
     comps = [[1, 2, 3, 9], [1, 2, 4], [1, 5], [6], [1, 2, 3, 9]]
     assert last_branch_points(comps) == [2, 2, 1, 0, 2]
     assert last_branch_points([[1, 2], [1, 2]]) == [-1, -1]
+
+
+class FixedInts:
+    """An rng whose randint/randrange return given values and record the ranges asked for."""
+
+    def __init__(self, floats=(), ints=()):
+        self.floats, self.ints, self.asked = list(floats), list(ints), []
+
+    def random(self):
+        self.asked.append("random")
+        return self.floats.pop(0)
+
+    def randint(self, lo, hi):
+        self.asked.append(("randint", lo, hi))
+        return self.ints.pop(0)
+
+    def randrange(self, n):
+        self.asked.append(("randrange", n))
+        return self.ints.pop(0)
+
+
+def test_replay_cut_is_past_the_last_branch_point():
+    from tokeneff.algorithms.tspmo import replay_cut
+
+    tokens = [10, 11, 12, 13, 14, 15]
+    rng = FixedInts(ints=[3])
+    # the group parted at position 2: the cut lies in [3, 5], so the replayed group must choose position 3 onwards
+    # itself and at least one token (15) is left to generate
+    assert replay_cut(tokens, 2, rng) == [10, 11, 12]
+    assert rng.asked == [("randint", 3, 5)]
+    rng = FixedInts(ints=[5])
+    assert replay_cut(tokens, 2, rng) == [10, 11, 12, 13, 14]
+    # a branch at the last token (or none past it) still leaves one token to generate
+    rng = FixedInts(ints=[5])
+    assert replay_cut(tokens, 5, rng) == tokens[:5] and rng.asked == [("randint", 5, 5)]
+    rng = FixedInts(ints=[0])
+    assert replay_cut(tokens, -1, rng) == [] and rng.asked == [("randint", 0, 5)]  # no branch: anywhere
+
+
+def _sampler(**over):
+    from tokeneff.algorithms.tspmo import ReplaySampler
+
+    cfg = SimpleNamespace(**dict(dict(algo="tspmo", replay="on", task="svamp", replay_fraction=0.5,
+                                      replay_buffer_size=3, seed=0), **over))
+    return ReplaySampler(cfg)
+
+
+def test_replay_sampler_records_successes_with_shifted_branch_points_and_replays_them():
+    s = _sampler()
+    assert s.pick() is None  # empty buffer: no draw at all
+    # a group of problem 7 that started from prefix [1, 2]: c0 and c2 succeed
+    comps, rewards = [[3, 4, 5, 6], [3, 4, 9], [3, 8], [7]], [1.0, 0.0, 0.5, 0.0]
+    s.record(7, [1, 2], comps, rewards)
+    # last branch points within the group: c0 -> 2 (parts from c1 at 2), c2 -> 1; shifted by the prefix's 2
+    assert s.buffer == [(7, [1, 2, 3, 4, 5, 6], 4), (7, [1, 2, 3, 8], 3)]
+    assert s.metrics() == {"replay_buffer": 2}
+    s.rng = FixedInts(floats=[0.4], ints=[0, 5])  # 0.4 < fraction 0.5: replay entry 0, cut at 5 (in [5, 5])
+    assert s.pick() == (7, [1, 2, 3, 4, 5])
+    assert s.rng.asked == ["random", ("randrange", 2), ("randint", 5, 5)]
+    s.rng = FixedInts(floats=[0.5])  # not below the fraction: a fresh problem
+    assert s.pick() is None
+    s.record(8, [], [[1], [2]], [1.0, 1.0])  # the buffer keeps the last replay_buffer_size = 3
+    assert [(p, t) for p, t, _ in s.buffer] == [(7, [1, 2, 3, 8]), (8, [1]), (8, [2])]
+
+
+def test_replay_sampler_switched_off_never_draws_or_keeps_anything():
+    for over in (dict(replay="off"), dict(algo="grpo"), dict(replay="auto", task="svamp")):
+        s = _sampler(**over)
+        s.rng = FixedInts()  # any draw would fail
+        s.record(0, [], [[1, 2], [1, 3]], [1.0, 0.0])
+        assert s.pick() is None and s.buffer == [] and s.metrics() == {"replay_buffer": 0}
+    assert _sampler(replay="auto", task="multiplication").active
+
+
+def test_replay_sampler_state_round_trip_including_old_json_form():
+    import json
+
+    s = _sampler(replay_fraction=1.0)
+    s.record(2, [], [[1, 2, 3], [1, 4]], [1.0, 0.0])
+    s.rng.random()
+    state = s.state_dict()
+    assert set(state) == {"replay_buf", "replay_rng"}  # the keys of a rank's checkpoint
+    for form in (state, json.loads(json.dumps(state))):  # as torch saves it, and as old JSON checkpoints hold it
+        t = _sampler(replay_fraction=1.0)
+        t.load_state_dict(form)
+        assert t.buffer == s.buffer and t.pick() == _copy(s).pick()
+
+
+def _copy(s):
+    c = _sampler(replay_fraction=1.0)
+    c.load_state_dict(s.state_dict())
+    return c

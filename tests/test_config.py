@@ -1,5 +1,6 @@
 import pytest
 
+from tokeneff.algorithms.tspmo import replay_on
 from tokeneff.config import ConfigError, make_config, parse_overrides
 
 
@@ -7,8 +8,8 @@ def test_profiles_and_overrides():
     cfg = make_config("paper")
     assert cfg.model == "Qwen/Qwen2-1.5B-Instruct" and cfg.group_size == 8 and cfg.sgrpo_alpha == 25
     cfg = make_config("embedded", overrides=parse_overrides(["beta=0", "algo=tspmo", "task=multiplication"]))
-    assert cfg.beta == 0.0 and cfg.use_replay  # replay is on by default for T-SPMO on multiplication
-    assert not make_config(overrides=dict(algo="tspmo", task="svamp")).use_replay
+    assert cfg.beta == 0.0 and replay_on(cfg)  # replay is on by default for T-SPMO on multiplication
+    assert not replay_on(make_config(overrides=dict(algo="tspmo", task="svamp")))
 
 
 @pytest.mark.parametrize("over, message", [

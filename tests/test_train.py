@@ -211,3 +211,43 @@ def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path):
     assert "--resume" in out and "Traceback" not in err
     state = json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())
     assert state["step"] >= 2
+
+
+def test_group_sampler_prefix_reaches_the_rollout_and_the_reward(tiny_cfg, monkeypatch):
+    """T-SPMO replay through the loop: a picked (problem, prefix) is sampled as prompt + prefix, and the reward
+    sees prefix + completion (dropping the prefix anywhere in the loop fails here)."""
+    from tokeneff.models import char_tokenizer
+
+    picks, contexts, texts = [], [], []
+    real_sampler, real_sample = train_mod.group_sampler, train_mod.sample
+
+    def recording_sampler(cfg):
+        s = real_sampler(cfg)
+        pick = s.pick
+        s.pick = lambda: picks.append(pick()) or picks[-1]
+        return s
+
+    class Recording(FirstDigitTask):
+        def reward(self, prompts, completions, answer, **columns):
+            texts.append(list(completions))
+            return FirstDigitTask.reward(prompts, completions, answer)
+
+    monkeypatch.setattr(train_mod, "group_sampler", recording_sampler)
+    monkeypatch.setattr(train_mod, "sample", lambda m, t, ctxs, *a, **k: contexts.append(ctxs) or real_sample(
+        m, t, ctxs, *a, **k))
+    monkeypatch.setattr(train_mod, "make_task", lambda cfg: Recording(num_shots=0))
+    cfg = tiny_cfg(algo="tspmo", replay="on", replay_fraction=1.0, steps=4, group_size=8, max_new_tokens=6,
+                   save_every=100)
+    train(cfg, progress=False)
+    tok, n, G = char_tokenizer(), cfg.prompts_per_step, cfg.group_size
+    assert len(picks) == len(contexts) * n == len(texts) * n == 4 * n
+    replayed = 0
+    for k, pick in enumerate(picks):
+        step, j = divmod(k, n)
+        if pick is None or not pick[1]:
+            continue
+        replayed += 1
+        prefix = pick[1]
+        assert contexts[step][j][-len(prefix):] == prefix
+        assert all(t.startswith(tok.decode(prefix)) for t in texts[step][j * G:(j + 1) * G])
+    assert replayed > 0, "no group was replayed from a non-empty prefix: the check above checked nothing"

@@ -92,7 +92,8 @@ class TrainConfig:
     adv_eps: float = 1e-4
     """epsilon in (r - mean) / (std + eps)"""
     replay: str = "auto"
-    """T-SPMO replay-based resampling: on | off | auto (on for multiplication, off for svamp)"""
+    """T-SPMO replay-based resampling: on | off | auto (on for multiplication, off for svamp); see
+    algorithms/tspmo.py (ReplaySampler, replay_on)"""
     replay_fraction: float = 0.5
     """share of a step's groups started from a cut successful completion, once the buffer has one"""
     replay_buffer_size: int = 256
@@ -188,9 +189,10 @@ class TrainConfig:
 
     @property
     def use_replay(self) -> bool:
-        if self.algo != "tspmo":
-            return False
-        return self.replay == "on" or (self.replay == "auto" and self.task == "multiplication")
+        """T-SPMO's replay is on for this run (the rule lives in algorithms/tspmo.py: `replay_on`)."""
+        from .algorithms.tspmo import replay_on
+
+        return replay_on(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

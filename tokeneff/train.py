@@ -1,8 +1,10 @@
 """The one training loop shared by GRPO, S-GRPO and T-SPMO.
 
-Per step: pick prompts -> sample G completions each (one batch) -> reward -> the algorithm's `select`
-gives (completion, position, advantage, weight) credits -> log-probs at the credited positions only ->
-policy-gradient loss (+ beta * KL to the adapter-free reference) -> one AdamW update of the LoRA weights.
+Per step: pick prompts (the algorithm's group sampler may restart some from a partial answer) -> sample G
+completions each (one batch) -> reward -> the algorithm's `select` gives (completion, position, advantage,
+weight) credits -> log-probs at the credited positions only -> policy-gradient loss (+ beta * KL to the
+adapter-free reference) -> one AdamW update of the LoRA weights. The loop knows no algorithm by name: it calls
+`algorithms.ALGORITHMS[cfg.algo]` and `algorithms.group_sampler(cfg)`.
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .algorithms import ALGORITHMS, Credits
-from .algorithms.tspmo import last_branch_points
+from .algorithms import ALGORITHMS, Credits, GroupSampler, group_sampler
 from .checks import check_context, check_lora_targets, check_model_path, check_precision
 from .config import TokeneffError, TrainConfig, make_config
 from .evaluate import evaluate_model
@@ -56,8 +57,10 @@ TIMING_KEYS = ("step_seconds", "rollout_seconds", "peak_memory_mb", "eval_second
 
 @dataclass
 class Group:
-    """One prompt's G completions; `prefix` is a replayed partial answer (T-SPMO) or empty."""
+    """One prompt's G completions; `prefix` is a partial answer they continue (picked by the algorithm's group
+    sampler) or empty; `index` is the problem's position in the training split."""
     problem: Problem
+    index: int
     prompt_ids: list[int]
     prefix: list[int]
 
@@ -76,8 +79,8 @@ def _set_numpy_state(s: list) -> None:
 
 
 def _load_checkpoint(out: Path, policy, optimizer, rank: int, world: int) -> dict[str, Any] | None:
-    """Every rank restores the shared parts (adapter, optimiser) and its own (data position, RNGs, replay buffer).
-    Rank 0 has already verified checkpoint/ (rundir.recover_checkpoints)."""
+    """Every rank restores the shared parts (adapter, optimiser) and its own (data position, RNGs, the group
+    sampler's state). Rank 0 has already verified checkpoint/ (rundir.recover_checkpoints)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -99,7 +102,7 @@ def _load_checkpoint(out: Path, policy, optimizer, rank: int, world: int) -> dic
     _set_numpy_state(mine["numpy_rng"])
     random.setstate(mine["python_rng"])
     return dict(step=shared["step"], evals=shared["evals"], data_pos=mine["data_pos"], bad_in_row=mine["bad_in_row"],
-                replay_buf=mine["replay_buf"], select_rng=mine["select_rng"], replay_rng=mine["replay_rng"])
+                select_rng=mine["select_rng"], sampler=mine)
 
 
 def _load_legacy_checkpoint(ck: Path, policy, optimizer, world: int) -> dict[str, Any]:
@@ -118,7 +121,7 @@ def _load_legacy_checkpoint(ck: Path, policy, optimizer, world: int) -> dict[str
     state = json.loads((ck / "state.json").read_text())
     _set_numpy_state(state.pop("numpy_rng"))
     state["select_rng"] = _rng_state_from_json(state["select_rng"])
-    state["replay_rng"] = _rng_state_from_json(state["replay_rng"])
+    state["sampler"] = state  # the group sampler's keys are among the others (its RNG state as a JSON list)
     return state
 
 
@@ -182,27 +185,23 @@ class MetricsLog:
 # the algorithm: one step
 # ----------------------------------------------------------------------------------------------------------
 
-def _pick_groups(cfg, problems, order, data_pos, tok, task, replay_buf, rng) -> tuple[list[Group], int]:
-    """prompts_per_step problems in a seeded order; with T-SPMO replay, some restart from a cut success."""
+def _pick_groups(cfg, problems, order, data_pos, tok, task, sampler: GroupSampler) -> tuple[list[Group], int]:
+    """prompts_per_step problems in a seeded order, unless the group sampler picks a (problem, prefix)."""
     groups = []
     for _ in range(cfg.prompts_per_step):
-        if cfg.use_replay and replay_buf and rng.random() < cfg.replay_fraction:
-            # Replay-based resampling: a successful completion, cut past its last trained branch point.
-            pid, tokens, last_branch = replay_buf[rng.randrange(len(replay_buf))]
-            problem = problems[pid]
-            lo = min(last_branch + 1, len(tokens) - 1)
-            cut = rng.randint(lo, len(tokens) - 1)
-            prefix = tokens[:cut]
-        else:
-            problem = problems[order[data_pos % len(order)]]
+        picked = sampler.pick()
+        if picked is None:
+            index, prefix = order[data_pos % len(order)], []
             data_pos += 1
-            prefix = []
+        else:
+            index, prefix = picked
+        problem = problems[index]
         prompt = encode_prompts(tok, [build_prompt(tok, task.messages(problem))])[0]
-        groups.append(Group(problem, prompt, prefix))
+        groups.append(Group(problem, index, prompt, prefix))
     return groups, data_pos
 
 
-def _train_step(cfg, accel, policy_lp, tok, task, groups, select_rng, problem_index) -> dict[str, Any]:
+def _train_step(cfg, accel, policy_lp, tok, task, groups, select_rng, sampler: GroupSampler) -> dict[str, Any]:
     """Rollout, credit assignment and one optimiser update; returns the step's metrics."""
     policy = accel.unwrap_model(policy_lp).model
     G = cfg.group_size
@@ -217,7 +216,7 @@ def _train_step(cfg, accel, policy_lp, tok, task, groups, select_rng, problem_in
     # --- credit assignment: the only place the algorithms differ ---
     select = ALGORITHMS[cfg.algo]
     rows, cols, adv, weight = [], [], [], []
-    zero_std, signal_groups, signal_tokens, successes = 0, 0, 0, []
+    zero_std, signal_groups, signal_tokens = 0, 0, 0
     for gi in range(len(groups)):
         sl = slice(gi * G, (gi + 1) * G)
         r = rewards[sl]
@@ -233,10 +232,7 @@ def _train_step(cfg, accel, policy_lp, tok, task, groups, select_rng, problem_in
             cols.append(t)
             adv.append(a)
             weight.append(w)
-        if cfg.use_replay:  # keep successes with their last branch point, for replay-based resampling
-            g, branch = groups[gi], last_branch_points(roll.completions[sl])
-            successes += [(problem_index[g.problem.id], g.prefix + roll.completions[gi * G + i],
-                           len(g.prefix) + branch[i]) for i in range(G) if r[i] > 0]
+        sampler.record(groups[gi].index, groups[gi].prefix, roll.completions[sl], r)
 
     # --- loss on the credited positions, micro-batched over groups ---
     device = accel.device
@@ -274,7 +270,6 @@ def _train_step(cfg, accel, policy_lp, tok, task, groups, select_rng, problem_in
     n_tokens = sum(len(c) for c in roll.completions)
     return dict(loss=loss_total, kl=kl_total, rewards=rewards, zero_std=zero_std, signal_groups=signal_groups,
                 tokens_in_loss=len(rows), tokens_total=n_tokens, tokens_in_signal_groups=signal_tokens,
-                successes=successes,
                 completion_len_mean=n_tokens / len(roll.completions),
                 clipped_ratio=sum(roll.truncated) / len(roll.truncated), rollout_seconds=rollout_s)
 
@@ -354,7 +349,6 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
             raise TokeneffError(f"task {cfg.task!r}: its {split} split is empty")
     if cfg.eval_limit:
         test_problems = test_problems[: cfg.eval_limit]
-    problem_index = {p.id: i for i, p in enumerate(train_problems)}
 
     seed_everything(cfg.seed)
     dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" and torch.cuda.is_available() else torch.float32
@@ -388,17 +382,16 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
     order_rng = random.Random(cfg.seed)
     order = list(range(len(train_problems)))
     order_rng.shuffle(order)
-    select_rng, replay_rng = random.Random(cfg.seed + 1), random.Random(cfg.seed + 2)
-    start, data_pos, bad_in_row, replay_buf = 0, accel.process_index * cfg.prompts_per_step, 0, []
+    select_rng, sampler = random.Random(cfg.seed + 1), group_sampler(cfg)
+    start, data_pos, bad_in_row = 0, accel.process_index * cfg.prompts_per_step, 0
     evals: list[dict[str, Any]] = []
     rank, world = accel.process_index, accel.num_processes
     state = _load_checkpoint(out, accel.unwrap_model(policy_lp).model, optimizer, rank, world) if resume else None
     if state:
         start, data_pos, bad_in_row = state["step"], state["data_pos"], state["bad_in_row"]
-        replay_buf = [tuple(x) for x in state["replay_buf"]]
         evals = state["evals"]
         select_rng.setstate(state["select_rng"])
-        replay_rng.setstate(state["replay_rng"])
+        sampler.load_state_dict(state["sampler"])
     if resume and main:
         if state:
             say(f"resuming from step {start} ({out / CKPT})")
@@ -422,9 +415,9 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
             if main:
                 start_save(out)
             accel.wait_for_everyone()
-            torch.save(dict(data_pos=data_pos, bad_in_row=bad_in_row, replay_buf=replay_buf,
-                            select_rng=select_rng.getstate(), replay_rng=replay_rng.getstate(),
-                            python_rng=random.getstate(), numpy_rng=_numpy_state(), torch_rng=torch.get_rng_state(),
+            torch.save(dict(data_pos=data_pos, bad_in_row=bad_in_row, select_rng=select_rng.getstate(),
+                            **sampler.state_dict(), python_rng=random.getstate(), numpy_rng=_numpy_state(),
+                            torch_rng=torch.get_rng_state(),
                             cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
                        out / TMP / f"rank{rank}.pt")
             hook("partial")
@@ -450,8 +443,8 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
         for step_i in bar:
             step = step_i + 1
             t0 = time.perf_counter()
-            groups, data_pos = _pick_groups(cfg, train_problems, order, data_pos, tok, task, replay_buf, replay_rng)
-            r = _train_step(cfg, accel, policy_lp, tok, task, groups, select_rng, problem_index)
+            groups, data_pos = _pick_groups(cfg, train_problems, order, data_pos, tok, task, sampler)
+            r = _train_step(cfg, accel, policy_lp, tok, task, groups, select_rng, sampler)
             grad_norm = accel.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
             finite = math.isfinite(r["loss"]) and (grad_norm is None or torch.isfinite(grad_norm).item())
             if finite:
@@ -460,8 +453,6 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
             else:
                 bad_in_row += 1
             optimizer.zero_grad(set_to_none=True)
-            if cfg.use_replay:
-                replay_buf = (replay_buf + [(p, t, b) for p, t, b in r["successes"]])[-cfg.replay_buffer_size:]
             data_pos += (accel.num_processes - 1) * cfg.prompts_per_step  # ranks take interleaved prompts
 
             rewards = torch.tensor(r["rewards"], device=accel.device)
@@ -477,7 +468,7 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
                        tokens_in_signal_groups=int(stats[6]),
                        completion_len_mean=r["completion_len_mean"], clipped_ratio=r["clipped_ratio"],
                        grad_norm=float(grad_norm) if grad_norm is not None else None, skipped=not finite,
-                       replay_buffer=len(replay_buf), rollout_seconds=r["rollout_seconds"])
+                       **sampler.metrics(), rollout_seconds=r["rollout_seconds"])
             if not finite:
                 tqdm.write(f"step {step}: non-finite loss, update skipped ({bad_in_row} in a row)")
                 if bad_in_row >= cfg.max_bad_steps:

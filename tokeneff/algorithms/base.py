@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 
 @dataclass
@@ -31,6 +32,24 @@ class Credits:
 
     def __len__(self) -> int:
         return len(self.seq)
+
+
+class GroupSampler(Protocol):
+    """An algorithm's optional say in which groups a step samples (T-SPMO: `tspmo.ReplaySampler`). The loop calls
+    `pick()` before each group and `record(...)` after scoring it, logs `metrics()` with the step, and saves
+    `state_dict()` in each rank's checkpoint."""
+
+    def pick(self) -> tuple[int, list[int]] | None:
+        """(index of a training problem, completion prefix to start from), or None: the next problem, no prefix."""
+
+    def record(self, problem: int, prefix: list[int], completions: list[list[int]], rewards: list[float]) -> None:
+        """One scored group: its problem's index, the prefix it started from, its completions and rewards."""
+
+    def metrics(self) -> dict[str, Any]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def group_advantages(rewards: list[float], eps: float) -> list[float] | None:

@@ -6,11 +6,16 @@ Differs from GRPO in what gets credit:
    branches end differently (the pivotal tokens). No std normalisation.
 3. Loss: - mean over the distinct pairs with A != 0 of A * log pi(v | x, p). A pair shared by several
    completions counts once; it is evaluated on the first completion that passes through it.
-4. Replay-based resampling (for long answers) lives in the training loop: it restarts groups from cut
-   successful completions so that late positions get their own comparisons.
+4. Replay-based resampling (for long answers; config `replay`, on by default for multiplication):
+   `ReplaySampler` restarts some of a step's groups from a successful completion cut past its last branch
+   point, so that late positions get comparisons of their own. The loop calls it as a group sampler
+   (`algorithms.group_sampler`) without knowing what it does.
 """
 
 from __future__ import annotations
+
+import random
+from typing import Any
 
 from .base import Credits
 
@@ -66,3 +71,61 @@ def select(completions: list[list[int]], rewards: list[float], cfg, rng=None) ->
     for i, t, a in pairs:
         credits.add(i, t, a, 1.0 / len(pairs))
     return credits
+
+
+def replay_on(cfg) -> bool:
+    """Replay-based resampling is used: T-SPMO with replay=on, or replay=auto on multiplication (long answers)."""
+    if cfg.algo != "tspmo":
+        return False
+    return cfg.replay == "on" or (cfg.replay == "auto" and cfg.task == "multiplication")
+
+
+def replay_cut(tokens: list[int], last_branch: int, rng: random.Random) -> list[int]:
+    """A replayed prefix: `tokens` cut at a uniform point past `last_branch` (where the group that produced it
+    stopped giving comparisons), keeping at least one token to generate."""
+    lo = min(last_branch + 1, len(tokens) - 1)
+    return tokens[: rng.randint(lo, len(tokens) - 1)]
+
+
+class ReplaySampler:
+    """T-SPMO's group sampler (replay-based resampling). The loop asks `pick()` before each group of a step:
+    None samples a fresh problem from the data order; (problem index, prefix) restarts that problem from a cut
+    success. After each group is scored, `record()` keeps its successful completions (prefix included) with their
+    last branch point, in a buffer of the last `replay_buffer_size`. Switched off (`active` false: every algorithm
+    but T-SPMO with replay on) it never replays and never draws from its RNG; every run has one so that
+    metrics.jsonl (`replay_buffer`) and checkpoints (`replay_buf`, `replay_rng`) keep the same keys.
+    State (buffer and RNG) is per data-parallel rank and checkpointed with the rank's state."""
+
+    def __init__(self, cfg, active: bool | None = None):
+        self.active = replay_on(cfg) if active is None else active
+        self.fraction, self.size = cfg.replay_fraction, cfg.replay_buffer_size
+        self.rng = random.Random(cfg.seed + 2)
+        self.buffer: list[tuple[int, list[int], int]] = []  # (problem index, tokens, last branch point)
+
+    def pick(self) -> tuple[int, list[int]] | None:
+        """Before a group: (problem index, prefix) to replay, or None for a fresh problem."""
+        if not (self.active and self.buffer and self.rng.random() < self.fraction):
+            return None
+        problem, tokens, last_branch = self.buffer[self.rng.randrange(len(self.buffer))]
+        return problem, replay_cut(tokens, last_branch, self.rng)
+
+    def record(self, problem: int, prefix: list[int], completions: list[list[int]], rewards: list[float]) -> None:
+        """After a group is scored: keep its successes (reward > 0), prefix included, with their last branch point
+        shifted by the prefix."""
+        if not self.active:
+            return
+        branch = last_branch_points(completions)
+        new = [(problem, prefix + c, len(prefix) + branch[i]) for i, c in enumerate(completions) if rewards[i] > 0]
+        self.buffer = (self.buffer + new)[-self.size:]
+
+    def metrics(self) -> dict[str, Any]:
+        return dict(replay_buffer=len(self.buffer))
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(replay_buf=self.buffer, replay_rng=self.rng.getstate())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """From a rank's checkpoint (`replay_rng` as saved by torch, or as a JSON list in old checkpoints)."""
+        self.buffer = [tuple(x) for x in state["replay_buf"]]
+        s = state["replay_rng"]
+        self.rng.setstate((s[0], tuple(s[1]), s[2]))
