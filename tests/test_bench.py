@@ -127,3 +127,15 @@ def test_versus_trl_keeps_the_sides_it_finished(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "vs_trl_cpu_tiny-random.json").read_text())
     assert [r["side"] for r in data["rows"]] == ["trl", "tokeneff-grpo"] and data["complete"] is False
     assert data["rows"][1]["memory_ratio_to_trl"] == 1.0 and data["reward"] == "task"
+
+
+def test_one_memory_reader_for_training_and_benchmarks():
+    import tokeneff.bench as bench
+    import tokeneff.versus_trl as vs
+    from tokeneff.utils import memory_mb
+
+    assert bench.memory_mb is memory_mb and vs.memory_mb is memory_mb
+    cpu = torch.device("cpu")
+    now, peak = memory_mb(device=cpu), memory_mb(peak=True, device=cpu)
+    # MiB of this process's resident set (torch loaded); ru_maxrss lags VmRSS by a page or so
+    assert 10 < now < 1e6 and peak > now - 1

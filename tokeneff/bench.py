@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,40 +19,16 @@ from typing import Any
 
 import torch
 
-from .config import TokeneffError
-from .utils import atomic_write_bytes, write_json
+from .benchio import QWEN2_1_5B, device_name, run_in_subprocess, save_result
+from .config import ALGOS, TokeneffError
+from .utils import memory_mb
+from .versus_trl import print_versus, versus_trl
 
-ALGOS = ("grpo", "sgrpo", "tspmo")
 # Where the memory saving comes from, one change at a time (`--ladder`):
 VARIANTS = ("full-logits",    # plain forward of [prompt | completion] rows, [G, T, V] logits, log_softmax
             "chunked-head",   # same forward, TRL's chunked LM head at the credited positions only
             "truncated",      # + each row forwarded only up to its own last credited position
             "shared-prompt")  # + the prompt forwarded once for its group (what training uses)
-QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                  tie_word_embeddings=True)
-
-
-def memory_mb(peak: bool = False) -> float:
-    """CUDA: memory allocated (peak: max allocated since the last reset); CPU: this process's resident set size
-    (peak: its high-water mark, ru_maxrss). One measure for every benchmark, so their numbers compare."""
-    if torch.cuda.is_available():
-        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**20
-    if peak:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({os.cpu_count()} cores)"
 
 
 def _model(spec: dict[str, Any]):
@@ -70,29 +44,6 @@ def _model(spec: dict[str, Any]):
     if spec["model"] == "tiny-random":
         return tiny_random(vocab_size=spec.get("vocab_size"), hidden=256, layers=4)
     return load_model(spec["model"])
-
-
-def save_random_shape(shape: str, folder: str | Path) -> str:
-    """A randomly initialised model of `shape` (bf16) with the character tokenizer, saved as an ordinary local
-    checkpoint, so that whole-step comparisons (`--vs-trl --shape`) load it like any model: no download."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from .models import char_tokenizer
-
-    dims = dict(QWEN2_1_5B) if shape == "qwen2-1.5b" else dict(QWEN2_1_5B, hidden_size=64, intermediate_size=128,
-                                                               num_hidden_layers=2, num_attention_heads=4,
-                                                               vocab_size=1000)  # "tiny": for tests
-    tok = char_tokenizer()
-    torch.manual_seed(0)
-    cuda = torch.cuda.is_available()  # initialised on the GPU where there is one: seconds, not a minute on CPU
-    with torch.device("cuda" if cuda else "cpu"):
-        model = Qwen2ForCausalLM(Qwen2Config(**dims, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    del model
-    if cuda:  # this process stays alive while the measured ones run: give the memory back
-        torch.cuda.empty_cache()
-    return str(folder)
 
 
 def _synthetic_group(G: int, L: int, vocab: int, rng: random.Random) -> tuple[list[list[int]], list[float]]:
@@ -224,28 +175,9 @@ def rollout_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     return dict(spec, device=device_name(), kind="rollout", **out)
 
 
-def run_in_subprocess(module: str, spec: dict[str, Any], what: str) -> dict[str, Any]:
-    """`python -m module '<spec json>'` in a fresh process (so its peak memory is its own); its last stdout line
-    is the JSON result. A failure raises one line: `what` and the last line of its stderr."""
-    proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
-        raise TokeneffError(f"{what} failed: {last}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
     return run_in_subprocess("tokeneff.bench", spec, f"bench {spec.get('algo', spec.get('kind'))} "
                                                      f"L={spec['completion_len']} G={spec['group_size']}")
-
-
-def save_result(stem: Path, result: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """stem.json (the whole result) and stem.csv (one line per row, list-valued fields left out), atomically."""
-    import pandas as pd
-
-    write_json(f"{stem}.json", result)  # not with_suffix: names like qwen2-1.5b hold a dot
-    flat = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows])
-    atomic_write_bytes(f"{stem}.csv", flat.to_csv(index=False).encode())
 
 
 def run_bench(model: str = "tiny-random", shape: str | None = None, completion_lens=(64,), group_sizes=(8,),
@@ -345,8 +277,6 @@ def bench_cli(args) -> None:
     if args.name and not all(c.isalnum() or c in "-_" for c in args.name):
         raise TokeneffError(f"--name={args.name!r}: use letters, digits, - and _ only")
     if args.vs_trl:
-        from .versus_trl import print_versus, versus_trl
-
         if args.max_new_tokens < 1:
             raise TokeneffError(f"--max-new-tokens={args.max_new_tokens}: must be a positive integer")
         res = versus_trl(model=args.model, shape=args.shape, group_size=ints(args.group_sizes, "--group-sizes")[0],

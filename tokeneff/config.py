@@ -16,6 +16,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .algorithms import ALGORITHMS
+from .algorithms.tspmo import replay_on
+
 
 class TokeneffError(Exception):
     """A user-facing error: the message is shown alone, without a traceback."""
@@ -25,7 +28,7 @@ class ConfigError(TokeneffError):
     pass
 
 
-ALGOS = ("grpo", "sgrpo", "tspmo")
+ALGOS = tuple(ALGORITHMS)  # the one list of algorithm names is algorithms.ALGORITHMS
 TASKS = ("svamp", "multiplication")
 PROFILES = ("embedded", "paper")
 BACKENDS = ("tokeneff", "hf", "hf-static")  # rollout backends (rollout.sample)
@@ -190,8 +193,6 @@ class TrainConfig:
     @property
     def use_replay(self) -> bool:
         """T-SPMO's replay is on for this run (the rule lives in algorithms/tspmo.py: `replay_on`)."""
-        from .algorithms.tspmo import replay_on
-
         return replay_on(self)
 
     def to_dict(self) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from .rundir import (
     start_save,
 )
 from .tasks import Problem, make_task
-from .utils import atomic_write_bytes, peak_memory_mb, seed_everything, set_threads, write_json
+from .utils import atomic_write_bytes, memory_mb, seed_everything, set_threads, write_json
 
 TIMING_KEYS = ("step_seconds", "rollout_seconds", "peak_memory_mb", "eval_seconds")
 
@@ -474,7 +474,7 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
                 if bad_in_row >= cfg.max_bad_steps:
                     raise TokeneffError(f"{bad_in_row} non-finite losses in a row: stopping (lower lr?)")
             row["step_seconds"] = time.perf_counter() - t0
-            row["peak_memory_mb"] = peak_memory_mb(accel.device)
+            row["peak_memory_mb"] = memory_mb(peak=True, device=accel.device)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 row["eval_accuracy"] = run_eval(step)
             log.write(row)

@@ -1,4 +1,4 @@
-"""Plumbing: atomic writes, seeding, memory readings."""
+"""Plumbing: atomic writes, seeding, threads, the memory reading."""
 
 from __future__ import annotations
 
@@ -55,9 +55,21 @@ def set_threads(n: int = 0) -> int:
     return n
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: max allocated by tensors. CPU: the process's peak resident set size (whole process)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+def memory_mb(peak: bool = False, device: torch.device | None = None) -> float:
+    """The project's one memory reading (training's peak_memory_mb and every benchmark), so that numbers compare.
+    CUDA (`device` a CUDA device, or None on a machine with a GPU): memory allocated by tensors; peak: the maximum
+    since the last reset. CPU: this process's resident set size; peak: its high-water mark (ru_maxrss)."""
+    cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    if cuda:
+        return (torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)) / 2**20
+    if peak:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB elsewhere
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")

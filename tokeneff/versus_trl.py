@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from .bench import device_name, memory_mb, run_in_subprocess, save_random_shape, save_result
-from .config import TokeneffError
+from .benchio import device_name, run_in_subprocess, save_random_shape, save_result
+from .config import ALGOS, TokeneffError
+from .utils import memory_mb
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -149,7 +150,7 @@ def _run_side(spec: dict[str, Any]) -> dict[str, Any]:
 
 def versus_trl(model: str = "smollm2-135m", shape: str | None = None, group_size: int = 8, max_new_tokens: int = 96,
                steps: int = 3,
-               algos: tuple[str, ...] = ("grpo", "sgrpo", "tspmo"), gradient_checkpointing: bool = False,
+               algos: tuple[str, ...] = ALGOS, gradient_checkpointing: bool = False,
                out: str | None = "results/benchmarks", progress: bool = True) -> dict[str, Any]:
     """TRL first, then each of our algorithms; returns rows plus ratios to TRL (time per warm step, peak memory
     above the weights). Writes vs_trl_<device>_<model>.json and .csv into `out` unless it is None, rewritten after
