@@ -55,3 +55,35 @@ class _noraise:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_no_arguments_prints_the_usage_and_the_commands_exit_2(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: tokeneff") and all(c in err for c in ("train", "evaluate", "warmstart", "bench"))
+
+
+def test_version_is_the_package_version(capsys):
+    import re
+    from pathlib import Path
+
+    import tokeneff
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out == f"tokeneff {tokeneff.__version__}\n"
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1) == tokeneff.__version__
+
+
+def test_python_dash_m_tokeneff_is_the_cli(tmp_path):
+    import subprocess
+    import sys
+
+    import tokeneff
+
+    run = lambda *a: subprocess.run([sys.executable, "-m", "tokeneff", *a], capture_output=True, text=True,
+                                    cwd=tmp_path, timeout=120)
+    version, bare = run("--version"), run()
+    assert version.returncode == 0 and version.stdout == f"tokeneff {tokeneff.__version__}\n"
+    assert bare.returncode == 2 and bare.stderr.startswith("usage: tokeneff") and "Traceback" not in bare.stderr

@@ -3,9 +3,10 @@
     from tokeneff import TrainConfig, make_config, train, evaluate
 """
 
-from .config import ConfigError, TokeneffError, TrainConfig, make_config
-from .evaluate import evaluate
-from .train import train
+__version__ = "0.1.0"  # as in pyproject.toml (tests/test_cli.py checks that they agree)
 
-__all__ = ["TrainConfig", "make_config", "train", "evaluate", "TokeneffError", "ConfigError"]
-__version__ = "0.1.0"
+from .config import ConfigError, TokeneffError, TrainConfig, make_config  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .train import train  # noqa: E402
+
+__all__ = ["TrainConfig", "make_config", "train", "evaluate", "TokeneffError", "ConfigError", "__version__"]

@@ -1,4 +1,5 @@
-"""`tokeneff train | evaluate | warmstart | bench`: user mistakes print one line and exit 2, never a traceback."""
+"""`tokeneff train | evaluate | warmstart | bench` (also `python -m tokeneff`): user mistakes print one line and exit 2,
+never a traceback; `tokeneff` alone prints the usage and the commands (to stderr) and exits 2; `tokeneff --version`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import os
 import sys
 
+from . import __version__
 from .config import ALGOS, PROFILES, TASKS, TokeneffError, make_config, parse_overrides
 
 
@@ -16,6 +18,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tokeneff", description="Token-efficient RL (S-GRPO, T-SPMO, GRPO) with LoRA.")
+    p.add_argument("--version", action="version", version=f"tokeneff {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a LoRA adapter with RL")
@@ -49,7 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="peak memory and step time per algorithm")
     b.add_argument("--model", default="tiny-random")
     b.add_argument("--shape", choices=("qwen2-1.5b",), help="random-weight model of this shape (GPU)")
-    b.add_argument("--random-weights", action="store_true")
     b.add_argument("--completion-lens", default="64", help="comma-separated, e.g. 256,512,1024")
     b.add_argument("--group-sizes", default="8", help="comma-separated, e.g. 8,16")
     b.add_argument("--vocab-size", type=int, default=151936, help="tiny-random's vocabulary (Qwen2's)")
@@ -70,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:  # no command: the usage and the list of commands, not argparse's one-line error
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         if args.command == "train":
             from .train import install_sigterm_handler, train
