@@ -67,7 +67,7 @@ bench-all: bench
 	$(VENV)/bin/tokeneff bench --name growth --completion-lens 256,512,1024 --group-sizes 8,16 --no-rollout
 	$(VENV)/bin/tokeneff bench --vs-trl --model smollm2-135m --group-sizes 8 --max-new-tokens 96 --steps 4
 
-# One GPU, Qwen2-1.5B shape with random weights (no download), the issue's settings: ~8 minutes on an H100.
+# One GPU, Qwen2-1.5B shape with random weights (no download), completions up to 1024 tokens, G up to 16: ~8 minutes on an H100.
 bench-gpu: setup
 	$(VENV)/bin/tokeneff bench --shape qwen2-1.5b --ladder --name ladder --completion-lens 256 --gradient-checkpointing
 	$(VENV)/bin/tokeneff bench --shape qwen2-1.5b --name growth --completion-lens 256,512,1024 --group-sizes 8,16 \

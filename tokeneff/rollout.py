@@ -21,7 +21,6 @@ class Rollout:
     """generated tokens of each row, up to and including the first EOS"""
     truncated: list[bool]
     """True where no EOS came within max_new_tokens"""
-    group_size: int
 
 
 def build_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
@@ -197,7 +196,7 @@ def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_ne
     for i, c in enumerate(completions):
         comp_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
         comp_mask[i, : len(c)] = 1
-    return Rollout(ctx_ids.cpu(), ctx_mask.cpu(), comp_ids, comp_mask, completions, truncated, num_samples)
+    return Rollout(ctx_ids.cpu(), ctx_mask.cpu(), comp_ids, comp_mask, completions, truncated)
 
 
 def decode(tokenizer, tokens: list[int]) -> str:

@@ -52,7 +52,7 @@ from .rundir import (
 from .tasks import Problem, make_task
 from .utils import atomic_write_bytes, memory_mb, seed_everything, set_threads, write_json
 
-TIMING_KEYS = ("step_seconds", "rollout_seconds", "peak_memory_mb", "eval_seconds")
+TIMING_KEYS = ("step_seconds", "rollout_seconds", "peak_memory_mb")  # metrics.jsonl keys that vary run to run
 
 
 @dataclass
