@@ -46,9 +46,10 @@ def test_versus_trl_same_settings(tmp_path):
 
     # shape "tiny": random weights saved as a local checkpoint, as `--shape qwen2-1.5b` does on a GPU
     res = versus_trl(shape="tiny", group_size=2, max_new_tokens=6, steps=2, algos=("grpo", "tspmo"),
-                     out=str(tmp_path), progress=False)
-    trl, *ours = res["rows"]
+                     out=str(tmp_path), progress=False, trl_trainers=("tspmo",))
+    trl, *ours, trl_ours = res["rows"]
     assert trl["side"] == "trl-grpo" and [r["side"] for r in ours] == ["tokeneff-grpo", "tokeneff-tspmo"]
+    assert trl_ours["side"] == "trl-tspmo"  # our TSPMOTrainer inside TRL
     for r in res["rows"]:
         assert len(r["step_seconds"]) == 2 and all(0 < n <= 6 for n in r["completion_len_mean"])
         assert r["time_ratio_to_trl"] == pytest.approx(r["warm_step_seconds"] / trl["warm_step_seconds"])
@@ -59,6 +60,7 @@ def test_versus_trl_same_settings(tmp_path):
     assert res["reward"] == "synthetic" and res["complete"]
     for r in ours:
         assert all(n > 0 for n in r["tokens_in_loss"])
+    assert len(trl_ours["step_seconds"]) == 2
 
 
 def test_synthetic_rewards_reach_train_and_are_undone():

@@ -141,7 +141,14 @@ def trl_side(spec: dict[str, Any]) -> dict[str, Any]:
     return dict(side="trl-grpo", step_seconds=times, completion_len_mean=lens, peak_memory_mb=memory_mb(peak=True))
 
 
-SIDES = {"weights": weights_only, "tokeneff": tokeneff_side, "trl": trl_side}
+def trl_tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
+    """Our SGRPOTrainer / TSPMOTrainer inside TRL (`trl_trainers.versus_trl_side`), every setting as `trl_side`."""
+    from .trl_trainers import versus_trl_side
+
+    return versus_trl_side(spec)
+
+
+SIDES = {"weights": weights_only, "tokeneff": tokeneff_side, "trl": trl_side, "trl-tokeneff": trl_tokeneff_side}
 
 
 def _run_side(spec: dict[str, Any]) -> dict[str, Any]:
@@ -151,12 +158,15 @@ def _run_side(spec: dict[str, Any]) -> dict[str, Any]:
 def versus_trl(model: str = "smollm2-135m", shape: str | None = None, group_size: int = 8, max_new_tokens: int = 96,
                steps: int = 3,
                algos: tuple[str, ...] = ALGOS, gradient_checkpointing: bool = False,
-               out: str | None = "results/benchmarks", progress: bool = True) -> dict[str, Any]:
+               out: str | None = "results/benchmarks", progress: bool = True,
+               trl_trainers: tuple[str, ...] = ("sgrpo", "tspmo")) -> dict[str, Any]:
     """TRL first, then each of our algorithms; returns rows plus ratios to TRL (time per warm step, peak memory
     above the weights). Writes vs_trl_<device>_<model>.json and .csv into `out` unless it is None, rewritten after
     each side (`complete` false until the last), so an interrupted run keeps the sides it finished.
     `shape` (e.g. qwen2-1.5b, GPU only): random weights of that shape instead of `model`, saved to a temp dir, and
-    `synthetic_reward` on both sides (random weights earn no reward, so no group would carry signal)."""
+    `synthetic_reward` on both sides (random weights earn no reward, so no group would carry signal).
+    `trl_trainers`: also our SGRPOTrainer / TSPMOTrainer (trl_trainers.py) inside TRL, as rows `trl-sgrpo` /
+    `trl-tspmo`, run last."""
     import importlib.util
 
     if importlib.util.find_spec("trl") is None:
@@ -166,18 +176,21 @@ def versus_trl(model: str = "smollm2-135m", shape: str | None = None, group_size
     base = dict(group_size=group_size, max_new_tokens=max_new_tokens, steps=steps,
                 gradient_checkpointing=gradient_checkpointing)
     if not shape:
-        return _compare(dict(base, model=model, reward="task"), algos, out, Path(model).name, model, progress)
+        return _compare(dict(base, model=model, reward="task"), algos, out, Path(model).name, model, progress,
+                        trl_trainers)
     if shape == "qwen2-1.5b" and not torch.cuda.is_available():
         raise TokeneffError(f"--shape {shape} needs a GPU (it trains a 1.5B-parameter model)")
     with tempfile.TemporaryDirectory() as tmp:
         return _compare(dict(base, model=save_random_shape(shape, tmp), reward="synthetic"), algos, out, shape,
-                        f"{shape} (random weights)", progress)
+                        f"{shape} (random weights)", progress, trl_trainers)
 
 
-def _compare(base: dict[str, Any], algos, out: str | None, name: str, label: str, progress: bool) -> dict[str, Any]:
+def _compare(base: dict[str, Any], algos, out: str | None, name: str, label: str, progress: bool,
+             trl_trainers=()) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    specs = [dict(base, side="weights"), dict(base, side="trl")] + [dict(base, side="tokeneff", algo=a) for a in algos]
+    specs = ([dict(base, side="weights"), dict(base, side="trl")] + [dict(base, side="tokeneff", algo=a) for a in algos]
+             + [dict(base, side="trl-tokeneff", algo=a) for a in trl_trainers])
     rows: list[dict[str, Any]] = []
     for s in tqdm(specs, desc="vs-trl", disable=not progress):
         rows.append(_run_side(s))
