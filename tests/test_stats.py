@@ -60,3 +60,11 @@ def test_verdict_follows_the_interval(lo, hi, claim, expected):
 def test_verdict_rejects_unknown_claims():
     with pytest.raises(ValueError, match="claim='better'"):
         verdict(Interval(0, 0, 0, 1, 1), "better")
+
+
+def test_bounds_exactly_on_the_thresholds_do_not_decide():
+    # 6 of 300 problems = 0.02, which floating point may land a hair either side of
+    on_delta = Interval(0.0, -0.02, 6 / 300, 1, 300)
+    assert verdict(on_delta, "gain").startswith("unresolved")
+    assert verdict(Interval(0.01, 0.0, 0.05, 1, 300), "gain").startswith("unresolved")
+    assert verdict(Interval(0.01, 0.0, 0.05, 1, 300), "no gain").startswith("unresolved")

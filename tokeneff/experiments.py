@@ -148,6 +148,20 @@ def grid_outcomes(root: str, profile: str, experiment: str, variants: list[str],
     return out
 
 
+def claim_verdicts(task: str, arms: dict[str, dict[str, Any]], delta: float = DELTA) -> list[dict[str, str]]:
+    """Each of the paper's claims about `task` with our interval and the verdict it supports. `arms` maps a variant
+    to its intervals (`vs_base`, `vs_grpo`: Interval or its dict, as stored in <task>_summary.json)."""
+    out = []
+    for v, ref, expect, paper in CLAIMS.get(task, []):
+        d = arms.get(v, {}).get("vs_base" if ref == "base" else "vs_grpo")
+        if d is None:
+            continue
+        d = d if isinstance(d, Interval) else Interval(**d)
+        out.append(dict(claim=f"{v} vs {'the base model' if ref == 'base' else 'full-token GRPO'}", paper=paper,
+                        ours=pct(d, signed=True), verdict=verdict(d, expect, delta) if expect else "—"))
+    return out
+
+
 def token_share(df: pd.DataFrame) -> pd.DataFrame:
     """Per (variant, seed): credited tokens / tokens of the groups with reward variance. Groups whose rewards are
     all equal carry no loss under any algorithm, so this is the share the paper compares (GRPO = 100%)."""
@@ -197,13 +211,7 @@ def accuracy_experiment(task: str, variants: dict[str, dict[str, Any]], seeds: l
         arms[v] = dict(accuracy=iv(final[v]), vs_base=iv(final[v], base_vec),
                        vs_grpo=iv(final[v], final["grpo"]) if "grpo" in final and v != "grpo" else None,
                        token_share=[float(x) for x in s])
-    claims = []
-    for v, ref, expect, paper in CLAIMS.get(task, []):
-        if v not in arms or (ref == "grpo" and "grpo" not in arms):
-            continue
-        d = arms[v]["vs_base" if ref == "base" else "vs_grpo"]
-        claims.append(dict(claim=f"{v} vs {'the base model' if ref == 'base' else 'full-token GRPO'}", paper=paper,
-                           ours=pct(d, signed=True), verdict=verdict(d, expect, delta) if expect else "—"))
+    claims = claim_verdicts(task, arms, delta)
 
     eval_steps = sorted(int(x) for x in df.dropna(subset=["eval_accuracy"]).step.unique() if x > 0)
     curve = accuracy_curve(runs_dir, profile, experiment, names, seeds, ids, eval_steps, base_vec)

@@ -20,6 +20,7 @@ import numpy as np
 
 N_BOOT = 10_000
 DELTA = 0.02  # gains smaller than 2 points are "no practical gain" at our scale
+TOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ def verdict(iv: Interval, claim: str, delta: float = DELTA) -> str:
     if claim not in ("gain", "no gain"):
         raise ValueError(f"claim={claim!r}: must be 'gain' or 'no gain'")
     unresolved = f"unresolved (± {100 * iv.half_width:.1f} points)"
+    # bounds are means of 0/1 outcomes, so they can land exactly on 0 or delta: those count as not past them
+    lo_above_0, hi_below_delta = iv.lo > TOL, iv.hi < delta - TOL
     if claim == "gain":
-        return "holds" if iv.lo > 0 else ("contradicted" if iv.hi < delta else unresolved)
-    return "holds" if iv.hi < delta else ("contradicted" if iv.lo > 0 else unresolved)
+        return "holds" if lo_above_0 else ("contradicted" if hi_below_delta else unresolved)
+    return "holds" if hi_below_delta else ("contradicted" if lo_above_0 else unresolved)

@@ -23,7 +23,9 @@ def _accuracy_rows(s: dict) -> list[str]:
              f"seeds {','.join(map(str, s['seeds']))}")
     rows = [f"| {s['task']}: base model accuracy | {s['paper_base']} | {100 * s['base']['accuracy']:.1f}% "
             f"({s['problems']} problems, greedy) | {where} | — |"]
-    for c in s["claims"]:
+    from .experiments import claim_verdicts
+
+    for c in claim_verdicts(s["task"], arms, s.get("delta", DELTA)):  # recomputed: one rule, in stats.verdict
         rows.append(f"| {s['task']}: {c['claim']} | {c['paper']} | {c['ours']} | {where} | **{c['verdict']}** |")
     for v, a in arms.items():
         acc = _iv(a["accuracy"])
