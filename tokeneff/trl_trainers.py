@@ -291,27 +291,3 @@ class TSPMOTrainer(_SelectiveGRPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, _tokeneff={}, **kwargs)
-
-
-def versus_trl_side(spec: dict[str, Any]) -> dict[str, Any]:
-    """A `tokeneff bench --vs-trl` row for SGRPOTrainer or TSPMOTrainer (`spec["algo"]`): `versus_trl.trl_side`,
-    the TRL GRPOTrainer row, run with our trainer in its place, so that every setting is the same (S-GRPO's alpha,
-    P, k: the embedded profile's, as in the `tokeneff-sgrpo` row). Registered in versus_trl.SIDES."""
-    import functools
-
-    import trl
-
-    from . import versus_trl
-    from .config import make_config
-
-    algo = spec["algo"]
-    cfg = make_config("embedded")
-    cls = (functools.partial(SGRPOTrainer, sgrpo_alpha=cfg.sgrpo_alpha, sgrpo_p=cfg.sgrpo_p, sgrpo_k=cfg.sgrpo_k)
-           if algo == "sgrpo" else TSPMOTrainer)
-    original = trl.GRPOTrainer
-    trl.GRPOTrainer = cls  # trl_side does `from trl import GRPOTrainer` when it runs
-    try:
-        row = versus_trl.trl_side(spec)
-    finally:
-        trl.GRPOTrainer = original
-    return dict(row, side=f"trl-{algo}")

@@ -142,10 +142,26 @@ def trl_side(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def trl_tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
-    """Our SGRPOTrainer / TSPMOTrainer inside TRL (`trl_trainers.versus_trl_side`), every setting as `trl_side`."""
-    from .trl_trainers import versus_trl_side
+    """Our SGRPOTrainer or TSPMOTrainer (`spec["algo"]`) in place of TRL's GRPOTrainer, every other setting as in
+    `trl_side` (S-GRPO's alpha, P, k: the embedded profile's, as in the `tokeneff-sgrpo` row)."""
+    import functools
 
-    return versus_trl_side(spec)
+    import trl
+
+    from .config import make_config
+    from .trl_trainers import SGRPOTrainer, TSPMOTrainer
+
+    algo = spec["algo"]
+    cfg = make_config("embedded")
+    cls = (functools.partial(SGRPOTrainer, sgrpo_alpha=cfg.sgrpo_alpha, sgrpo_p=cfg.sgrpo_p, sgrpo_k=cfg.sgrpo_k)
+           if algo == "sgrpo" else TSPMOTrainer)
+    original = trl.GRPOTrainer
+    trl.GRPOTrainer = cls  # trl_side does `from trl import GRPOTrainer` when it runs
+    try:
+        row = trl_side(spec)
+    finally:
+        trl.GRPOTrainer = original
+    return dict(row, side=f"trl-{algo}")
 
 
 SIDES = {"weights": weights_only, "tokeneff": tokeneff_side, "trl": trl_side, "trl-tokeneff": trl_tokeneff_side}
