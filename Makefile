@@ -30,7 +30,7 @@ reproduce: setup
 	$(PY) -m tokeneff.summary --name $(PROFILE) --wall-seconds $$(( $$(date +%s) - start ))
 
 # Full tier: SVAMP from the SFT warm start (built first, cached), more updates and seeds -> results/embedded-full/.
-FULL := -p results_name embedded-full -p model smollm2-135m+sft -p seeds "[0, 1]" -p steps 40 -p eval_every 10
+FULL := -p results_name embedded-full -p model smollm2-135m+sft -y "seeds: [0, 1]" -p steps 40 -p eval_every 10
 reproduce-full: setup
 	@mkdir -p results/embedded-full/notebooks
 	@start=$$(date +%s); \

@@ -41,6 +41,12 @@ def test_bad_workers_one_line(workers, tmp_path):
         run_grid("x", "multiplication", {"grpo": {}}, [0], 1, root=str(tmp_path), workers=workers, **TINY)
 
 
+@pytest.mark.parametrize("seeds", ["[0, 1]", [0, "1"], [True]])
+def test_bad_seeds_one_line(seeds, tmp_path):
+    with pytest.raises(ConfigError, match="seeds=.*list of integers"):
+        run_grid("x", "multiplication", {"grpo": {}}, seeds, 1, root=str(tmp_path), **TINY)
+
+
 def test_outcomes_pair_by_problem_id():
     records = [dict(id="b", correct=True), dict(id="a", correct=False)]
     assert outcomes(records, ["a", "b"]).tolist() == [0.0, 1.0]

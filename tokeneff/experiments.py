@@ -96,6 +96,9 @@ def run_grid(experiment: str, task: str, variants: dict[str, dict[str, Any]], se
     """
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ConfigError(f"workers={workers!r}: must be 0 (one per core) or a positive integer")
+    if not isinstance(seeds, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise ConfigError(f"seeds={seeds!r}: must be a list of integers, e.g. [0, 1] "
+                          "(papermill: -y 'seeds: [0, 1]'; -p passes a string)")
     if not variants or not seeds:
         raise ConfigError(f"{experiment}: needs at least one variant and one seed")
     configs = [make_config(profile, overrides=dict(common, task=task, steps=steps, seed=seed, eval_at_start=False,
