@@ -18,3 +18,16 @@ def tiny_cfg(tmp_path):
         return make_config("embedded", overrides=base)
 
     return make
+
+
+@pytest.fixture
+def model_dir(tmp_path, capsys):
+    """tiny-random saved as an ordinary Hugging Face model folder (config, weights, tokenizer)."""
+    from tokeneff.models import tiny_random
+
+    model, tok = tiny_random()
+    d = tmp_path / "tiny"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    capsys.readouterr()
+    return d

@@ -26,18 +26,6 @@ def one_line(capsys, argv, needle):
     return err
 
 
-@pytest.fixture
-def model_dir(tmp_path, capsys):
-    from tokeneff.models import tiny_random
-
-    model, tok = tiny_random()
-    d = tmp_path / "tiny"
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    capsys.readouterr()
-    return d
-
-
 def _train(tmp_path, *extra):
     return ["train", *TINY, *extra, "--out", tmp_path / "run"]
 

@@ -77,14 +77,8 @@ def test_overwrite_refuses_home(tmp_path, capsys, monkeypatch):
     assert _tree(tmp_path) == before
 
 
-def test_model_folder_as_out_is_refused_without_suggesting_overwrite(tmp_path, capsys):
-    from tokeneff.models import tiny_random
-
-    model, tok = tiny_random()
-    m = tmp_path / "model"
-    model.save_pretrained(m)
-    tok.save_pretrained(m)
-    capsys.readouterr()
+def test_model_folder_as_out_is_refused_without_suggesting_overwrite(model_dir, capsys):
+    m = model_dir
     before = _tree(m)
     for flags in ([], ["--overwrite"], ["--resume"]):
         err = _refused(capsys, TRAIN + ["--out", str(m)] + flags, "is a model folder")
