@@ -62,8 +62,10 @@ class WarmStartConfig:
     lora_dropout: float = 0.05
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     seed: int = 0
-    max_examples: int = 0
-    """train on a seeded subset of this many problems (0: all)"""
+    max_examples: int = 1200
+    """train on a seeded subset of this many problems (0: all 3,120). 1,200 (38% of an epoch) is the default
+    because a full epoch takes ~85 min on this project's 2-core reference machine (13 s per batch of 8) and the
+    full tier has to fit in ~3 h; the subset takes ~33 min. Pass max_examples=0 for the whole epoch on a GPU."""
 
     def validate(self) -> WarmStartConfig:
         def bad(name: str, why: str) -> ConfigError:
