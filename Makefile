@@ -6,7 +6,8 @@ PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 NB      := 01_svamp 02_multiplication 03_ablation_full_vs_selective 04_memory_and_speed 05_trl
 
-.PHONY: setup reproduce reproduce-full test test-slow smoke lab bench bench-all bench-gpu gpu-session lint clean summary
+.PHONY: setup reproduce reproduce-full test test-slow smoke lab bench bench-all bench-gpu gpu-session lint clean summary \
+        mutation
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -27,7 +28,7 @@ reproduce: setup
 	  $(VENV)/bin/papermill --cwd notebooks -p profile $(PROFILE) notebooks/$$nb.ipynb \
 	    results/$(PROFILE)/notebooks/$$nb.ipynb || exit 1; \
 	done; \
-	$(PY) -m tokeneff.summary --name $(PROFILE) --wall-seconds $$(( $$(date +%s) - start ))
+	$(PY) -m tokeneff.analysis.summary --name $(PROFILE) --wall-seconds $$(( $$(date +%s) - start ))
 
 # Full tier: SVAMP from the SFT warm start (built first, cached), more updates and seeds -> results/embedded-full/.
 FULL := -p results_name embedded-full -p model smollm2-135m+sft -y "seeds: [0, 1]" -p steps 40 -p eval_every 10
@@ -37,10 +38,10 @@ reproduce-full: setup
 	$(VENV)/bin/tokeneff warmstart --model smollm2-135m && \
 	$(VENV)/bin/papermill --cwd notebooks -p profile embedded $(FULL) notebooks/01_svamp.ipynb \
 	  results/embedded-full/notebooks/01_svamp.ipynb && \
-	$(PY) -m tokeneff.summary --name embedded-full --wall-seconds $$(( $$(date +%s) - start ))
+	$(PY) -m tokeneff.analysis.summary --name embedded-full --wall-seconds $$(( $$(date +%s) - start ))
 
 summary: setup
-	$(PY) -m tokeneff.summary --name $(PROFILE)
+	$(PY) -m tokeneff.analysis.summary --name $(PROFILE)
 
 # runs/smoke is the notebooks' tiny-scale scratch output, rebuilt on every run (finished runs made with other
 # smoke settings would otherwise be refused as mislabelled).
@@ -81,6 +82,11 @@ bench-gpu: setup
 # seconds, results packed into $$OUT/gpu_results.tar.gz after each stage. TINY=1: the same plumbing on a CPU.
 gpu-session:
 	bash tokeneff/gpu_session.sh
+
+# Mutation testing ([tool.mutmut] in pyproject.toml; ~30 min on one core): the score and the surviving mutants.
+mutation: setup
+	$(PY) -m pip install -q -c constraints.txt -e ".[mutation]"
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 1; $(VENV)/bin/mutmut results
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks

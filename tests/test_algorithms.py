@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tokeneff.algorithms import ALGORITHMS, group_advantages
+from tokeneff.algorithms import ALGORITHMS, group_advantages, step_credits
 from tokeneff.algorithms.sgrpo import keep_positions
 from tokeneff.algorithms.tspmo import prefix_advantages
 
@@ -188,3 +188,30 @@ def _copy(s):
     c = _sampler(replay_fraction=1.0)
     c.load_state_dict(s.state_dict())
     return c
+
+
+def test_step_credits_of_a_hand_made_three_group_step():
+    """G = 2, three groups: rewards [1, 0] (lengths 2 and 3), [0, 0] (no signal), [0, 1] (lengths 3 and 1).
+    GRPO's A = +-0.5 / std, std = sqrt(0.5) (sample std); per-token weight 1 / (G |y_i|), divided by the 2 groups
+    that carry credit, so each informative group's weights sum to 1/2 and the step's to 1."""
+    comps = [[1, 2], [1, 3, 4], [5], [6], [7, 8, 9], [7]]
+    c = step_credits(ALGORITHMS["grpo"], comps, [1.0, 0.0, 0.0, 0.0, 0.0, 1.0], 2, CFG, random.Random(0))
+    a = 0.5 / math.sqrt(0.5)
+    assert (c.zero_std_groups, c.signal_groups, c.signal_tokens, len(c)) == (1, 2, 9, 9)
+    assert c.rows == [0, 0, 1, 1, 1, 4, 4, 4, 5]
+    assert c.cols == [0, 1, 0, 1, 2, 0, 1, 2, 0]
+    assert c.adv == pytest.approx([a, a, -a, -a, -a, -a, -a, -a, a])
+    assert c.weight == pytest.approx([1 / 8, 1 / 8, 1 / 12, 1 / 12, 1 / 12, 1 / 12, 1 / 12, 1 / 12, 1 / 4])
+    assert sum(c.weight) == pytest.approx(1.0)
+
+
+def test_step_credits_tspmo_pairs_per_group_and_a_step_without_signal():
+    """T-SPMO's weights are 1 / #pairs within a group, then / groups with credit; a step where every group has
+    equal rewards credits nothing (the loop then backpropagates one zero-weight token)."""
+    comps = [[1, 2], [1, 3], [4], [5]]  # group 0: pairs (1), (1,2), (1,3) -> the first token ties (A = 0)
+    c = step_credits(ALGORITHMS["tspmo"], comps, [1.0, 0.0, 1.0, 0.0], 2, CFG, None)
+    assert c.signal_groups == 2 and c.rows == [0, 1, 2, 3] and c.cols == [1, 1, 0, 0]
+    assert c.weight == pytest.approx([1 / 4] * 4)
+    assert [x > 0 for x in c.adv] == [True, False, True, False]
+    none = step_credits(ALGORITHMS["tspmo"], comps, [1.0, 1.0, 0.0, 0.0], 2, CFG, None)
+    assert (len(none), none.zero_std_groups, none.signal_groups, none.signal_tokens) == (0, 2, 0, 0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tokeneff.bench import VARIANTS, _full_logits_logp, run_bench
+from tokeneff.benchmarks.bench import VARIANTS, _full_logits_logp, run_bench
 from tokeneff.config import TokeneffError
 from tokeneff.loss import SelectiveLogProbs
 from tokeneff.models import tiny_random
@@ -42,7 +42,7 @@ def test_bench_ladder_writes_every_variant(tmp_path):
 
 def test_versus_trl_same_settings(tmp_path):
     pytest.importorskip("trl")
-    from tokeneff.versus_trl import versus_trl
+    from tokeneff.benchmarks.versus_trl import versus_trl
 
     # shape "tiny": random weights saved as a local checkpoint, as `--shape qwen2-1.5b` does on a GPU
     res = versus_trl(shape="tiny", group_size=2, max_new_tokens=6, steps=2, algos=("grpo", "tspmo"),
@@ -66,8 +66,8 @@ def test_versus_trl_same_settings(tmp_path):
 def test_synthetic_rewards_reach_train_and_are_undone():
     import importlib
 
+    from tokeneff.benchmarks.versus_trl import synthetic_reward, synthetic_rewards
     from tokeneff.config import make_config
-    from tokeneff.versus_trl import synthetic_reward, synthetic_rewards
 
     train_mod = importlib.import_module("tokeneff.train")  # the module (the package exports a `train` function)
     cfg = make_config("embedded")
@@ -90,7 +90,7 @@ def _fail_on(n, result):
 
 
 def test_bench_keeps_what_it_measured_when_a_configuration_fails(tmp_path, monkeypatch):
-    import tokeneff.bench as bench
+    import tokeneff.benchmarks.bench as bench
 
     row = lambda spec: dict(spec, device="CPU (2 cores)", peak_memory_mb=1.0, step_seconds=0.1, tokens_in_loss=1,
                             tokens_total=2, frac_tokens_in_loss=0.5)
@@ -118,7 +118,7 @@ def test_bench_keeps_what_it_measured_when_a_configuration_fails(tmp_path, monke
 
 def test_versus_trl_keeps_the_sides_it_finished(tmp_path, monkeypatch):
     pytest.importorskip("trl")
-    import tokeneff.versus_trl as vs
+    import tokeneff.benchmarks.versus_trl as vs
 
     side = lambda spec: dict(side=spec["side"] if spec["side"] != "tokeneff" else f"tokeneff-{spec['algo']}",
                              peak_memory_mb=10.0 if spec["side"] == "weights" else 20.0, step_seconds=[2.0, 1.0],
@@ -132,8 +132,8 @@ def test_versus_trl_keeps_the_sides_it_finished(tmp_path, monkeypatch):
 
 
 def test_one_memory_reader_for_training_and_benchmarks():
-    import tokeneff.bench as bench
-    import tokeneff.versus_trl as vs
+    import tokeneff.benchmarks.bench as bench
+    import tokeneff.benchmarks.versus_trl as vs
     from tokeneff.utils import memory_mb
 
     assert bench.memory_mb is memory_mb and vs.memory_mb is memory_mb

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tokeneff.analysis.experiments import outcomes, run_dir, run_grid
 from tokeneff.config import ConfigError
-from tokeneff.experiments import outcomes, run_dir, run_grid
 
 TINY = dict(model="tiny-random", max_new_tokens=8, group_size=4, prompts_per_step=4, eval_batch_size=4,
             digits_a=1, digits_b=1, eval_limit=4, lr=1e-2)

@@ -49,7 +49,7 @@ print(json.dumps(dict(failed=failed, skipped=skipped)))
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["failed"] == {}
-    assert len(names) - len(res["skipped"]) >= 20 and "tokeneff.bench" in names
+    assert len(names) - len(res["skipped"]) >= 20 and "tokeneff.benchmarks.bench" in names
 
 
 def _imports(module: str, path: Path, mods: dict[str, Path]) -> tuple[set[str], set[str]]:
@@ -92,5 +92,27 @@ def test_no_import_cycle_between_modules():
     graph = {m: _imports(m, f, mods) for m, f in mods.items()}
     assert _cycles({m: top for m, (top, _) in graph.items()}) == set()
     assert _cycles({m: top | lazy for m, (top, lazy) in graph.items()}) <= KNOWN_LAZY_CYCLES
-    assert "tokeneff.versus_trl" in graph["tokeneff.bench"][0]  # bench -> versus_trl -> benchio, one way
-    assert not ({"tokeneff.bench"} & (graph["tokeneff.versus_trl"][0] | graph["tokeneff.versus_trl"][1]))
+    bench, versus = graph["tokeneff.benchmarks.bench"], graph["tokeneff.benchmarks.versus_trl"]
+    assert "tokeneff.benchmarks.versus_trl" in bench[0]  # bench -> versus_trl -> benchio, one way
+    assert "tokeneff.benchmarks.bench" not in versus[0] | versus[1]
+
+
+def _layer(module: str) -> str:
+    for layer in ("analysis", "benchmarks"):
+        if module.startswith(f"tokeneff.{layer}"):
+            return layer
+    return "entry" if module in ("tokeneff.cli", "tokeneff.__main__") else "core"
+
+
+def test_layers_core_never_imports_the_notebook_or_benchmark_layers():
+    """The folders are the layers: core (tokeneff/*.py, algorithms/, tasks/) knows nothing above it; the notebook
+    helpers (analysis/) and the benchmarks (benchmarks/) build on it; only the CLI reaches into both."""
+    mods = _modules()
+    assert {_layer(m) for m in mods} == {"core", "analysis", "benchmarks", "entry"}
+    for m, f in mods.items():
+        top, lazy = _imports(m, f, mods)
+        above = {t for t in top | lazy if _layer(t) in ("analysis", "benchmarks", "entry")}
+        if _layer(m) == "core":
+            assert not above, f"{m} (core) imports {sorted(above)}"
+        if _layer(m) == "analysis":
+            assert not {t for t in top | lazy if _layer(t) == "benchmarks"}, m

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tokeneff.stats import Interval, paired_bootstrap, verdict
+from tokeneff.analysis.stats import Interval, paired_bootstrap, verdict
 
 
 def test_one_seed_matches_the_exact_bootstrap_distribution():

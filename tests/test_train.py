@@ -93,6 +93,28 @@ def test_same_seed_same_metrics_and_resume_continues_identically(tiny_cfg, tmp_p
     assert _strip_timing(_metrics(tmp_path / "c")) == ref
 
 
+def test_checkpoint_of_the_previous_format_still_resumes_identically(tiny_cfg, tmp_path):
+    """Checkpoints written before LoopState also held numpy's RNG state in each rank file (nothing draws from it):
+    such a checkpoint must resume, and end where an uninterrupted run ends."""
+    import numpy as np
+
+    from tokeneff import rundir
+
+    train(tiny_cfg(steps=4, out=str(tmp_path / "a"), save_every=2, eval_every=2, algo="tspmo"), progress=False)
+    train(tiny_cfg(steps=2, out=str(tmp_path / "c"), save_every=2, eval_every=2, algo="tspmo"), progress=False)
+    ck = tmp_path / "c" / "checkpoint"
+    rank = torch.load(ck / "rank0.pt", weights_only=True)
+    s = np.random.get_state()
+    torch.save({**rank, "numpy_rng": [s[0], s[1].tolist(), *s[2:]]}, ck / "rank0.pt")
+    man = json.loads((ck / "manifest.json").read_text())
+    (ck / "manifest.json").unlink()
+    rundir.write_manifest(ck, {k: v for k, v in man.items() if k != "files"})
+    (tmp_path / "c" / "final.json").unlink()
+    train(tiny_cfg(steps=4, out=str(tmp_path / "c"), save_every=2, eval_every=2, algo="tspmo"), resume=True,
+          progress=False)
+    assert _strip_timing(_metrics(tmp_path / "c")) == _strip_timing(_metrics(tmp_path / "a"))
+
+
 def test_resume_without_checkpoint_says_so_and_never_duplicates_rows(tiny_cfg, capsys):
     cfg = tiny_cfg(steps=2)
     train(cfg, progress=False)
@@ -195,22 +217,33 @@ def test_nonfinite_loss_is_skipped_then_stops(tiny_cfg, monkeypatch):
         train(tiny_cfg(steps=10, max_bad_steps=2), progress=False)
 
 
-def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path):
-    args = [sys.executable, "-m", "tokeneff.cli", "train", "--model", "tiny-random", "--task", "multiplication",
-            "--steps", "500", "--out", str(tmp_path / "r"), "digits_a=1", "digits_b=1", "group_size=4",
-            "prompts_per_step=2", "max_new_tokens=8", "eval_limit=4", "save_every=1000"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+def test_ctrl_c_finishes_the_step_checkpoints_it_and_resumes_bit_for_bit(tmp_path):
+    """One Ctrl-C: the step in progress completes, is checkpointed (not only the last periodic save) and the
+    process exits 130 saying how to resume; the resumed run then ends exactly where an uninterrupted one does."""
+    args = ["--model", "tiny-random", "--task", "multiplication", "--algo", "tspmo", "--steps", "40",
+            "digits_a=1", "digits_b=1", "group_size=4", "prompts_per_step=2", "max_new_tokens=8", "eval_limit=4",
+            "eval_every=5", "save_every=1000", "lr=0.01", "replay=on"]
+    cmd = [sys.executable, "-m", "tokeneff.cli", "train"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd + args + ["--out", str(tmp_path / "r")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
     metrics = tmp_path / "r" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.1)
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4):
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "--resume" in out and "Traceback" not in err
+    rows = _metrics(tmp_path / "r")
     state = json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())
-    assert state["step"] >= 2
+    assert 3 <= state["step"] == rows[-1]["step"] < 40  # the step it stopped at, with its metrics row
+    subprocess.run(cmd + args + ["--out", str(tmp_path / "r"), "--resume"], check=True, env=env, capture_output=True)
+    subprocess.run(cmd + args + ["--out", str(tmp_path / "clean")], check=True, env=env, capture_output=True)
+    assert _strip_timing(_metrics(tmp_path / "r")) == _strip_timing(_metrics(tmp_path / "clean"))
+    adapter = "adapter/adapter_model.safetensors"
+    a, b = load_file(tmp_path / "r" / adapter), load_file(tmp_path / "clean" / adapter)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_group_sampler_prefix_reaches_the_rollout_and_the_reward(tiny_cfg, monkeypatch):

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
             check_out_folder(args.out)  # before the compute
             if args.decode_limit:
-                from .decode_limit import decode_limit
+                from .benchmarks.decode_limit import decode_limit
 
                 model = "smollm2-135m" if args.model == "tiny-random" else args.model
                 for r in decode_limit(model, out=args.out):
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{r['floor_ms']:.0f} ms -> {r['fraction_of_limit']:.0%} of the limit "
                           f"({r['achieved_gflops']:.1f} GFLOP/s, {r['tokens_per_s']:.0f} tokens/s)")
             else:
-                from .bench import bench_cli
+                from .benchmarks.bench import bench_cli
 
                 bench_cli(args)
     except TokeneffError as e:

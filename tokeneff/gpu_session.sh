@@ -18,7 +18,7 @@
 # PYTHONPATH too (no pip install -e). If the carried versions cannot be imported together with the machine's
 # packages, the script falls back to the machine's huggingface_hub, then to its transformers/peft, and logs it.
 # Random weights never earn a reward, so stages b and e reward every other completion of a group
-# (tokeneff.versus_trl.synthetic_reward) on every side: the point is the cost of steps that carry signal.
+# (tokeneff.benchmarks.versus_trl.synthetic_reward) on every side: the point is the cost of steps that carry signal.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder whose files come back}"
@@ -93,7 +93,7 @@ log "gpu_session: TINY=$TINY BUDGET_S=$BUDGET_S OUT=$OUT host $(hostname) nproc 
 
 # --- wheels the machine lacks (trl, datasets, ...), with a fallback to its own versions ---
 IMPORTS="import torch, transformers, peft, accelerate, trl, datasets; from trl import GRPOTrainer; \
-import tokeneff.train, tokeneff.versus_trl"
+import tokeneff.train, tokeneff.benchmarks.versus_trl"
 if [ "$INSTALL" = 1 ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   t0=$(date +%s)
   if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
@@ -141,7 +141,7 @@ TK=("$PY" -m tokeneff.cli)  # the `tokeneff` entry point, without installing the
 
 # --- b. whole steps vs TRL's GRPOTrainer ---
 if [ "$TINY" = 1 ]; then  # the CLI's --shape is qwen2-1.5b only (GPU): the same function with the tests' toy shape
-  stage "b. vs-trl" $EST_B $CAP_B "$PY" -c "from tokeneff.versus_trl import versus_trl, print_versus
+  stage "b. vs-trl" $EST_B $CAP_B "$PY" -c "from tokeneff.benchmarks.versus_trl import versus_trl, print_versus
 print_versus(versus_trl(shape='tiny', group_size=4, max_new_tokens=$VS_TOKENS, steps=$VS_STEPS,
                         gradient_checkpointing=True, out='$RES'))"
 else
@@ -163,12 +163,12 @@ import json, os, shutil, sys
 from pathlib import Path
 shape, folder, algo, steps, out, tokens, extra = sys.argv[1:8]
 if not (Path(folder) / "model.safetensors").is_file():
-    from tokeneff.bench import save_random_shape
+    from tokeneff.benchmarks.benchio import save_random_shape
     shutil.rmtree(folder + ".tmp", ignore_errors=True)
     save_random_shape(shape, folder + ".tmp")
     os.replace(folder + ".tmp", folder)
 from tokeneff.train import train
-from tokeneff.versus_trl import synthetic_rewards
+from tokeneff.benchmarks.versus_trl import synthetic_rewards
 over = dict(model=folder, algo=algo, steps=int(steps), out=out, max_new_tokens=int(tokens), eval_at_start=False)
 over.update(json.loads(extra))
 with synthetic_rewards():

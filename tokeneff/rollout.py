@@ -167,7 +167,7 @@ def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_ne
     and CUDA graphs on a GPU; prompts repeated, since a static cache cannot be seeded from another cache).
     """
     if backend not in BACKENDS:
-        raise TokeneffError(f"rollout_backend={backend!r} {backend!r}: must be one of {', '.join(BACKENDS)}")
+        raise TokeneffError(f"rollout_backend={backend!r}: must be one of {', '.join(BACKENDS)}")
     device = next(model.parameters()).device
     ctx_ids, ctx_mask = left_pad(contexts, tokenizer.pad_token_id)
     ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)

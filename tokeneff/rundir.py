@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import FIELD_NAMES, TokeneffError
-from .utils import write_json
+from .utils import atomic_write_bytes, write_json
 
 RUN_FORMAT = 1
 FORMAT_KEY = "tokeneff_run_format"
@@ -434,3 +434,55 @@ def finish_save(out: Path, meta: dict[str, Any]) -> None:
 def disk_error(e: OSError, what: str) -> TokeneffError:
     return TokeneffError(f"could not write {what} ({e.strerror or e}): the last complete checkpoint is intact; "
                          "free space or fix the folder, then --resume")
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per step. On (re)start, rows from `keep_below_step` on are dropped (the
+    checkpoint is older than them), and so are a torn last line (a kill or a full disk during a write) and
+    duplicate steps, each with a message."""
+
+    def __init__(self, path: Path, keep_below_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not (enabled and path.is_file()):
+            return
+        lines = path.read_bytes().decode(errors="replace").split("\n")
+        kept, bad, dup, seen = [], [], 0, set()
+        last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+        for i, ln in enumerate(lines):
+            if not ln.strip():
+                continue
+            try:
+                row = json.loads(ln)
+                step = int(row["step"])
+            except (ValueError, TypeError, KeyError):
+                bad.append(i)
+                continue
+            if step >= keep_below_step:
+                continue
+            if step in seen:
+                dup += 1
+                continue
+            seen.add(step)
+            kept.append(ln)
+        if bad == [last]:
+            say(f"{path}: dropped a torn last line (line {last + 1}, cut off by an interruption or a full disk)")
+        elif bad:
+            say(f"{path}: dropped unreadable line(s) {', '.join(str(i + 1) for i in bad)}")
+        if dup:
+            say(f"{path}: dropped {dup} duplicate step row(s)")
+        text = "".join(ln + "\n" for ln in kept).encode()
+        if text != path.read_bytes():
+            atomic_write_bytes(path, text)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(row) + "\n"
+        with self.path.open("a") as f:
+            if os.environ.get("TOKENEFF_TEST_KILL_AT", "").startswith("torn"):  # test: a kill mid-line
+                f.write(line[: len(line) // 2])
+                f.flush()
+                hook("torn")
+                line = line[len(line) // 2:]
+            f.write(line)
+            f.flush()

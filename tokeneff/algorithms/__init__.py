@@ -5,7 +5,7 @@ has a group sampler (replay-based resampling, `tspmo.ReplaySampler`), which the 
 """
 
 from . import grpo, sgrpo, tspmo
-from .base import Credits, GroupSampler, group_advantages
+from .base import Credits, GroupSampler, StepCredits, group_advantages, step_credits
 
 ALGORITHMS = {"grpo": grpo.select, "sgrpo": sgrpo.select, "tspmo": tspmo.select}
 
@@ -17,4 +17,4 @@ def group_sampler(cfg) -> GroupSampler:
     return tspmo.ReplaySampler(cfg)
 
 
-__all__ = ["ALGORITHMS", "Credits", "GroupSampler", "group_advantages", "group_sampler"]
+__all__ = ["ALGORITHMS", "Credits", "GroupSampler", "StepCredits", "group_advantages", "group_sampler", "step_credits"]

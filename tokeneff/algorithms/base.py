@@ -4,7 +4,8 @@ All three algorithms share rollout, loss and training loop; they differ only in 
 sampled group (completion token ids and rewards) to `Credits`. The loss of a group is
     L = - sum_j weight_j * A_j * ratio_j  (+ beta * sum_j weight_j * KL_j)
 where ratio_j = pi(y | ctx) / sg(pi(y | ctx)) for the token at (seq_j, pos_j); so `weight` carries each
-algorithm's normalisation (1 / (G |T_i|) for (S-)GRPO, 1 / #pairs for T-SPMO).
+algorithm's normalisation (1 / (G |T_i|) for (S-)GRPO, 1 / #pairs for T-SPMO). `step_credits` gathers a step's
+groups and applies the one normalisation across groups (see its docstring).
 """
 
 from __future__ import annotations
@@ -50,6 +51,56 @@ class GroupSampler(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class StepCredits:
+    """One step's credits over all its groups, flattened: `rows` index completions (group * G + completion),
+    `cols` positions within them; `weight` already includes the normalisation across groups."""
+    rows: list[int] = field(default_factory=list)
+    cols: list[int] = field(default_factory=list)
+    adv: list[float] = field(default_factory=list)
+    weight: list[float] = field(default_factory=list)
+    zero_std_groups: int = 0
+    """groups whose G rewards are all equal (no comparison, no GRPO advantage)"""
+    signal_groups: int = 0
+    """groups with at least one credited token"""
+    signal_tokens: int = 0
+    """completion tokens in groups with unequal rewards: the denominator of the token share"""
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def step_credits(select: Callable[..., Credits], completions: list[list[int]], rewards: list[float],
+                 group_size: int, cfg, rng) -> StepCredits:
+    """Run the algorithm's `select` on each group of G consecutive completions and flatten the credits.
+
+    The loss normalisation, in one place: within a group, `select`'s weights sum to 1 (1 / (G |T_i|) over the
+    kept tokens of G completions, or 1 / #pairs); across groups, each weight is divided by the number of groups
+    that carry credit. The step's loss is therefore the mean over informative groups of each group's loss, so a
+    step whose other groups all had equal rewards (no signal) is not scaled down, as in GRPO's mean over the
+    groups of a batch with zero-advantage groups left out.
+    """
+    out = StepCredits()
+    per_group = []
+    for start in range(0, len(completions), group_size):
+        comp, r = completions[start: start + group_size], rewards[start: start + group_size]
+        if max(r) == min(r):
+            out.zero_std_groups += 1
+        else:
+            out.signal_tokens += sum(len(c) for c in comp)
+        credits = select(comp, r, cfg, rng)
+        out.signal_groups += len(credits) > 0
+        per_group.append((start, credits))
+    n = max(out.signal_groups, 1)
+    for start, credits in per_group:
+        for i, t, a, w in zip(credits.seq, credits.pos, credits.adv, credits.weight, strict=True):
+            out.rows.append(start + i)
+            out.cols.append(t)
+            out.adv.append(a)
+            out.weight.append(w / n)
+    return out
 
 
 def group_advantages(rewards: list[float], eps: float) -> list[float] | None:

@@ -25,16 +25,16 @@ from typing import Any
 
 import torch
 
+from ..config import ALGOS, TokeneffError
+from ..utils import memory_mb
 from .benchio import device_name, run_in_subprocess, save_random_shape, save_result
-from .config import ALGOS, TokeneffError
-from .utils import memory_mb
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def _svamp_task():
-    from .config import make_config
-    from .tasks import make_task
+    from ..config import make_config
+    from ..tasks import make_task
 
     return make_task(make_config("embedded", overrides=dict(task="svamp")))
 
@@ -49,7 +49,7 @@ def synthetic_reward(prompts: list, completions: list, **columns) -> list[float]
 def synthetic_rewards():
     """Within this block, `tokeneff.train.train` rewards completions with `synthetic_reward` (evaluation, which
     checks answers, is unchanged)."""
-    train_mod = importlib.import_module(f"{__package__}.train")  # the module: the package exports a `train` function
+    train_mod = importlib.import_module("tokeneff.train")  # the module: the package exports a `train` function
     make_task = train_mod.make_task
 
     def with_synthetic_reward(cfg):
@@ -72,7 +72,7 @@ def weights_only(spec: dict[str, Any]) -> dict[str, Any]:
     """Memory held by the model and its LoRA adapter alone (the baseline both sides are measured above)."""
     from peft import LoraConfig, get_peft_model
 
-    from .models import load_model
+    from ..models import load_model
 
     model, _ = load_model(spec["model"], dtype=_dtype())
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,7 +81,7 @@ def weights_only(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
-    from .train import train
+    from ..train import train
 
     rewards = synthetic_rewards() if spec.get("reward") == "synthetic" else contextlib.nullcontext()
     with tempfile.TemporaryDirectory() as tmp, rewards:
@@ -105,7 +105,7 @@ def trl_side(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from .models import load_model
+    from ..models import load_model
 
     task = _svamp_task()
     problems = task.problems("train")[: spec["steps"]]
@@ -148,8 +148,8 @@ def trl_tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
 
     import trl
 
-    from .config import make_config
-    from .trl_trainers import SGRPOTrainer, TSPMOTrainer
+    from ..config import make_config
+    from ..trl_trainers import SGRPOTrainer, TSPMOTrainer
 
     algo = spec["algo"]
     cfg = make_config("embedded")
@@ -168,7 +168,7 @@ SIDES = {"weights": weights_only, "tokeneff": tokeneff_side, "trl": trl_side, "t
 
 
 def _run_side(spec: dict[str, Any]) -> dict[str, Any]:
-    return run_in_subprocess("tokeneff.versus_trl", spec, f"--vs-trl: the {spec['side']} run")
+    return run_in_subprocess("tokeneff.benchmarks.versus_trl", spec, f"--vs-trl: the {spec['side']} run")
 
 
 def versus_trl(model: str = "smollm2-135m", shape: str | None = None, group_size: int = 8, max_new_tokens: int = 96,

@@ -6,8 +6,8 @@ import io
 
 import pandas as pd
 
+from ..utils import atomic_write_bytes
 from .stats import Interval
-from .utils import atomic_write_bytes
 
 MODEL_LABELS = {"smollm2-135m": "SmolLM2-135M-Instruct", "smollm2-135m+sft": "SmolLM2-135M + SFT warm start",
                 "Qwen/Qwen2-1.5B-Instruct": "Qwen2-1.5B-Instruct"}

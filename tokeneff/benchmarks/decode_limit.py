@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .utils import set_threads, write_json
+from ..utils import set_threads, write_json
 
 
 def _gemm_rate(m: int, k: int, n: int, min_seconds: float = 0.2) -> float:
@@ -50,7 +50,7 @@ def decode_step_seconds(model, batch: int, context: int, steps: int = 12) -> flo
     loop runs it: forward with attention mask and positions, last-position logits, a sampled token per row."""
     from transformers import DynamicCache
 
-    from .rollout import pick_next
+    from ..rollout import pick_next
 
     cache = DynamicCache(config=model.config)
     vocab = min(model.config.vocab_size, 1000)
@@ -71,8 +71,8 @@ def decode_step_seconds(model, batch: int, context: int, steps: int = 12) -> flo
 
 def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: int = 96, threads: int = 1,
                  out: str | None = None) -> list[dict[str, Any]]:
-    from .bench import device_name
-    from .models import load_model
+    from ..models import load_model
+    from .benchio import device_name
 
     set_threads(threads)
     model, _ = load_model(model_name)

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from .algorithms.tspmo import prefix_advantages
-from .config import make_config
-from .models import load_model
-from .rollout import build_prompt, decode, encode_prompts, sample
-from .tasks import make_task
+from ..algorithms.tspmo import prefix_advantages
+from ..config import make_config
+from ..models import load_model
+from ..rollout import build_prompt, decode, encode_prompts, sample
+from ..tasks import make_task
 
 
 def credited_tokens(task: str = "multiplication", profile: str = "embedded", num_groups: int = 3,

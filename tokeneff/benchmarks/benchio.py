@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from .config import TokeneffError
-from .utils import atomic_write_bytes, write_json
+from ..config import TokeneffError
+from ..utils import atomic_write_bytes, write_json
 
 QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                   num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
@@ -51,7 +51,7 @@ def save_random_shape(shape: str, folder: str | Path) -> str:
     checkpoint, so that whole-step comparisons (`--vs-trl --shape`) load it like any model: no download."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from .models import char_tokenizer
+    from ..models import char_tokenizer
 
     dims = dict(QWEN2_1_5B) if shape == "qwen2-1.5b" else dict(QWEN2_1_5B, hidden_size=64, intermediate_size=128,
                                                                num_hidden_layers=2, num_attention_heads=4,

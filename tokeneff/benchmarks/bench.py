@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from ..config import ALGOS, TokeneffError
+from ..utils import memory_mb
 from .benchio import QWEN2_1_5B, device_name, run_in_subprocess, save_result
-from .config import ALGOS, TokeneffError
-from .utils import memory_mb
 from .versus_trl import print_versus, versus_trl
 
 # Where the memory saving comes from, one change at a time (`--ladder`):
@@ -32,7 +32,7 @@ VARIANTS = ("full-logits",    # plain forward of [prompt | completion] rows, [G,
 
 
 def _model(spec: dict[str, Any]):
-    from .models import load_model, tiny_random
+    from ..models import load_model, tiny_random
 
     if spec.get("shape") == "qwen2-1.5b":
         from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -67,10 +67,10 @@ def one(spec: dict[str, Any]) -> dict[str, Any]:
     """One training step (forward + backward on the credited tokens) for one configuration."""
     from peft import LoraConfig, get_peft_model
 
-    from .algorithms import ALGORITHMS
-    from .config import make_config
-    from .loss import SelectiveLogProbs, policy_loss
-    from .rollout import left_pad
+    from ..algorithms import ALGORITHMS
+    from ..config import make_config
+    from ..loss import SelectiveLogProbs, policy_loss
+    from ..rollout import left_pad
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,7 +126,7 @@ def rollout_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     """Tokens/s of `sample` (our loop: prompt KV shared by the group) vs HF generate on repeated prompts, eager
     and with a static cache. Fixed-length completions, so the loop's gain from dropping finished rows is not in
     these numbers (it shows in whole steps, `--vs-trl`)."""
-    from .rollout import left_pad, sample
+    from ..rollout import left_pad, sample
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = _model(spec)
@@ -176,7 +176,7 @@ def rollout_throughput(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
-    return run_in_subprocess("tokeneff.bench", spec, f"bench {spec.get('algo', spec.get('kind'))} "
+    return run_in_subprocess("tokeneff.benchmarks.bench", spec, f"bench {spec.get('algo', spec.get('kind'))} "
                                                      f"L={spec['completion_len']} G={spec['group_size']}")
 
 
@@ -193,7 +193,7 @@ def run_bench(model: str = "tiny-random", shape: str | None = None, completion_l
         raise TokeneffError(f"--shape {shape} needs a GPU (it allocates a 1.5B-parameter model)")
     from tqdm.auto import tqdm
 
-    from .rundir import check_out_folder
+    from ..rundir import check_out_folder
 
     check_out_folder(out, "out")  # before the compute: a file or an unwritable folder fails now, not at the end
 

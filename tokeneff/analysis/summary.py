@@ -9,8 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..utils import atomic_write_bytes
 from .stats import DELTA, Interval
-from .utils import atomic_write_bytes
 
 
 def _iv(d: dict | None) -> Interval | None:
@@ -39,7 +39,8 @@ def build(folder: Path, wall_seconds: int | None = None) -> str:
              "Paper: Lee & Tong, *Token-Efficient RL for LLM Reasoning* (arXiv 2504.20834), Qwen2-1.5B-Instruct + "
              "LoRA; it reports no seeds or intervals. Ours: every arm evaluated greedily on the same held-out "
              "problems; gains are differences in accuracy in percentage points with a 95% paired bootstrap interval "
-             "(problems resampled jointly for both arms, seeds per arm; `tokeneff/stats.py`). Verdicts follow from "
+             "(problems resampled jointly for both arms, seeds per arm; `tokeneff/analysis/stats.py`). Verdicts "
+             "follow from "
              f"the interval: a claimed gain **holds** if the interval is above 0 and is **contradicted** if it lies "
              f"below +{100 * DELTA:.0f} points (no gain of that size); a claimed absence of gain holds if the interval "
              f"lies below +{100 * DELTA:.0f} and is contradicted if it is above 0; anything else is **unresolved** "
@@ -72,7 +73,7 @@ def build(folder: Path, wall_seconds: int | None = None) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tokeneff.summary")
+    ap = argparse.ArgumentParser(prog="python -m tokeneff.analysis.summary")
     ap.add_argument("--name", "--profile", dest="name", default="embedded", help="folder under --results")
     ap.add_argument("--results", default="results")
     ap.add_argument("--out", help="default: results/summary.md for embedded, else results/<name>/summary.md")
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     folder = Path(a.results) / a.name
     if not folder.is_dir():
-        print(f"tokeneff.summary: error: {str(folder)!r} does not exist (run the notebooks first)")
+        print(f"tokeneff.analysis.summary: error: {str(folder)!r} does not exist (run the notebooks first)")
         return 2
     out = Path(a.out) if a.out else (Path(a.results) / "summary.md" if a.name == "embedded"
                                      else folder / "summary.md")

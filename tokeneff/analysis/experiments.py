@@ -11,10 +11,12 @@ config (threads included) gives the same metrics sequentially or in parallel (te
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .config import ConfigError, TrainConfig, make_config
-from .evaluate import evaluate
+from ..config import ConfigError, TrainConfig, make_config
+from ..evaluate import evaluate
+from ..train import train
+from ..utils import write_json
 from .report import pct, plot_accuracy, plot_metric, save_figure, save_table, scale_label
 from .stats import DELTA, N_BOOT, Interval, paired_bootstrap, verdict
-from .train import train
-from .utils import write_json
 
 # The paper's reported results, shown beside ours and never mixed with them. Each accuracy claim is
 # (variant, compared with, expected: "gain" | "no gain" | None for not reported, the paper's words).
@@ -50,6 +52,22 @@ TOKEN_SHARE = {"grpo": ("100%", 1.0, 1.0), "sgrpo": ("30–50%", 0.30, 0.50), "t
 # CI (`make test`, TOKENEFF_SMOKE=1): every notebook at tiny scale, its files outside results/.
 SMOKE = dict(model="tiny-random", max_new_tokens=8, group_size=4, prompts_per_step=2, eval_batch_size=4,
              digits_a=1, digits_b=1)
+SMOKE_PARAMS = dict(seeds=[0], steps=2, eval_every=1, eval_limit=4, workers=1, p_values=[1.0], model="tiny-random",
+                    group_size=4, max_completion_length=8, sgrpo_alpha=2, sgrpo_k=4, digits_a=1, digits_b=1,
+                    results_dir="../runs/smoke/results", runs_dir="../runs/smoke")
+
+
+def smoke_scale(params: dict[str, Any]) -> dict[str, Any]:
+    """Every notebook's second cell: `globals().update(smoke_scale(globals()))`. Under TOKENEFF_SMOKE=1 (CI,
+    `make smoke`) it returns the tiny-scale value of each parameter the notebook has (and `extra` with SMOKE's
+    TrainConfig fields), so the same notebook runs in seconds with its files under runs/smoke/, never results/;
+    otherwise nothing."""
+    if os.environ.get("TOKENEFF_SMOKE") != "1":
+        return {}
+    out = {k: v for k, v in SMOKE_PARAMS.items() if k in params}
+    if "extra" in params:
+        out["extra"] = dict(params["extra"], **SMOKE)
+    return out
 
 
 EVAL_KEYS = ("task", "model", "svamp_dir", "digits_a", "digits_b", "num_shots", "max_new_tokens", "eval_limit",
@@ -79,6 +97,11 @@ def base_accuracy(task: str, profile: str = "embedded", root: str = "runs", **ov
         return json.loads(path.read_text())
     return evaluate(task=task, model=cfg.model, limit=cfg.eval_limit, profile=profile, out=str(path),
                     **{k: v for k, v in overrides.items() if k not in ("model",)})
+
+
+def _worker_init() -> None:
+    """Workers ignore Ctrl-C (in a terminal it reaches the whole process group): the grid stops them itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _train_one(cfg: TrainConfig) -> str:
@@ -112,10 +135,21 @@ def run_grid(experiment: str, task: str, variants: dict[str, dict[str, Any]], se
             bar.update()
     else:
         # spawn, not fork: a forked child inherits the parent's OpenMP and tokenizer thread pools half-set-up
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
+        try:
             for fut in as_completed([pool.submit(_train_one, cfg) for cfg in configs]):
                 bar.set_postfix_str(Path(fut.result()).name)  # re-raises a worker's error here
                 bar.update()
+        except KeyboardInterrupt:
+            # Stop every run at once, as a kill would: each resumes bit-for-bit from its last checkpoint (every
+            # save_every steps) when the grid is run again. A kill at any instant is safe (rundir.py).
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+            print("interrupted: run the grid again to resume each run from its last checkpoint")
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
     frames = []
     for (variant, _), cfg in zip([(v, s) for v in variants for s in seeds], configs, strict=True):
