@@ -179,10 +179,12 @@ def test_bad_option_is_one_line_config_error(over, needle, capsys):
 
 
 def test_training_data_has_no_svamp_test_problem_and_the_rl_prompt_format():
-    cfg = ws.WarmStartConfig(model="tiny-random")
+    cfg = ws.WarmStartConfig(model="tiny-random", max_examples=0)
     rows, counts = ws.training_examples(cfg)
     assert counts["problems"] == 3138 and len(rows) == 3138 - counts["dropped_bad_equation"] > 3100
     assert counts["dropped_test_overlap"] == 0
+    subset, _ = ws.training_examples(ws.WarmStartConfig(model="tiny-random"))  # the default: a seeded 1,200
+    assert len(subset) == 1200 and all(r in rows for r in subset[:50])
 
     def norm(text):
         return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
