@@ -215,3 +215,35 @@ def test_step_credits_tspmo_pairs_per_group_and_a_step_without_signal():
     assert [x > 0 for x in c.adv] == [True, False, True, False]
     none = step_credits(ALGORITHMS["tspmo"], comps, [1.0, 1.0, 0.0, 0.0], 2, CFG, None)
     assert (len(none), none.zero_std_groups, none.signal_groups, none.signal_tokens) == (0, 2, 0, 0)
+
+
+def test_group_advantages_epsilon_is_added_to_the_std():
+    # rewards 1, 0: mean 0.5, sample std sqrt(0.5); eps 0.5 shrinks |A| to 0.5 / (sqrt(0.5) + 0.5)
+    a = 0.5 / (math.sqrt(0.5) + 0.5)
+    assert group_advantages([1, 0], eps=0.5) == pytest.approx([a, -a])
+
+
+def test_sgrpo_draw_equal_to_p_is_not_kept():
+    """A token is kept when its uniform draw is below P (probability P exactly), so a draw equal to P is not."""
+    assert keep_positions(3, alpha=0, p=0.5, k=3, rng=FixedDraws([0.5, 0.49, 0.5])) == [1]
+
+
+def test_tspmo_refuses_rewards_that_do_not_match_the_completions():
+    with pytest.raises(ValueError):
+        prefix_advantages([[1, 2], [1, 3]], [1.0])
+
+
+def test_replay_sampler_explicit_switch_and_seeded_stream():
+    """`active` given explicitly wins over the config (the TRL trainer and tests use it), and the sampler's own
+    RNG stream is set by the seed: two samplers of one config replay the same cuts, in the same order."""
+    from tokeneff.algorithms.tspmo import ReplaySampler
+
+    cfg = SimpleNamespace(algo="grpo", task="svamp", replay="off", replay_fraction=1.0, replay_buffer_size=8, seed=3)
+    runs = []
+    for _ in range(2):
+        s = ReplaySampler(cfg, active=True)
+        s.record(0, [], [[1, 2, 3, 4, 5], [1, 9]], [1.0, 0.0])
+        runs.append([s.pick() for _ in range(6)])
+    assert runs[0] == runs[1] and all(p is not None and p[0] == 0 for p in runs[0])
+    assert len({len(p[1]) for p in runs[0]}) > 1  # cuts vary: drawn, not fixed
+    assert ReplaySampler(cfg).pick() is None  # from the config: grpo never replays
