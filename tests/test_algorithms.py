@@ -247,3 +247,11 @@ def test_replay_sampler_explicit_switch_and_seeded_stream():
     assert runs[0] == runs[1] and all(p is not None and p[0] == 0 for p in runs[0])
     assert len({len(p[1]) for p in runs[0]}) > 1  # cuts vary: drawn, not fixed
     assert ReplaySampler(cfg).pick() is None  # from the config: grpo never replays
+
+
+def test_step_credits_one_credited_token_in_one_group_carries_the_whole_step():
+    """T-SPMO, G = 2: [1, 2] (reward 1) and [1] (reward 0) share their first token, so the only pair is (1) -> 2,
+    with A = 1 - 0.5; the other group has equal rewards. One group carries credit: its one weight is 1."""
+    c = step_credits(ALGORITHMS["tspmo"], [[1, 2], [1], [3], [3]], [1.0, 0.0, 0.0, 0.0], 2, CFG, None)
+    assert (c.rows, c.cols, c.signal_groups, c.zero_std_groups) == ([0], [1], 1, 1)
+    assert c.adv == pytest.approx([0.5]) and c.weight == pytest.approx([1.0])
