@@ -41,9 +41,6 @@ def save_checkpoint(out: Path, accel, policy, optimizer, step: int, evals: list[
 def load_checkpoint(out: Path, policy, optimizer, rank: int, world: int) -> dict[str, Any] | None:
     """Restore the adapter and optimiser in place; return this rank's loop state (with `step` and `evals`), or
     None when there is no checkpoint. Rank 0 has already verified checkpoint/ (rundir.recover_checkpoints)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     ck = out / CKPT
     man = json.loads((ck / MANIFEST).read_text()) if (ck / MANIFEST).is_file() else None
     if man is None:
@@ -52,23 +49,27 @@ def load_checkpoint(out: Path, policy, optimizer, rank: int, world: int) -> dict
     if n != world:
         raise TokeneffError(f"out={str(out)!r}: its checkpoint (step {man['step']}) was written by {n} processes, "
                             f"this run has {world}: resume with {n} processes")
-    set_peft_model_state_dict(policy, load_file(ck / "adapter" / "adapter_model.safetensors"))
-    optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True))
+    _restore_shared(ck, policy, optimizer)
     shared = json.loads((ck / "state.json").read_text())
     return {**torch.load(ck / f"rank{rank}.pt", weights_only=True), "step": shared["step"], "evals": shared["evals"]}
 
 
 def _load_legacy(ck: Path, policy, optimizer, world: int) -> dict[str, Any]:
     """A checkpoint from before manifests (one process wrote everything; RNGs in rng.pt, the rest in JSON)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     if world != 1:
         raise TokeneffError(f"{str(ck)!r} predates per-process checkpoints: resume it with one process")
-    set_peft_model_state_dict(policy, load_file(ck / "adapter" / "adapter_model.safetensors"))
-    optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True))
+    _restore_shared(ck, policy, optimizer)
     rng = torch.load(ck / "rng.pt", weights_only=True)
     state = json.loads((ck / "state.json").read_text())
     s = state["select_rng"]
     return {**state, "select_rng": (s[0], tuple(s[1]), s[2]), "torch_rng": rng["torch"],
             "cuda_rng": rng.get("cuda", []), "python_rng": None}
+
+
+def _restore_shared(ck: Path, policy, optimizer) -> None:
+    """The parts every format shares: the LoRA adapter and the optimiser state."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(policy, load_file(ck / "adapter" / "adapter_model.safetensors"))
+    optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True))
