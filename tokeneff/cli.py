@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whole training steps (SVAMP prompts) of TRL's GRPOTrainer and ours at the same settings")
     b.add_argument("--max-new-tokens", type=int, default=96, help="--vs-trl: completion length cap")
     b.add_argument("--steps", type=int, default=3, help="--vs-trl: steps per side (the first is warm-up)")
+    b.add_argument("--no-trl-trainers", action="store_true",
+                   help="--vs-trl: skip our SGRPOTrainer/TSPMOTrainer inside TRL (two sides fewer)")
     b.add_argument("--gradient-checkpointing", action="store_true")
     b.add_argument("--ladder", action="store_true",
                    help="also the naive full-logits step and each saving in turn (where the memory goes)")

@@ -11,7 +11,7 @@
 #   OUT=/some/empty/dir bash tokeneff/gpu_session.sh            # on the GPU machine (make gpu-session)
 #   OUT=/tmp/gpuout TINY=1 bash tokeneff/gpu_session.sh         # the same plumbing at toy size on a CPU
 # Knobs (environment): BUDGET_S (GPU default 420 s: a-c fit, d-f run only if time is left), STAGES (default
-# bcdef), TRAIN_STEPS (10), PYTHON (python3), INSTALL/WHEELS/SITE (below), MODEL_DIR (the saved random model).
+# bcdef), TRAIN_STEPS (10), VS_STEPS (3), CAP_B (260), VS_FLAGS (e.g. --no-trl-trainers), PYTHON (python3), INSTALL/WHEELS/SITE (below), MODEL_DIR (the saved random model).
 #
 # Wheels: if .whl/ holds wheels (trl, datasets, ... that the machine lacks), they are installed with
 # --target into $SITE (default /tmp/site) and put first on PYTHONPATH; the repo itself is imported from
@@ -48,9 +48,9 @@ else
   BUDGET_S=${BUDGET_S:-420}
   DEV=gpu RES=results/benchmarks RUNS=runs/gpu MODEL_DIR=${MODEL_DIR:-/tmp/tokeneff-qwen2-1.5b-random}
   SHAPE=qwen2-1.5b MODEL_ARGS=(--shape qwen2-1.5b)
-  L=256 LENS=256,512,1024 VS_TOKENS=256 VS_STEPS=3 TRAIN_STEPS=${TRAIN_STEPS:-10} TRAIN_TOKENS=200 STEP_EST_S=8
+  L=256 LENS=256,512,1024 VS_TOKENS=256 VS_STEPS=${VS_STEPS:-3} TRAIN_STEPS=${TRAIN_STEPS:-10} TRAIN_TOKENS=200 STEP_EST_S=8
   TRAIN_EXTRA='{"eval_limit": 8}'
-  EST_B=150 CAP_B=260; EST_C=90  CAP_C=240; EST_D=100 CAP_D=240; EST_E=60; EST_F=120 CAP_F=300
+  EST_B=150 CAP_B=${CAP_B:-260}; EST_C=90  CAP_C=240; EST_D=100 CAP_D=240; EST_E=60; EST_F=120 CAP_F=300
 fi
 mkdir -p "$RES" "$RUNS"
 
@@ -146,7 +146,7 @@ print_versus(versus_trl(shape='tiny', group_size=4, max_new_tokens=$VS_TOKENS, s
                         gradient_checkpointing=True, out='$RES'))"
 else
   stage "b. vs-trl" $EST_B $CAP_B "${TK[@]}" bench --vs-trl --shape qwen2-1.5b --group-sizes 8 --max-new-tokens $VS_TOKENS \
-    --steps $VS_STEPS --gradient-checkpointing --out "$RES"
+    --steps $VS_STEPS --gradient-checkpointing --out "$RES" ${VS_FLAGS:-}
 fi
 
 # --- c. one step per algorithm (shared-prompt path, no checkpointing) + rollout tokens/s, batch 8 prompts x G=8 ---

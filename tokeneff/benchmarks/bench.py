@@ -281,7 +281,8 @@ def bench_cli(args) -> None:
             raise TokeneffError(f"--max-new-tokens={args.max_new_tokens}: must be a positive integer")
         res = versus_trl(model=args.model, shape=args.shape, group_size=ints(args.group_sizes, "--group-sizes")[0],
                          max_new_tokens=args.max_new_tokens, steps=args.steps,
-                         gradient_checkpointing=args.gradient_checkpointing, out=args.out)
+                         gradient_checkpointing=args.gradient_checkpointing, out=args.out,
+                         trl_trainers=() if args.no_trl_trainers else ("sgrpo", "tspmo"))
         print_versus(res)
         print(f"written to {args.out}/")
         return
