@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 NB      := 01_svamp 02_multiplication 03_ablation_full_vs_selective 04_memory_and_speed 05_trl
 
-.PHONY: setup reproduce reproduce-full test test-slow smoke lab bench bench-all bench-gpu gpu-session lint clean summary \
+.PHONY: setup reproduce reproduce-full reproduce-full-svamp reproduce-full-mul test test-slow smoke lab bench bench-all bench-gpu gpu-session lint clean summary \
         mutation
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -30,15 +30,31 @@ reproduce: setup
 	done; \
 	$(PY) -m tokeneff.analysis.summary --name $(PROFILE) --wall-seconds $$(( $$(date +%s) - start ))
 
-# Full tier: SVAMP from the SFT warm start (built first, cached), more updates and seeds -> results/embedded-full/.
-FULL := -p results_name embedded-full -p model smollm2-135m+sft -y "seeds: [0, 1]" -p steps 40 -p eval_every 10
-reproduce-full: setup
-	@mkdir -p results/embedded-full/notebooks
+# Full tier -> results/embedded-full/ (~3 h on 2 cores): SVAMP from the SFT warm start (built first, cached) with
+# more updates and seeds; multiplication with 5 seeds (seeds 0-2 reuse make reproduce's runs when they exist) and
+# S-GRPO's P sweep. Each half is a target of its own; the summary gives each half's wall time.
+FULL_SVAMP := -p results_name embedded-full -p model smollm2-135m+sft -y "seeds: [0, 1]" -p steps 40 -p eval_every 10
+FULL_MUL   := -p results_name embedded-full -y "seeds: [0, 1, 2, 3, 4]"
+FULL_DIR   := results/embedded-full
+reproduce-full: reproduce-full-svamp reproduce-full-mul
+
+reproduce-full-svamp: setup
+	@mkdir -p $(FULL_DIR)/notebooks
 	@start=$$(date +%s); \
 	$(VENV)/bin/tokeneff warmstart --model smollm2-135m && \
-	$(VENV)/bin/papermill --cwd notebooks -p profile embedded $(FULL) notebooks/01_svamp.ipynb \
-	  results/embedded-full/notebooks/01_svamp.ipynb && \
-	$(PY) -m tokeneff.analysis.summary --name embedded-full --wall-seconds $$(( $$(date +%s) - start ))
+	$(VENV)/bin/papermill --cwd notebooks -p profile embedded $(FULL_SVAMP) notebooks/01_svamp.ipynb \
+	  $(FULL_DIR)/notebooks/01_svamp.ipynb && \
+	$(PY) -m tokeneff.analysis.summary --name embedded-full --part svamp --wall-seconds $$(( $$(date +%s) - start ))
+
+reproduce-full-mul: setup
+	@mkdir -p $(FULL_DIR)/notebooks
+	@start=$$(date +%s); \
+	$(VENV)/bin/papermill --cwd notebooks -p profile embedded $(FULL_MUL) notebooks/02_multiplication.ipynb \
+	  $(FULL_DIR)/notebooks/02_multiplication.ipynb && \
+	$(VENV)/bin/papermill --cwd notebooks -p profile embedded $(FULL_MUL) -y "p_values: [0.25, 1.0]" \
+	  notebooks/03_ablation_full_vs_selective.ipynb $(FULL_DIR)/notebooks/03_ablation_full_vs_selective.ipynb && \
+	$(PY) -m tokeneff.analysis.summary --name embedded-full --part multiplication \
+	  --wall-seconds $$(( $$(date +%s) - start ))
 
 summary: setup
 	$(PY) -m tokeneff.analysis.summary --name $(PROFILE)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokeneff.analysis.experiments import outcomes, run_dir, run_grid
+from tokeneff.analysis.experiments import ablation, outcomes, run_dir, run_grid
 from tokeneff.config import ConfigError
 
 TINY = dict(model="tiny-random", max_new_tokens=8, group_size=4, prompts_per_step=4, eval_batch_size=4,
@@ -16,7 +16,9 @@ TIMING = ("step_seconds", "rollout_seconds", "peak_memory_mb", "eval_seconds")
 
 def _runs(root, workers):
     variants = {"grpo": {"algo": "grpo"}, "tspmo": {"algo": "tspmo"}}
-    return run_grid("mul", "multiplication", variants, [0, 1], 3, root=str(root), workers=workers, **TINY), variants
+    base = (dict(task="multiplication", profile="embedded", root=str(root), **TINY),)  # evaluated beside the runs
+    return run_grid("mul", "multiplication", variants, [0, 1], 3, root=str(root), workers=workers, base_evals=base,
+                    **TINY), variants
 
 
 def test_parallel_grid_equals_sequential(tmp_path):
@@ -30,6 +32,9 @@ def test_parallel_grid_equals_sequential(tmp_path):
             a = load_file(run_dir(str(tmp_path / "seq"), "embedded", "mul", v, s) / "adapter/adapter_model.safetensors")
             b = load_file(run_dir(str(tmp_path / "par"), "embedded", "mul", v, s) / "adapter/adapter_model.safetensors")
             assert all(torch.equal(a[k], b[k]) for k in a)
+    # the base model's evaluation ran in the pool and gave the same outcomes as in one process
+    (fs,), (fp,) = (list((tmp_path / d / "embedded").glob("base_multiplication_*.json")) for d in ("seq", "par"))
+    assert json.loads(fs.read_text())["records"] == json.loads(fp.read_text())["records"]
     # a finished grid is not run again: the runs resume as done
     again, _ = _runs(tmp_path / "seq", workers=1)
     assert again[cols].equals(seq[cols])
@@ -53,3 +58,13 @@ def test_outcomes_pair_by_problem_id():
     with pytest.raises(ValueError, match="lacks problem 'c'"):
         outcomes(records, ["a", "c"])
     json.dumps(records)
+
+
+def test_ablation_without_p_sweep_trains_no_sweep_runs(tmp_path):
+    out = tmp_path / "results"
+    res = ablation("multiplication", [0], 2, [], runs_dir=str(tmp_path), results_dir=str(out), workers=1, **TINY)
+    assert res["sweep"].empty and not (tmp_path / "embedded" / "multiplication-psweep").exists()
+    assert not (out / "embedded" / "ablation_p_sweep.csv").exists()
+    assert (out / "embedded" / "ablation_token_share.csv").is_file()
+    summary = json.loads((out / "embedded" / "ablation_summary.json").read_text())
+    assert summary["sweep"] == [] and set(summary["share"]) == {"grpo", "sgrpo", "tspmo"}

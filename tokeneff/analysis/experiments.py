@@ -110,12 +110,21 @@ def _train_one(cfg: TrainConfig) -> str:
     return cfg.out
 
 
+def _base_one(kwargs: dict[str, Any]) -> str:
+    """Worker entry point for a base-model evaluation (cached on disk, read back by `base_accuracy`)."""
+    base_accuracy(**kwargs)
+    return f"base {kwargs['task']}"
+
+
 def run_grid(experiment: str, task: str, variants: dict[str, dict[str, Any]], seeds: list[int], steps: int,
-             profile: str = "embedded", root: str = "runs", workers: int = 0, **common) -> pd.DataFrame:
+             profile: str = "embedded", root: str = "runs", workers: int = 0,
+             base_evals: tuple[dict[str, Any], ...] = (), **common) -> pd.DataFrame:
     """Train every variant with every seed (resuming unfinished runs); return all metrics as one table.
 
     workers: parallel processes (0: one per core; 1: in this process, one run after another). Each run uses
     `threads` intra-op threads (config; the embedded default is 1).
+    base_evals: `base_accuracy` arguments, evaluated in the same pool beside the runs: evaluated before the
+    grid, the base model would hold one core while the others sat idle (~2.5 min for SVAMP on this machine).
     """
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ConfigError(f"workers={workers!r}: must be 0 (one per core) or a positive integer")
@@ -127,9 +136,13 @@ def run_grid(experiment: str, task: str, variants: dict[str, dict[str, Any]], se
     configs = [make_config(profile, overrides=dict(common, task=task, steps=steps, seed=seed, eval_at_start=False,
                                                    out=str(run_dir(root, profile, experiment, variant, seed)), **over))
                for variant, over in variants.items() for seed in seeds]
-    workers = min(workers or default_workers(), len(configs))
-    bar = tqdm(total=len(configs), desc=f"{experiment}: runs", unit="run")
+    jobs = [(_base_one, kw) for kw in base_evals] + [(_train_one, cfg) for cfg in configs]
+    workers = min(workers or default_workers(), len(jobs))
+    bar = tqdm(total=len(jobs), desc=f"{experiment}: runs", unit="run")
     if workers == 1:
+        for kw in base_evals:
+            base_accuracy(**kw)
+            bar.update()
         for cfg in configs:
             train(cfg, resume=True)
             bar.update()
@@ -137,7 +150,7 @@ def run_grid(experiment: str, task: str, variants: dict[str, dict[str, Any]], se
         # spawn, not fork: a forked child inherits the parent's OpenMP and tokenizer thread pools half-set-up
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
         try:
-            for fut in as_completed([pool.submit(_train_one, cfg) for cfg in configs]):
+            for fut in as_completed([pool.submit(fn, arg) for fn, arg in jobs]):
                 bar.set_postfix_str(Path(fut.result()).name)  # re-raises a worker's error here
                 bar.update()
         except KeyboardInterrupt:
@@ -229,10 +242,11 @@ def accuracy_experiment(task: str, variants: dict[str, dict[str, Any]], seeds: l
     paper, figures, tables and `<task>_summary.json` under results_dir/profile."""
     experiment = experiment or task
     cfg = make_config(profile, overrides=dict(common, task=task))
-    base = base_accuracy(task, profile, runs_dir, **common)
+    df = run_grid(experiment, task, variants, seeds, steps, profile, runs_dir, workers=workers,
+                  base_evals=(dict(task=task, profile=profile, root=runs_dir, **common),), **common)
+    base = base_accuracy(task, profile, runs_dir, **common)  # evaluated in the grid's pool, read from its cache
     ids = [r["id"] for r in base["records"]]
     base_vec = outcomes(base["records"], ids)
-    df = run_grid(experiment, task, variants, seeds, steps, profile, runs_dir, workers=workers, **common)
     names = list(variants)
     label = scale_label(profile, cfg.model, len(seeds))
 
@@ -313,14 +327,17 @@ def ablation(task: str, seeds: list[int], steps: int, p_values: list[float], pro
     base = base_accuracy(task, profile, runs_dir, **common)
     ids = [r["id"] for r in base["records"]]
     base_vec = outcomes(base["records"], ids)
-    sweep_variants = {f"sgrpo-P{p}": {"algo": "sgrpo", "sgrpo_p": p} for p in p_values}
-    run_grid(task + "-psweep", task, sweep_variants, seeds[:1], steps, profile, runs_dir, workers=workers, **common)
-    arms = grid_outcomes(runs_dir, profile, task + "-psweep", list(sweep_variants), seeds[:1], ids)
-    arms[f"sgrpo-P{cfg.sgrpo_p}"] = grid_outcomes(runs_dir, profile, task, ["sgrpo"], seeds[:1], ids)["sgrpo"]
-    sweep = pd.DataFrame([dict(variant=v, P=float(v.removeprefix("sgrpo-P")),
-                               accuracy=pct(paired_bootstrap(a, n_boot=n_boot)),
-                               gain_vs_base=pct(paired_bootstrap(a, base_vec, n_boot=n_boot), True))
-                          for v, a in arms.items()]).sort_values("P")
+    sweep = pd.DataFrame(columns=["variant", "P", "accuracy", "gain_vs_base"])
+    if p_values:  # optional: one seed per P, two more runs (the full tier sweeps; make reproduce does not)
+        sweep_variants = {f"sgrpo-P{p}": {"algo": "sgrpo", "sgrpo_p": p} for p in p_values}
+        run_grid(task + "-psweep", task, sweep_variants, seeds[:1], steps, profile, runs_dir, workers=workers,
+                 **common)
+        arms = grid_outcomes(runs_dir, profile, task + "-psweep", list(sweep_variants), seeds[:1], ids)
+        arms[f"sgrpo-P{cfg.sgrpo_p}"] = grid_outcomes(runs_dir, profile, task, ["sgrpo"], seeds[:1], ids)["sgrpo"]
+        sweep = pd.DataFrame([dict(variant=v, P=float(v.removeprefix("sgrpo-P")),
+                                   accuracy=pct(paired_bootstrap(a, n_boot=n_boot)),
+                                   gain_vs_base=pct(paired_bootstrap(a, base_vec, n_boot=n_boot), True))
+                              for v, a in arms.items()]).sort_values("P")
 
     sns.set_theme(style="whitegrid")
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
@@ -332,7 +349,8 @@ def ablation(task: str, seeds: list[int], steps: int, p_values: list[float], pro
     fig.suptitle(f"{label} · {task}")
     save_figure(fig, str(out / "ablation"))
     save_table(table.drop(columns="shares"), str(out / "ablation_token_share"))
-    save_table(sweep, str(out / "ablation_p_sweep"))
+    if p_values:
+        save_table(sweep, str(out / "ablation_p_sweep"))
     write_json(out / "ablation_summary.json", dict(task=task, label=label, steps=steps, seeds=list(seeds),
                                                    share={r["variant"]: r["shares"] for r in rows},
                                                    verdicts={r["variant"]: r["verdict"] for r in rows},

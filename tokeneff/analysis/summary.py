@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ..utils import atomic_write_bytes
@@ -34,6 +35,20 @@ def _accuracy_rows(s: dict) -> list[str]:
     return rows
 
 
+def record_wall_time(folder: Path, part: str, seconds: int) -> dict[str, dict]:
+    """Wall time per part of a tier (`make reproduce-full` runs its SVAMP and multiplication halves apart), kept in
+    wall_times.json beside the results so that a later part does not erase an earlier part's time."""
+    import datetime
+    import platform
+
+    f = folder / "wall_times.json"
+    times = json.loads(f.read_text()) if f.is_file() else {}
+    times[part] = dict(seconds=seconds, finished=datetime.datetime.now().isoformat(timespec="seconds"),
+                       machine=f"{platform.machine()}, {os.cpu_count()} cores")
+    atomic_write_bytes(f, (json.dumps(times, indent=1) + "\n").encode())
+    return times
+
+
 def build(folder: Path, wall_seconds: int | None = None) -> str:
     lines = [f"# Summary — `{folder.name}`", "",
              "Paper: Lee & Tong, *Token-Efficient RL for LLM Reasoning* (arXiv 2504.20834), Qwen2-1.5B-Instruct + "
@@ -45,8 +60,16 @@ def build(folder: Path, wall_seconds: int | None = None) -> str:
              f"below +{100 * DELTA:.0f} points (no gain of that size); a claimed absence of gain holds if the interval "
              f"lies below +{100 * DELTA:.0f} and is contradicted if it is above 0; anything else is **unresolved** "
              "(± half-width). Small-scale numbers are **not** the paper's numbers.", ""]
-    if wall_seconds:
-        lines += [f"Wall time of the run that produced this folder: {wall_seconds / 60:.1f} min.", ""]
+    f = folder / "wall_times.json"
+    times = json.loads(f.read_text()) if f.is_file() else {}
+    if wall_seconds and not times:
+        times = {"all": dict(seconds=wall_seconds)}
+    for part, t in times.items():
+        what = "the run that produced this folder" if part == "all" else f"its {part} part"
+        where = f" ({t['machine']}, finished {t['finished']})" if "machine" in t else ""
+        lines += [f"Wall time of {what}: {t['seconds'] / 60:.1f} min{where}."]
+    if times:
+        lines.append("")
     lines += ["| claim | paper | ours: accuracy or gain, 95% CI | model · scale · problems · updates | verdict |",
               "|---|---|---|---|---|"]
     found = False
@@ -78,6 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default="results")
     ap.add_argument("--out", help="default: results/summary.md for embedded, else results/<name>/summary.md")
     ap.add_argument("--wall-seconds", type=int)
+    ap.add_argument("--part", help="with --wall-seconds: the part of the tier that took it (kept per part)")
     a = ap.parse_args(argv)
     folder = Path(a.results) / a.name
     if not folder.is_dir():
@@ -85,7 +109,9 @@ def main(argv=None) -> int:
         return 2
     out = Path(a.out) if a.out else (Path(a.results) / "summary.md" if a.name == "embedded"
                                      else folder / "summary.md")
-    text = build(folder, a.wall_seconds)
+    if a.wall_seconds is not None:
+        record_wall_time(folder, a.part or "all", a.wall_seconds)
+    text = build(folder)
     atomic_write_bytes(out, text.encode())
     print(text)
     return 0
