@@ -2,11 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokeneff.analysis.experiments import ablation, outcomes, run_dir, run_grid
+from tokeneff.analysis.experiments import ablation, outcomes, outcomes_table, run_dir, run_grid
 from tokeneff.config import ConfigError
 
 TINY = dict(model="tiny-random", max_new_tokens=8, group_size=4, prompts_per_step=4, eval_batch_size=4,
@@ -68,3 +69,18 @@ def test_ablation_without_p_sweep_trains_no_sweep_runs(tmp_path):
     assert (out / "embedded" / "ablation_token_share.csv").is_file()
     summary = json.loads((out / "embedded" / "ablation_summary.json").read_text())
     assert summary["sweep"] == [] and set(summary["share"]) == {"grpo", "sgrpo", "tspmo"}
+
+
+def test_outcomes_table_holds_every_evaluation_paired_by_problem(tmp_path):
+    ids = ["p0", "p1", "p2"]
+    for variant, seed, step, correct in [("grpo", 0, 5, [1, 0, 0]), ("grpo", 1, 5, [0, 0, 1]),
+                                         ("grpo", 0, 9, [1, 1, 0]), ("grpo", 1, 9, [1, 1, 1])]:
+        d = run_dir(str(tmp_path), "embedded", "mul", variant, seed)
+        d.mkdir(parents=True, exist_ok=True)
+        records = [dict(id=i, correct=bool(c)) for i, c in reversed(list(zip(ids, correct)))]  # stored out of order
+        (d / f"eval_step{step}.json").write_text(json.dumps(dict(records=records)))
+    t = outcomes_table(str(tmp_path), "embedded", "mul", ["grpo"], [0, 1], ids, [5, 9], np.array([0.0, 1.0, 0.0]))
+    assert list(t.columns) == ["experiment", "variant", "seed", "step", "id", "correct"]
+    assert t[t.variant == "base"].correct.tolist() == [0, 1, 0]
+    got = t[t.variant == "grpo"].groupby(["seed", "step"]).correct.apply(list).to_dict()
+    assert got == {(0, 5): [1, 0, 0], (0, 9): [1, 1, 0], (1, 5): [0, 0, 1], (1, 9): [1, 1, 1]}

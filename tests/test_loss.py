@@ -99,3 +99,37 @@ def test_policy_loss_without_beta_has_no_kl_term_even_with_a_reference():
     loss, kl = policy_loss(logp, torch.tensor([1.0, -1.0]), torch.tensor([0.5, 0.5]), ref)
     assert_close(loss, torch.tensor(0.0))  # -(0.5 * 1 + 0.5 * -1): the KL (> 0 here) is logged, not in the loss
     assert kl > 0
+
+
+def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients_without_a_shared_prompt():
+    """Checkpointing recomputes each layer in backward, which a prompt KV cache shared across rows cannot survive:
+    the loss must detect it (through peft's wrapper) and forward each row with its prompt, same numbers."""
+    model, *batch = _setup()
+    rows, pos = torch.tensor([0, 1, 1, 2, 3, 3]), torch.tensor([0, 2, 4, 1, 0, 2])
+    model.train()  # checkpointing acts in training mode only (lora_dropout is 0: no randomness)
+
+    def run():
+        model.zero_grad()
+        shapes = []
+        hook = model.get_base_model().model.embed_tokens.register_forward_hook(
+            lambda m, i, o: shapes.append(tuple(o.shape[:2])))
+        lp = SelectiveLogProbs(model)(*batch, rows, pos)
+        hook.remove()
+        lp.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return lp.detach(), grads, shapes
+
+    plain, g_plain, shapes_plain = run()
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    ckpt, g_ckpt, shapes_ckpt = run()
+    assert_close(ckpt, plain, rtol=1e-4, atol=1e-5)
+    assert g_plain.keys() == g_ckpt.keys() and any(g.abs().sum() > 0 for g in g_plain.values())
+    for n in g_plain:
+        assert_close(g_ckpt[n], g_plain[n], rtol=1e-4, atol=1e-5)  # float32 sums in another order
+    assert shapes_plain == [(2, 4), (2, 4), (1, 1)]  # without checkpointing: the two prompts once, then completions
+    # with it, each row with its own prompt (4 tokens) up to its reach: rows 1 and 3 to 4, row 2 to 1, row 0 to 0
+    assert shapes_ckpt == [(2, 8), (1, 5), (1, 4)]

@@ -39,7 +39,38 @@ PATH_KEYS = ("out", "svamp_dir")  # `~` is expanded in these (and in a model giv
 
 
 @dataclass
-class TrainConfig:
+class LoraSettings:
+    """The LoRA adapter, the same fields and checks for RL (`TrainConfig`) and the SFT warm start
+    (`warmstart.WarmStartConfig`)."""
+
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+
+    def lora_target_list(self) -> list[str]:
+        return [t.strip() for t in str(self.lora_targets).split(",") if t.strip()]
+
+    def check_lora(self) -> None:
+        for name in ("lora_r", "lora_alpha"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}={v!r}: must be a positive integer")
+        d = self.lora_dropout
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
+            raise ConfigError(f"lora_dropout={d!r}: must be in [0, 1)")
+        if not self.lora_target_list():
+            raise ConfigError(f"lora_targets={self.lora_targets!r}: name at least one module, e.g. q_proj,v_proj")
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=self.lora_target_list(), task_type="CAUSAL_LM")
+
+
+@dataclass
+class TrainConfig(LoraSettings):
     # --- run ---
     algo: str = "sgrpo"
     """grpo (all tokens) | sgrpo (stochastic subset) | tspmo (prefix-matched pivotal tokens)"""
@@ -113,10 +144,7 @@ class TrainConfig:
     """no | bf16 | fp16 (accelerate)"""
     lm_head_tile: int = 8192
     """vocabulary columns per tile of the chunked LM head (TRL's kernel; smaller = less memory, more passes)"""
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    # LoRA: lora_r, lora_alpha, lora_dropout, lora_targets (LoraSettings)
 
     # --- evaluation and checkpoints ---
     eval_every: int = 0
@@ -146,8 +174,8 @@ class TrainConfig:
         if not isinstance(self.model, str) or not self.model.strip():
             raise bad("model", "must be a built-in name, a hub id or a local path")
         positive = ("steps", "group_size", "prompts_per_step", "max_new_tokens", "sgrpo_k",
-                    "replay_buffer_size", "micro_batch_size", "lm_head_tile", "lora_r",
-                    "lora_alpha", "eval_batch_size", "save_every", "max_bad_steps")
+                    "replay_buffer_size", "micro_batch_size", "lm_head_tile", "eval_batch_size", "save_every",
+                    "max_bad_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
@@ -174,9 +202,8 @@ class TrainConfig:
             raise bad("sgrpo_p", "must be a probability in [0, 1]")
         if not 0 <= self.sgrpo_alpha <= self.sgrpo_k:
             raise bad("sgrpo_alpha", f"must be between 0 and sgrpo_k={self.sgrpo_k}")
-        for name in ("replay_fraction", "lora_dropout"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise bad(name, "must be in [0, 1]")
+        if not 0 <= self.replay_fraction <= 1:
+            raise bad("replay_fraction", "must be in [0, 1]")
         for name in ("beta", "weight_decay", "max_grad_norm"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
@@ -184,8 +211,7 @@ class TrainConfig:
         for name in ("seed", "threads", "num_shots", "eval_every", "eval_limit", "eval_max_new_tokens"):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
-        if not [t for t in self.lora_targets.split(",") if t.strip()]:
-            raise bad("lora_targets", "name at least one module, e.g. q_proj,v_proj")
+        self.check_lora()
         if not str(self.out).strip():
             raise bad("out", "must be a directory path")
         return self

@@ -244,7 +244,7 @@ def _check_finished_run(out: Path, final: dict[str, Any], cfg: TrainConfig) -> N
 
 def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, overwrite: bool,
                   progress: bool) -> dict[str, Any]:
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from .models import load_model
 
@@ -260,8 +260,7 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
     seed_everything(cfg.seed)
     dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" and torch.cuda.is_available() else torch.float32
     model, tok = load_model(cfg.model, dtype=dtype)
-    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
-    check_lora_targets(model, targets, cfg.model)
+    check_lora_targets(model, cfg.lora_target_list(), cfg.model)
     check_context(model, tok, task, train_problems + test_problems, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -277,9 +276,7 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
         except OSError as e:
             raise disk_error(e, f"{out}/config.json") from None
     accel.wait_for_everyone()
-    policy = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                              lora_dropout=cfg.lora_dropout, target_modules=targets,
-                                              task_type="CAUSAL_LM"))
+    policy = get_peft_model(model, cfg.peft_config())
     policy_lp = SelectiveLogProbs(policy, cfg.lm_head_tile, temperature=cfg.temperature)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

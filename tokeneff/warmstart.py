@@ -37,7 +37,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, coerce
+from .config import ConfigError, LoraSettings, coerce
 from .tasks.answer import is_correct
 from .tasks.base import format_number
 
@@ -47,7 +47,7 @@ BUILDER_VERSION = 1
 
 
 @dataclass
-class WarmStartConfig:
+class WarmStartConfig(LoraSettings):
     model: str = "smollm2-135m"
     """base model: built-in name, hub id or local path"""
     num_shots: int = 1
@@ -57,10 +57,7 @@ class WarmStartConfig:
     epochs: int = 1
     lr: float = 2e-4
     batch_size: int = 8
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    # LoRA: lora_r, lora_alpha, lora_dropout, lora_targets (config.LoraSettings, the same as RL's)
     seed: int = 0
     max_examples: int = 1200
     """train on a seeded subset of this many problems (0: all 3,120). 1,200 (38% of an epoch) is the default
@@ -73,7 +70,7 @@ class WarmStartConfig:
 
         if not isinstance(self.model, str) or not self.model.strip():
             raise bad("model", "must be a built-in name, a hub id or a local path")
-        for name in ("epochs", "batch_size", "lora_r", "lora_alpha"):
+        for name in ("epochs", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(name, "must be a positive integer")
@@ -83,10 +80,7 @@ class WarmStartConfig:
                 raise bad(name, "must be a non-negative integer")
         if not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and self.lr > 0):
             raise bad("lr", "must be a positive number")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            raise bad("lora_dropout", "must be in [0, 1)")
-        if not [t for t in str(self.lora_targets).split(",") if t.strip()]:
-            raise bad("lora_targets", "name at least one module, e.g. q_proj,v_proj")
+        self.check_lora()
         return self
 
 
@@ -300,10 +294,10 @@ def resolve(name: str) -> Path:
 def _train_and_save(cfg: WarmStartConfig, out: Path, progress: bool) -> None:
     import datasets
     import torch
-    from peft import LoraConfig
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
+    from .checks import check_lora_targets
     from .models import load_model
 
     start = time.perf_counter()
@@ -324,9 +318,8 @@ def _train_and_save(cfg: WarmStartConfig, out: Path, progress: bool) -> None:
         push_to_hub=False, disable_tqdm=not progress, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
-    peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                             target_modules=[t.strip() for t in cfg.lora_targets.split(",") if t.strip()],
-                             task_type="CAUSAL_LM")
+    check_lora_targets(model, cfg.lora_target_list(), cfg.model)  # one line, not peft's traceback
+    peft_config = cfg.peft_config()
     with _quiet(not progress):
         trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                              processing_class=tok, peft_config=peft_config)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, TrainConfig, make_config
 from ..evaluate import evaluate
 from ..train import train
-from ..utils import write_json
+from ..utils import atomic_write_bytes, write_json
 from .report import pct, plot_accuracy, plot_metric, save_figure, save_table, scale_label
 from .stats import DELTA, N_BOOT, Interval, paired_bootstrap, verdict
 
@@ -198,6 +198,19 @@ def grid_outcomes(root: str, profile: str, experiment: str, variants: list[str],
     return out
 
 
+def outcomes_table(root: str, profile: str, experiment: str, variants: list[str], seeds: list[int],
+                   ids: list[str], steps: list[int], base_vec: np.ndarray) -> pd.DataFrame:
+    """Every evaluation's per-problem outcome (the base model at step 0): the data behind every interval, so that a
+    reader can recompute them or test another question without rerunning anything."""
+    frames = [pd.DataFrame(dict(variant="base", seed=0, step=0, id=ids, correct=base_vec.astype(int)))]
+    for step in steps:
+        for v, a in grid_outcomes(root, profile, experiment, variants, seeds, ids, step).items():
+            frames += [pd.DataFrame(dict(variant=v, seed=s, step=step, id=ids, correct=row.astype(int)))
+                       for s, row in zip(seeds, a, strict=True)]
+    return pd.concat(frames, ignore_index=True).assign(experiment=experiment)[
+        ["experiment", "variant", "seed", "step", "id", "correct"]]
+
+
 def claim_verdicts(task: str, arms: dict[str, dict[str, Any]], delta: float = DELTA) -> list[dict[str, str]]:
     """Each of the paper's claims about `task` with our interval and the verdict it supports. `arms` maps a variant
     to its intervals (`vs_base`, `vs_grpo`: Interval or its dict, as stored in <task>_summary.json)."""
@@ -289,6 +302,8 @@ def accuracy_experiment(task: str, variants: dict[str, dict[str, Any]], seeds: l
                    claims=claims, variants=variants,
                    config={k: v for k, v in cfg.to_dict().items() if k not in ("out", "seed")})
     write_json(out / f"{task}_summary.json", summary)
+    table_out = outcomes_table(runs_dir, profile, experiment, names, seeds, ids, eval_steps, base_vec)
+    atomic_write_bytes(str(out / f"{task}_outcomes.csv"), table_out.to_csv(index=False).encode())
     return dict(df=df, curve=curve, table=table, claims=claims_df, summary=summary, figure=fig)
 
 
