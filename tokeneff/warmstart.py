@@ -297,7 +297,6 @@ def _train_and_save(cfg: WarmStartConfig, out: Path, progress: bool) -> None:
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from .checks import check_lora_targets
     from .models import load_model
 
     start = time.perf_counter()
@@ -318,7 +317,6 @@ def _train_and_save(cfg: WarmStartConfig, out: Path, progress: bool) -> None:
         push_to_hub=False, disable_tqdm=not progress, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
-    check_lora_targets(model, cfg.lora_target_list(), cfg.model)  # one line, not peft's traceback
     peft_config = cfg.peft_config()
     with _quiet(not progress):
         trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
