@@ -30,8 +30,8 @@ reproduce: setup
 	done; \
 	$(PY) -m tokeneff.analysis.summary --name $(PROFILE) --wall-seconds $$(( $$(date +%s) - start ))
 
-# Full tier -> results/embedded-full/ (~2.5 h on 2 cores: SVAMP 108 min, multiplication 38 min after make reproduce): SVAMP from the SFT warm start (built first, cached) with
-# more updates and seeds; multiplication with 5 seeds (seeds 0-2 reuse make reproduce's runs when they exist) and
+# Full tier -> results/embedded-full/ (~2.5 h on 2 cores: SVAMP 108 min, multiplication 38 min after make
+# reproduce): SVAMP from the SFT warm start (built first, cached) with more updates and seeds; multiplication with 5 seeds (seeds 0-2 reuse make reproduce's runs when they exist) and
 # S-GRPO's P sweep. Each half is a target of its own; the summary gives each half's wall time.
 FULL_SVAMP := -p results_name embedded-full -p model smollm2-135m+sft -y "seeds: [0, 1]" -p steps 40 -p eval_every 10
 FULL_MUL   := -p results_name embedded-full -y "seeds: [0, 1, 2, 3, 4]"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokeneff.analysis.experiments import ablation, outcomes, outcomes_table, run_dir, run_grid
+from tokeneff.analysis.experiments import ablation, grid_outcomes, outcomes, outcomes_table, run_dir, run_grid
 from tokeneff.config import ConfigError
 
 TINY = dict(model="tiny-random", max_new_tokens=8, group_size=4, prompts_per_step=4, eval_batch_size=4,
@@ -79,7 +79,8 @@ def test_outcomes_table_holds_every_evaluation_paired_by_problem(tmp_path):
         d.mkdir(parents=True, exist_ok=True)
         records = [dict(id=i, correct=bool(c)) for i, c in reversed(list(zip(ids, correct)))]  # stored out of order
         (d / f"eval_step{step}.json").write_text(json.dumps(dict(records=records)))
-    t = outcomes_table(str(tmp_path), "embedded", "mul", ["grpo"], [0, 1], ids, [5, 9], np.array([0.0, 1.0, 0.0]))
+    by_step = {step: grid_outcomes(str(tmp_path), "embedded", "mul", ["grpo"], [0, 1], ids, step) for step in (5, 9)}
+    t = outcomes_table(by_step, "mul", [0, 1], ids, np.array([0.0, 1.0, 0.0]))
     assert list(t.columns) == ["experiment", "variant", "seed", "step", "id", "correct"]
     assert t[t.variant == "base"].correct.tolist() == [0, 1, 0]
     got = t[t.variant == "grpo"].groupby(["seed", "step"]).correct.apply(list).to_dict()

@@ -198,13 +198,14 @@ def grid_outcomes(root: str, profile: str, experiment: str, variants: list[str],
     return out
 
 
-def outcomes_table(root: str, profile: str, experiment: str, variants: list[str], seeds: list[int],
-                   ids: list[str], steps: list[int], base_vec: np.ndarray) -> pd.DataFrame:
+def outcomes_table(by_step: dict[int, dict[str, np.ndarray]], experiment: str, seeds: list[int], ids: list[str],
+                   base_vec: np.ndarray) -> pd.DataFrame:
     """Every evaluation's per-problem outcome (the base model at step 0): the data behind every interval, so that a
-    reader can recompute them or test another question without rerunning anything."""
+    reader can recompute them or test another question without rerunning anything. by_step: step -> variant ->
+    [seeds, problems] outcomes (`grid_outcomes` at that step)."""
     frames = [pd.DataFrame(dict(variant="base", seed=0, step=0, id=ids, correct=base_vec.astype(int)))]
-    for step in steps:
-        for v, a in grid_outcomes(root, profile, experiment, variants, seeds, ids, step).items():
+    for step, arms in by_step.items():
+        for v, a in arms.items():
             frames += [pd.DataFrame(dict(variant=v, seed=s, step=step, id=ids, correct=row.astype(int)))
                        for s, row in zip(seeds, a, strict=True)]
     return pd.concat(frames, ignore_index=True).assign(experiment=experiment)[
@@ -233,13 +234,13 @@ def token_share(df: pd.DataFrame) -> pd.DataFrame:
     return (g.tokens_in_loss.sum() / signal.where(signal > 0)).rename("share").reset_index()  # NaN: no signal
 
 
-def accuracy_curve(root: str, profile: str, experiment: str, variants: list[str], seeds: list[int],
-                   ids: list[str], steps: list[int], base_vec: np.ndarray) -> pd.DataFrame:
-    """Accuracy at every evaluated step with a 95% bootstrap interval over problems and seeds; base at step 0."""
+def accuracy_curve(by_step: dict[int, dict[str, np.ndarray]], variants: list[str],
+                   base_vec: np.ndarray) -> pd.DataFrame:
+    """Accuracy at every evaluated step with a 95% bootstrap interval over problems and seeds; base at step 0.
+    by_step: step -> variant -> [seeds, problems] outcomes (`grid_outcomes` at that step)."""
     b = paired_bootstrap(base_vec)
     rows = [dict(variant=v, step=0, mean=b.mean, lo=b.lo, hi=b.hi) for v in variants]
-    for step in steps:
-        arms = grid_outcomes(root, profile, experiment, variants, seeds, ids, step)
+    for step, arms in by_step.items():
         for v, a in arms.items():
             iv = paired_bootstrap(a)
             rows.append(dict(variant=v, step=step, mean=iv.mean, lo=iv.lo, hi=iv.hi))
@@ -278,7 +279,9 @@ def accuracy_experiment(task: str, variants: dict[str, dict[str, Any]], seeds: l
     claims = claim_verdicts(task, arms, delta)
 
     eval_steps = sorted(int(x) for x in df.dropna(subset=["eval_accuracy"]).step.unique() if x > 0)
-    curve = accuracy_curve(runs_dir, profile, experiment, names, seeds, ids, eval_steps, base_vec)
+    # every evaluation's outcomes, read once: the curve and the outcomes file both use them
+    by_step = {step: grid_outcomes(runs_dir, profile, experiment, names, seeds, ids, step) for step in eval_steps}
+    curve = accuracy_curve(by_step, names, base_vec)
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
@@ -302,7 +305,7 @@ def accuracy_experiment(task: str, variants: dict[str, dict[str, Any]], seeds: l
                    claims=claims, variants=variants,
                    config={k: v for k, v in cfg.to_dict().items() if k not in ("out", "seed")})
     write_json(out / f"{task}_summary.json", summary)
-    table_out = outcomes_table(runs_dir, profile, experiment, names, seeds, ids, eval_steps, base_vec)
+    table_out = outcomes_table(by_step, experiment, seeds, ids, base_vec)
     atomic_write_bytes(str(out / f"{task}_outcomes.csv"), table_out.to_csv(index=False).encode())
     return dict(df=df, curve=curve, table=table, claims=claims_df, summary=summary, figure=fig)
 

@@ -35,7 +35,7 @@ def _accuracy_rows(s: dict) -> list[str]:
     return rows
 
 
-def record_wall_time(folder: Path, part: str, seconds: int) -> dict[str, dict]:
+def record_wall_time(folder: Path, part: str, seconds: int) -> None:
     """Wall time per part of a tier (`make reproduce-full` runs its SVAMP and multiplication halves apart), kept in
     wall_times.json beside the results so that a later part does not erase an earlier part's time."""
     import datetime
@@ -46,10 +46,9 @@ def record_wall_time(folder: Path, part: str, seconds: int) -> dict[str, dict]:
     times[part] = dict(seconds=seconds, finished=datetime.datetime.now().isoformat(timespec="seconds"),
                        machine=f"{platform.machine()}, {os.cpu_count()} cores")
     atomic_write_bytes(f, (json.dumps(times, indent=1) + "\n").encode())
-    return times
 
 
-def build(folder: Path, wall_seconds: int | None = None) -> str:
+def build(folder: Path) -> str:
     lines = [f"# Summary — `{folder.name}`", "",
              "Paper: Lee & Tong, *Token-Efficient RL for LLM Reasoning* (arXiv 2504.20834), Qwen2-1.5B-Instruct + "
              "LoRA; it reports no seeds or intervals. Ours: every arm evaluated greedily on the same held-out "
@@ -61,9 +60,7 @@ def build(folder: Path, wall_seconds: int | None = None) -> str:
              f"lies below +{100 * DELTA:.0f} and is contradicted if it is above 0; anything else is **unresolved** "
              "(± half-width). Small-scale numbers are **not** the paper's numbers.", ""]
     f = folder / "wall_times.json"
-    times = json.loads(f.read_text()) if f.is_file() else {}
-    if wall_seconds and not times:
-        times = {"all": dict(seconds=wall_seconds)}
+    times = json.loads(f.read_text()) if f.is_file() else {}  # record_wall_time's, per part
     for part, t in times.items():
         what = "the run that produced this folder" if part == "all" else f"its {part} part"
         where = f" ({t['machine']}, finished {t['finished']})" if "machine" in t else ""

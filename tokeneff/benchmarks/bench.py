@@ -282,7 +282,7 @@ def bench_cli(args) -> None:
         res = versus_trl(model=args.model, shape=args.shape, group_size=ints(args.group_sizes, "--group-sizes")[0],
                          max_new_tokens=args.max_new_tokens, steps=args.steps,
                          gradient_checkpointing=args.gradient_checkpointing, out=args.out,
-                         trl_trainers=() if args.no_trl_trainers else ("sgrpo", "tspmo"))
+                         **({"trl_trainers": ()} if args.no_trl_trainers else {}))
         print_versus(res)
         print(f"written to {args.out}/")
         return
