@@ -61,7 +61,7 @@ def _kill_loop(tmp_path, steps, n_phase, n_random, seed, monkeypatch):
     ctx = mp.get_context("fork")
     plan = [("phase", p) for p in rng.sample(PHASES, n_phase)] + [("random", None)] * n_random
     rng.shuffle(plan)
-    kills, finished_early, progress = 0, 0, []
+    finished_early, progress = 0, []
     for how, phase in plan:
         if how == "phase":
             env = {"TOKENEFF_TEST_KILL_AT": f"{phase}:{rng.randint(1, 2)}"}
@@ -75,7 +75,6 @@ def _kill_loop(tmp_path, steps, n_phase, n_random, seed, monkeypatch):
                 os.kill(proc.pid, signal.SIGKILL)
         proc.join(120)
         if proc.exitcode == -signal.SIGKILL:
-            kills += 1
             ck = run / "checkpoint" / "state.json"
             progress.append(json.loads(ck.read_text())["step"] if ck.is_file() else None)
         elif proc.exitcode == 0:
@@ -91,13 +90,13 @@ def _kill_loop(tmp_path, steps, n_phase, n_random, seed, monkeypatch):
     assert rows == ref_rows
     assert final == ref_final
     assert adapter.keys() == ref_adapter.keys() and all(torch.equal(adapter[k], ref_adapter[k]) for k in adapter)
-    assert finished_early == 0, f"too few steps: kills came after the end (checkpoint steps: {progress})"
-    print("checkpoint step after each kill:", progress)
-    return kills
+    print("checkpoint step after each kill:", progress, "finished early:", finished_early)
+    # how far a random kill gets depends on the machine's speed: count only the kills that came before the end
+    return sum(1 for s in progress if s is None or s < steps)
 
 
 def test_kill_loop_thirty_kills(tmp_path, monkeypatch):
-    """>= 20 SIGKILLs (32 here: every save phase plus 24 random instants, windows widened), resumed each time;
-    about 50 s on a loaded 2-core CPU."""
-    kills = _kill_loop(tmp_path, steps=60, n_phase=len(PHASES), n_random=24, seed=1, monkeypatch=monkeypatch)
+    """>= 20 SIGKILLs before the run's end (32 tried: every save phase plus 24 random instants, windows widened),
+    resumed each time; about 60 s on a loaded 2-core CPU."""
+    kills = _kill_loop(tmp_path, steps=80, n_phase=len(PHASES), n_random=24, seed=1, monkeypatch=monkeypatch)
     assert kills >= 20
