@@ -19,20 +19,24 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-# Default tier (~1 h on 2 cores): every notebook; runs of a grid go in parallel, one process per core.
+# Default tier (~1 h on 2 cores): every notebook; runs of a grid go in parallel, one process per core. The last
+# three notebooks each use one core: 03 then 04 in one lane, 05 in the other (its output in runs/, shown after).
+NB_LANE_A := 03_ablation_full_vs_selective 04_memory_and_speed
+PAPERMILL  = $(VENV)/bin/papermill --cwd notebooks -p profile $(PROFILE) notebooks/$$nb.ipynb results/$(PROFILE)/notebooks/$$nb.ipynb
 reproduce: setup
-	@mkdir -p results/$(PROFILE)/notebooks
+	@mkdir -p results/$(PROFILE)/notebooks runs
 	@start=$$(date +%s); \
-	for nb in $(NB); do \
-	  echo "== $$nb ($(PROFILE))"; \
-	  $(VENV)/bin/papermill --cwd notebooks -p profile $(PROFILE) notebooks/$$nb.ipynb \
-	    results/$(PROFILE)/notebooks/$$nb.ipynb || exit 1; \
-	done; \
+	for nb in 01_svamp 02_multiplication; do echo "== $$nb ($(PROFILE))"; $(PAPERMILL) || exit 1; done; \
+	log=runs/$(PROFILE)-05_trl.log; echo "== 05_trl ($(PROFILE)), beside 03 and 04: its output in $$log"; \
+	( nb=05_trl; $(PAPERMILL) ) > $$log 2>&1 & lane_b=$$!; \
+	for nb in $(NB_LANE_A); do echo "== $$nb ($(PROFILE))"; $(PAPERMILL) || { wait $$lane_b; exit 1; }; done; \
+	wait $$lane_b; rc=$$?; echo "== 05_trl output:"; cat $$log; [ $$rc -eq 0 ] || exit $$rc; \
 	$(PY) -m tokeneff.analysis.summary --name $(PROFILE) --wall-seconds $$(( $$(date +%s) - start ))
 
-# Full tier -> results/embedded-full/ (~2.5 h on 2 cores: SVAMP 108 min, multiplication 38 min after make
-# reproduce): SVAMP from the SFT warm start (built first, cached) with more updates and seeds; multiplication with 5 seeds (seeds 0-2 reuse make reproduce's runs when they exist) and
-# S-GRPO's P sweep. Each half is a target of its own; the summary gives each half's wall time.
+# Full tier -> results/embedded-full/ (~2.5 h on 2 cores: SVAMP 108 min, multiplication ~35 min after make
+# reproduce): SVAMP from the SFT warm start (built first, cached) with more updates and seeds; multiplication with
+# 5 seeds and T-SPMO without replay (the runs make reproduce made are reused) and S-GRPO's P sweep. Each half is
+# a target of its own; the summary gives each half's wall time.
 FULL_SVAMP := -p results_name embedded-full -p model smollm2-135m+sft -y "seeds: [0, 1]" -p steps 40 -p eval_every 10
 FULL_MUL   := -p results_name embedded-full -y "seeds: [0, 1, 2, 3, 4]"
 FULL_DIR   := results/embedded-full
@@ -49,7 +53,8 @@ reproduce-full-svamp: setup
 reproduce-full-mul: setup
 	@mkdir -p $(FULL_DIR)/notebooks
 	@start=$$(date +%s); \
-	$(VENV)/bin/papermill --cwd notebooks -p profile embedded $(FULL_MUL) notebooks/02_multiplication.ipynb \
+	$(VENV)/bin/papermill --cwd notebooks -p profile embedded $(FULL_MUL) \
+	  -y "variants: [grpo, sgrpo, tspmo, tspmo-noreplay]" notebooks/02_multiplication.ipynb \
 	  $(FULL_DIR)/notebooks/02_multiplication.ipynb && \
 	$(VENV)/bin/papermill --cwd notebooks -p profile embedded $(FULL_MUL) -y "p_values: [0.25, 1.0]" \
 	  notebooks/03_ablation_full_vs_selective.ipynb $(FULL_DIR)/notebooks/03_ablation_full_vs_selective.ipynb && \

@@ -7,7 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokeneff.analysis.experiments import ablation, grid_outcomes, outcomes, outcomes_table, run_dir, run_grid
+from tokeneff.analysis.experiments import (
+    ablation,
+    grid_outcomes,
+    outcomes,
+    outcomes_table,
+    pick_variants,
+    run_dir,
+    run_grid,
+)
 from tokeneff.config import ConfigError
 
 TINY = dict(model="tiny-random", max_new_tokens=8, group_size=4, prompts_per_step=4, eval_batch_size=4,
@@ -51,6 +59,16 @@ def test_bad_workers_one_line(workers, tmp_path):
 def test_bad_seeds_one_line(seeds, tmp_path):
     with pytest.raises(ConfigError, match="seeds=.*list of integers"):
         run_grid("x", "multiplication", {"grpo": {}}, seeds, 1, root=str(tmp_path), **TINY)
+
+
+def test_pick_variants_keeps_the_order_given_and_names_a_bad_value():
+    assert list(pick_variants(["tspmo-noreplay", "grpo"])) == ["tspmo-noreplay", "grpo"]
+    assert pick_variants(["tspmo-noreplay"])["tspmo-noreplay"] == {"algo": "tspmo", "replay": "off"}
+    with pytest.raises(ConfigError, match=r"unknown \['tspmo_noreplay'\]"):
+        pick_variants(["grpo", "tspmo_noreplay"])
+    for bad in ("grpo", [], ["grpo", "grpo"], [1]):
+        with pytest.raises(ConfigError, match="variants="):
+            pick_variants(bad)
 
 
 def test_outcomes_pair_by_problem_id():

@@ -45,6 +45,10 @@ CLAIMS: dict[str, list[tuple[str, str, str | None, str]]] = {
                        ("tspmo", "grpo", "gain", "above full-token GRPO (implied)"),
                        ("sgrpo", "base", None, "not reported"), ("tspmo-noreplay", "base", None, "not reported")],
 }
+# The multiplication experiment's variants, picked by name in notebook 02 (make reproduce runs the paper's three
+# algorithms; the full tier adds T-SPMO without replay, an ablation of T-SPMO's resampling).
+VARIANTS = {"grpo": {"algo": "grpo"}, "sgrpo": {"algo": "sgrpo"}, "tspmo": {"algo": "tspmo", "replay": "on"},
+            "tspmo-noreplay": {"algo": "tspmo", "replay": "off"}}
 # Share of completion tokens that carry loss, relative to full-token GRPO: (low, high) bounds the paper gives.
 TOKEN_SHARE = {"grpo": ("100%", 1.0, 1.0), "sgrpo": ("30–50%", 0.30, 0.50), "tspmo": ("< 5%", 0.0, 0.05)}
 
@@ -80,6 +84,18 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS
         return max(1, os.cpu_count() or 1)
+
+
+def pick_variants(names: list[str]) -> dict[str, dict[str, Any]]:
+    """VARIANTS by name, in the order given; a clear error for anything else."""
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"variants={names!r}: must be a non-empty list of names, e.g. [grpo, tspmo] "
+                          "(papermill: -y 'variants: [grpo, tspmo]')")
+    bad = [n for n in names if n not in VARIANTS]
+    if bad or len(set(names)) != len(names):
+        what = f"unknown {bad}" if bad else "a name repeated"
+        raise ConfigError(f"variants={list(names)!r}: {what}; choose from {list(VARIANTS)}")
+    return {n: VARIANTS[n] for n in names}
 
 
 def run_dir(root: str, profile: str, experiment: str, variant: str, seed: int) -> Path:
@@ -331,7 +347,7 @@ def ablation(task: str, seeds: list[int], steps: int, p_values: list[float], pro
     cfg = make_config(profile, overrides=dict(common, task=task))
     out = Path(results_dir) / (results_name or profile)
     label = scale_label(profile, cfg.model, len(seeds))
-    variants = {"grpo": {"algo": "grpo"}, "sgrpo": {"algo": "sgrpo"}, "tspmo": {"algo": "tspmo", "replay": "on"}}
+    variants = pick_variants(list(TOKEN_SHARE))  # the paper's three algorithms, the runs of notebook 02
     df = run_grid(task, task, variants, seeds, steps, profile, runs_dir, workers=workers, **common)
     shares = token_share(df)
     rows = []

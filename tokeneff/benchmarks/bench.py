@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..config import ALGOS, TokeneffError
-from ..utils import memory_mb
+from ..utils import memory_mb, set_threads
 from .benchio import QWEN2_1_5B, device_name, run_in_subprocess, save_result
 from .versus_trl import print_versus, versus_trl
 
@@ -301,4 +301,6 @@ def bench_cli(args) -> None:
 
 if __name__ == "__main__":  # one configuration, in a fresh process
     spec = json.loads(sys.argv[1])
+    if not torch.cuda.is_available():
+        set_threads(0)  # one thread, as every run here: measured fastest, and steady beside other work (utils)
     print(json.dumps(rollout_throughput(spec) if spec.get("kind") == "rollout" else one(spec)))
