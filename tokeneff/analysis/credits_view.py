@@ -12,6 +12,7 @@ from ..config import make_config
 from ..models import load_model
 from ..rollout import build_prompt, decode, encode_prompts, sample
 from ..tasks import make_task
+from ..utils import set_threads
 
 
 def credited_tokens(task: str = "multiplication", profile: str = "embedded", num_groups: int = 3,
@@ -19,6 +20,8 @@ def credited_tokens(task: str = "multiplication", profile: str = "embedded", num
     """Groups (with reward variance) of the base model, each completion's tokens with their T-SPMO advantage."""
     cfg = make_config(profile, overrides=dict(overrides, task=task))
     t = make_task(cfg)
+    if not torch.cuda.is_available():
+        set_threads(cfg.threads)  # runs in the notebook's process: 2 spinning threads collapse beside other work
     model, tok = load_model(cfg.model)
     torch.manual_seed(cfg.seed)
     problems = t.problems("train")
