@@ -25,6 +25,7 @@ TRAIN = ["train", "--model", "tiny-random", "--steps", "1"]
     (["bench", "--name", "a/b"], "--name='a/b'"),
     (["bench", "--vs-trl", "--steps", "1"], "--steps=1"),
     (["bench", "--vs-trl", "--max-new-tokens", "0"], "--max-new-tokens=0"),
+    (["bench", "--vs-trl", "--algos", "tspmo,spmo"], "--algos='tspmo,spmo'"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -5,8 +5,8 @@ import json
 from tokeneff.analysis.summary import build, main
 
 
-def _summary(folder, lo, hi):
-    iv = dict(mean=(lo + hi) / 2, lo=lo, hi=hi, seeds=2, problems=200)
+def _summary(folder, lo, hi, seeds=2):
+    iv = dict(mean=(lo + hi) / 2, lo=lo, hi=hi, seeds=seeds, problems=200)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "multiplication_summary.json").write_text(json.dumps(dict(
         task="multiplication", label="tiny", problems=200, steps=30, seeds=[0, 1], paper_base="not reported",
@@ -19,6 +19,9 @@ def test_verdict_follows_the_stored_interval(tmp_path):
     assert "**holds**" in build(tmp_path / "a")
     _summary(tmp_path / "b", -0.06, 0.04)
     assert "**unresolved (± 5.0 points)**" in build(tmp_path / "b")
+    _summary(tmp_path / "c", 0.01, 0.09, seeds=1)  # one run: the verdict carries its caveat
+    assert "**holds (1 seed: run-to-run variation is not in the interval)**" in build(tmp_path / "c")
+    assert "(1 seed" not in build(tmp_path / "a")
 
 
 def test_wall_time_of_each_part_is_kept(tmp_path):

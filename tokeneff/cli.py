@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=3, help="--vs-trl: steps per side (the first is warm-up)")
     b.add_argument("--no-trl-trainers", action="store_true",
                    help="--vs-trl: skip our SGRPOTrainer/TSPMOTrainer inside TRL (two sides fewer)")
+    b.add_argument("--algos", default=",".join(ALGOS),
+                   help="--vs-trl: our algorithms to compare with TRL, comma-separated (default: all three)")
     b.add_argument("--gradient-checkpointing", action="store_true")
     b.add_argument("--ladder", action="store_true",
                    help="also the naive full-logits step and each saving in turn (where the memory goes)")

@@ -11,7 +11,8 @@
 #   OUT=/some/empty/dir bash tokeneff/gpu_session.sh            # on the GPU machine (make gpu-session)
 #   OUT=/tmp/gpuout TINY=1 bash tokeneff/gpu_session.sh         # the same plumbing at toy size on a CPU
 # Knobs (environment): BUDGET_S (GPU default 420 s: a-c fit, d-f run only if time is left), STAGES (default
-# bcdef), TRAIN_STEPS (10), VS_STEPS (3), CAP_B (260), VS_FLAGS (e.g. --no-trl-trainers), PYTHON (python3), INSTALL/WHEELS/SITE (below), MODEL_DIR (the saved random model).
+# bcdef), TRAIN_STEPS (10), VS_STEPS (3), CAP_B (260), VS_FLAGS (e.g. --no-trl-trainers --algos tspmo), NO_ENV
+# (1: skip stage a), PYTHON (python3), INSTALL/WHEELS/SITE (below), MODEL_DIR (the saved random model).
 #
 # Wheels: if .whl/ holds wheels (trl, datasets, ... that the machine lacks), they are installed with
 # --target into $SITE (default /tmp/site) and put first on PYTHONPATH; the repo itself is imported from
@@ -62,7 +63,8 @@ pack() {  # results of this session only (named by device), runs' small files, t
   mapfile -t files < <({ ls "$RES"/*_"$DEV"_*
                          find "$RUNS"/{grpo,sgrpo,tspmo} -maxdepth 1 -type f -name '*.json*'
                          ls "$OUT"/env.txt "$LOG"; } 2>/dev/null | sort -u)
-  tar -czf "$TAR.tmp" --transform "s|^${OUT#/}/||" "${files[@]}" 2>>"$LOG" && mv -f "$TAR.tmp" "$TAR"
+  # tar's own messages go to a file apart: written into the log it archives, they made tar exit 1 ("file changed")
+  tar -czf "$TAR.tmp" --transform "s|^${OUT#/}/||" "${files[@]}" 2>"$OUT/tar.err" && mv -f "$TAR.tmp" "$TAR"
 }
 
 stage() {  # stage NAME EST CAP command...: skipped when less than EST seconds are left, cut off at CAP
@@ -116,8 +118,8 @@ else
   export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 fi
 
-# --- a. versions ---
-{
+# --- a. versions (NO_ENV=1 skips it: ~20 s that a very short session may need) ---
+[ "${NO_ENV:-0}" = 1 ] && log "== a. env: skipped (NO_ENV=1)" || {
   nvidia-smi 2>&1 || echo "(no nvidia-smi)"
   "$PY" - <<'EOF' 2>&1
 import importlib, platform, sys
@@ -133,9 +135,7 @@ for m in ("transformers", "trl", "peft", "accelerate", "datasets", "huggingface_
         print(m, "NOT IMPORTABLE:", type(e).__name__, str(e)[:200])
 EOF
 } > "$OUT/env.txt"
-cat "$OUT/env.txt" >> "$LOG"
-log "== a. env: done"
-pack
+[ "${NO_ENV:-0}" = 1 ] || { cat "$OUT/env.txt" >> "$LOG"; log "== a. env: done"; pack; }
 
 TK=("$PY" -m tokeneff.cli)  # the `tokeneff` entry point, without installing the package
 

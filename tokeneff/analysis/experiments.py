@@ -237,8 +237,11 @@ def claim_verdicts(task: str, arms: dict[str, dict[str, Any]], delta: float = DE
         if d is None:
             continue
         d = d if isinstance(d, Interval) else Interval(**d)
+        said = verdict(d, expect, delta) if expect else "—"
+        if expect and d.seeds < 2:  # the interval resamples problems only: one run says little about the algorithm
+            said += " (1 seed: run-to-run variation is not in the interval)"
         out.append(dict(claim=f"{v} vs {'the base model' if ref == 'base' else 'full-token GRPO'}", paper=paper,
-                        ours=pct(d, signed=True), verdict=verdict(d, expect, delta) if expect else "—"))
+                        ours=pct(d, signed=True), verdict=said))
     return out
 
 

@@ -279,8 +279,12 @@ def bench_cli(args) -> None:
     if args.vs_trl:
         if args.max_new_tokens < 1:
             raise TokeneffError(f"--max-new-tokens={args.max_new_tokens}: must be a positive integer")
+        algos = tuple(a.strip() for a in args.algos.split(",") if a.strip())
+        bad = [a for a in algos if a not in ALGOS]
+        if bad or not algos:
+            raise TokeneffError(f"--algos={args.algos!r}: expected a comma-separated subset of {','.join(ALGOS)}")
         res = versus_trl(model=args.model, shape=args.shape, group_size=ints(args.group_sizes, "--group-sizes")[0],
-                         max_new_tokens=args.max_new_tokens, steps=args.steps,
+                         max_new_tokens=args.max_new_tokens, steps=args.steps, algos=algos,
                          gradient_checkpointing=args.gradient_checkpointing, out=args.out,
                          **({"trl_trainers": ()} if args.no_trl_trainers else {}))
         print_versus(res)
