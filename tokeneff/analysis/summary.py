@@ -62,7 +62,8 @@ def build(folder: Path) -> str:
     f = folder / "wall_times.json"
     times = json.loads(f.read_text()) if f.is_file() else {}  # record_wall_time's, per part
     for part, t in times.items():
-        what = "the run that produced this folder" if part == "all" else f"its {part} part"
+        what = ("the run that produced this folder (its notebooks; setting up .venv not included)" if part == "all"
+                else f"its {part} part")
         where = f" ({t['machine']}, finished {t['finished']})" if "machine" in t else ""
         lines += [f"Wall time of {what}: {t['seconds'] / 60:.1f} min{where}."]
     if times:
