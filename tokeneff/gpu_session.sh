@@ -119,7 +119,10 @@ else
 fi
 
 # --- a. versions (NO_ENV=1 skips it: ~20 s that a very short session may need) ---
-[ "${NO_ENV:-0}" = 1 ] && log "== a. env: skipped (NO_ENV=1)" || {
+if [ "${NO_ENV:-0}" = 1 ]; then
+  log "== a. env: skipped (NO_ENV=1)"
+else
+{
   nvidia-smi 2>&1 || echo "(no nvidia-smi)"
   "$PY" - <<'EOF' 2>&1
 import importlib, platform, sys
@@ -135,7 +138,10 @@ for m in ("transformers", "trl", "peft", "accelerate", "datasets", "huggingface_
         print(m, "NOT IMPORTABLE:", type(e).__name__, str(e)[:200])
 EOF
 } > "$OUT/env.txt"
-[ "${NO_ENV:-0}" = 1 ] || { cat "$OUT/env.txt" >> "$LOG"; log "== a. env: done"; pack; }
+cat "$OUT/env.txt" >> "$LOG"
+log "== a. env: done"
+pack
+fi
 
 TK=("$PY" -m tokeneff.cli)  # the `tokeneff` entry point, without installing the package
 
