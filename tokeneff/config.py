@@ -28,6 +28,21 @@ class ConfigError(TokeneffError):
     pass
 
 
+MAX_SHOWN = 300
+
+
+def show(value: Any, limit: int = MAX_SHOWN) -> str:
+    """A value quoted for a message, at most `limit` characters: reprlib never expands more than it shows, so
+    even a YAML alias bomb (a few bytes that repr() would expand to gigabytes) costs nothing."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother = 3, limit, limit
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = 8
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 ALGOS = tuple(ALGORITHMS)  # the one list of algorithm names is algorithms.ALGORITHMS
 TASKS = ("svamp", "multiplication")
 PROFILES = ("embedded", "paper")
@@ -163,7 +178,7 @@ class TrainConfig(LoraSettings):
 
     def validate(self) -> TrainConfig:
         def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+            return ConfigError(f"{name}={show(getattr(self, name))}: {why}")
 
         choices = {"algo": ALGOS, "task": TASKS, "profile": PROFILES,
                    "replay": ("on", "off", "auto"), "mixed_precision": ("no", "bf16", "fp16"),
@@ -258,7 +273,7 @@ def coerce(name: str, raw: Any, default: Any) -> Any:
         raw = ",".join(raw)  # a YAML list of module names
     if isinstance(raw, (list, tuple, dict, set)):
         what = "a mapping" if isinstance(raw, dict) else "a list"
-        raise ConfigError(f"{name}={raw!r}: expected {kind.__name__}, got {what}")
+        raise ConfigError(f"{name}={show(raw)}: expected {kind.__name__}, got {what}")
     if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
         return raw
     text = str(raw).strip()
@@ -277,32 +292,33 @@ def coerce(name: str, raw: Any, default: Any) -> Any:
         if kind is float:
             return float(text)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected {kind.__name__}") from None
+        raise ConfigError(f"{name}={show(raw)}: expected {kind.__name__}") from None
     return text
 
 
 def unknown_key_error(key: str) -> ConfigError:
-    near = difflib.get_close_matches(key, FIELD_NAMES, n=1)
+    near = difflib.get_close_matches(key[:100], FIELD_NAMES, n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
-    return ConfigError(f"unknown config key {key!r}{hint}")
+    return ConfigError(f"unknown config key {show(key)}{hint}")
 
 
 def make_config(profile: str = "embedded", file: str | None = None,
                 overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Profile defaults <- YAML/JSON file <- overrides; coerced and validated."""
     if profile not in PROFILES:
-        raise ConfigError(f"profile={profile!r}: must be one of {', '.join(PROFILES)}")
+        raise ConfigError(f"profile={show(profile)}: must be one of {', '.join(PROFILES)}")
     values: dict[str, Any] = dict(PROFILE_DEFAULTS[profile], profile=profile)
     given: dict[str, Any] = dict(load_config_file(file)) if file else {}
     given.update(overrides or {})
-    if str(given.get("profile", profile)) != profile:  # a profile is a set of defaults, chosen before the rest
+    given_profile = given.get("profile", profile)  # str() of a nested YAML alias could be gigabytes: scalars only
+    if isinstance(given_profile, (list, tuple, dict, set)) or str(given_profile) != profile:  # a profile is a set of defaults, chosen before the rest
         where = f"config file {file!r}" if file and "profile" not in (overrides or {}) else "the overrides"
-        raise ConfigError(f"profile={given['profile']!r} in {where} while the profile is {profile!r}: choose it "
-                          f"with --profile {given['profile']} (or make_config(profile=...))")
+        raise ConfigError(f"profile={show(given['profile'])} in {where} while the profile is {profile!r}: choose "
+                          f"it with --profile {show(given['profile'], 40)} (or make_config(profile=...))")
     values.update(given)
     for key in values:
         if not isinstance(key, str):
-            raise ConfigError(f"config key {key!r} is not a name (keys are config fields such as group_size)")
+            raise ConfigError(f"config key {show(key)} is not a name (keys are config fields such as group_size)")
         if key not in FIELD_NAMES:
             raise unknown_key_error(key)
     coerced = {k: _coerce(k, v) for k, v in values.items()}
@@ -347,7 +363,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
+            raise ConfigError(f"override {show(item)}: expected key=value")
         k, v = item.split("=", 1)
         k = k.strip().replace("-", "_")
         if k not in FIELD_NAMES:
