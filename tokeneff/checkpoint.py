@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .config import TokeneffError
-from .rundir import CKPT, MANIFEST, RUN_FORMAT, TMP, disk_error, finish_save, fsync_path, hook, start_save
+from .rundir import CKPT, MANIFEST, RUN_FORMAT, TMP, finish_save, fsync_path, hook, start_save, writing
 from .utils import write_json
 
 
@@ -21,7 +21,7 @@ def save_checkpoint(out: Path, accel, policy, optimizer, step: int, evals: list[
                     rank_state: dict[str, Any]) -> None:
     """Every rank writes its own state into checkpoint.tmp/, rank 0 the shared parts, the manifest and the swap."""
     main, world = accel.is_main_process, accel.num_processes
-    try:
+    with writing(f"the checkpoint of step {step} in {out}"):  # OSError, SafetensorError, torch.save's RuntimeError
         if main:
             start_save(out)
         accel.wait_for_everyone()
@@ -34,8 +34,6 @@ def save_checkpoint(out: Path, accel, policy, optimizer, step: int, evals: list[
             write_json(out / TMP / "state.json", dict(step=step, evals=evals, num_processes=world))
             fsync_path(out / "metrics.jsonl")  # the rows this checkpoint covers reach the disk before it does
             finish_save(out, dict(format=RUN_FORMAT, step=step, num_processes=world))
-    except OSError as e:
-        raise disk_error(e, f"the checkpoint of step {step} in {out}") from None
 
 
 def load_checkpoint(out: Path, policy, optimizer, rank: int, world: int) -> dict[str, Any] | None:

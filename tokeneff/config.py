@@ -223,6 +223,8 @@ class TrainConfig(LoraSettings):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise bad(name, "must be a non-negative number")
+        if self.lr * self.weight_decay >= 1:  # AdamW scales the weights by 1 - lr * weight_decay every step
+            raise bad("weight_decay", f"lr * weight_decay must be below 1 (lr={self.lr:g})")
         for name in ("seed", "threads", "num_shots", "eval_every", "eval_limit", "eval_max_new_tokens"):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
@@ -311,7 +313,7 @@ def make_config(profile: str = "embedded", file: str | None = None,
     given: dict[str, Any] = dict(load_config_file(file)) if file else {}
     given.update(overrides or {})
     given_profile = given.get("profile", profile)  # str() of a nested YAML alias could be gigabytes: scalars only
-    if isinstance(given_profile, (list, tuple, dict, set)) or str(given_profile) != profile:  # a profile is a set of defaults, chosen before the rest
+    if isinstance(given_profile, (list, tuple, dict, set)) or str(given_profile) != profile:  # chosen before the rest
         where = f"config file {file!r}" if file and "profile" not in (overrides or {}) else "the overrides"
         raise ConfigError(f"profile={show(given['profile'])} in {where} while the profile is {profile!r}: choose "
                           f"it with --profile {show(given['profile'], 40)} (or make_config(profile=...))")

@@ -19,15 +19,16 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import FIELD_NAMES, TokeneffError
+from .config import FIELD_NAMES, TokeneffError, show
 from .utils import atomic_write_bytes, write_json
 
 RUN_FORMAT = 1
@@ -46,6 +47,9 @@ RESUMABLE_KEYS = ("steps", "out", "save_every", "eval_every", "eval_batch_size",
                   "eval_at_start", "threads", "max_bad_steps")
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json",
                "tokenizer_config.json", "generation_config.json")
+
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def say(msg: str) -> None:
@@ -96,6 +100,27 @@ def classify(out: Path) -> str:
     if run_config(out) is not None:
         return "run"
     return "model" if _is_model_folder(out) else "foreign"
+
+
+def linked_entries(out: Path) -> list[str]:
+    """The names in `out` that a run writes or deletes and that are symbolic links (`out` itself may be one)."""
+    try:
+        return sorted(e.name for e in os.scandir(out) if is_run_entry(e.name) and e.is_symlink())
+    except OSError:
+        return []
+
+
+def check_no_links(out: Path, out_s: str) -> None:
+    """Refuse a run folder whose own files are links: a run never writes or deletes through one."""
+    links = linked_entries(out)
+    if links:
+        try:
+            target = f" (to {show(os.readlink(out / links[0]))})"
+        except OSError:
+            target = ""
+        raise TokeneffError(f"out={show(out_s)}: {links[0]!r} is a symbolic link{target}; tokeneff never writes or "
+                            "deletes through a link inside a run folder (the folder itself may be one): replace it "
+                            "with a real file or folder, or use another --out")
 
 
 def nearest_existing(path: Path) -> Path:
@@ -172,6 +197,8 @@ def check_out(cfg_dict: dict[str, Any], resume: bool, overwrite: bool) -> str:
         raise TokeneffError("--resume and --overwrite exclude each other: --resume continues the run in --out, "
                             "--overwrite replaces it")
     kind = classify(out)
+    if kind in ("empty", "run"):
+        check_no_links(out, out_s)
     if kind == "file":
         raise TokeneffError(f"out={out_s!r} exists and is not a directory")
     if kind == "model":
@@ -210,10 +237,7 @@ def clear_run(out: Path) -> None:
     for p in out.iterdir():
         if p.name == LOCK_NAME or not is_run_entry(p.name):
             continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+        _rmtree(p)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -225,17 +249,33 @@ class RunLock:
     when the process dies, so a killed run never leaves a stale lock."""
 
     def __init__(self, out: Path):
-        self.out, self.fd, self.created = out, None, None
+        self.out, self.fd = out, None
+        self.created: list[Path] = []
+        """the folders acquire() made, deepest first"""
 
     def acquire(self) -> RunLock:
         out = self.out
-        if not out.exists():
-            self.created = out
-            while not self.created.parent.exists():
-                self.created = self.created.parent
-            out.mkdir(parents=True, exist_ok=True)
+        missing = []
+        p = out
+        while not p.exists() and not p.is_symlink() and p != p.parent:
+            missing.append(p)
+            p = p.parent
         path = out / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            for d in reversed(missing):
+                try:
+                    d.mkdir()
+                    self.created.insert(0, d)
+                except FileExistsError:  # another run made it meanwhile: it is not ours to remove
+                    pass
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o666)
+        except OSError as e:
+            self.release(remove_created=True)
+            if e.errno == errno.ELOOP:
+                raise TokeneffError(f"out={show(str(out))}: {LOCK_NAME!r} is a symbolic link; tokeneff never writes "
+                                    "through a link inside a run folder: remove it") from None
+            raise TokeneffError(f"out={show(str(out))}: cannot create the run's lock {show(str(path))} "
+                                f"({e.strerror})") from None
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock
@@ -256,10 +296,24 @@ class RunLock:
         return self
 
     def release(self, remove_created: bool = False) -> None:
-        """Unlock; with remove_created, also delete the folders acquire() created (nothing was written yet)."""
+        """Unlock; with remove_created (a run that failed before writing anything), also remove the folders
+        acquire() created, deepest first, each only while it holds nothing but this run's lock file: a folder that
+        holds anything else (another run created beside it meanwhile, say) stays, and so do the folders above it."""
+        if remove_created and self.created:
+            hook("release")
+            lock = self.out / LOCK_NAME
+            try:
+                if self.fd is not None and os.path.samestat(os.fstat(self.fd), os.lstat(lock)):
+                    lock.unlink()
+            except OSError:
+                pass
+            for d in self.created:
+                try:
+                    os.rmdir(d)  # never deletes anything but an empty folder
+                except OSError:
+                    break
+            self.created = []
         if self.fd is not None:
-            if remove_created and self.created is not None:
-                shutil.rmtree(self.created, ignore_errors=True)
             os.close(self.fd)
             self.fd = None
 
@@ -274,7 +328,8 @@ _hook_counts: dict[str, int] = {}
 def hook(phase: str) -> None:
     """Test hooks, off unless set: TOKENEFF_TEST_PAUSE=seconds sleeps at every phase of a checkpoint save
     (widening the windows a random kill can land in); TOKENEFF_TEST_KILL_AT=phase[:n] SIGKILLs this process
-    the n-th time (default 1st) it reaches `phase` (tests/test_killloop.py)."""
+    the n-th time (default 1st) it reaches `phase` (tests/test_killloop.py). Tests may also replace this function
+    to act at a phase (tests/test_rundir.py: a sibling run finishing while a failing run cleans up)."""
     pause = os.environ.get("TOKENEFF_TEST_PAUSE")
     if pause:
         time.sleep(float(pause))
@@ -355,17 +410,29 @@ def _legacy(folder: Path) -> dict[str, Any] | None:
 
 
 def _rmtree(path: Path) -> None:
-    """Delete a folder file by file (the test hook can pause in the middle: a kill then leaves half of it)."""
-    if not path.exists():
-        return
-    for i, p in enumerate(sorted(path.rglob("*"), key=lambda p: -len(p.parts))):
-        if p.is_dir() and not p.is_symlink():
-            p.rmdir()
+    """Delete a file or a folder file by file, never following a link: a link is removed, never what it points
+    to (os.lstat; the test hook can pause after the first removal: a kill then leaves half of it)."""
+    first = [True]
+
+    def remove(p: str) -> None:
+        st = os.lstat(p)
+        if stat.S_ISDIR(st.st_mode):
+            with os.scandir(p) as it:
+                names = sorted(e.name for e in it)
+            for n in names:
+                remove(os.path.join(p, n))
+            os.rmdir(p)
         else:
-            p.unlink()
-        if i == 0:
+            os.unlink(p)
+        if first[0]:
+            first[0] = False
             hook("removing")
-    path.rmdir()
+
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return
+    remove(str(path))
 
 
 def recover_checkpoints(out: Path) -> dict[str, Any] | None:
@@ -431,9 +498,35 @@ def finish_save(out: Path, meta: dict[str, Any]) -> None:
     hook("swapped")
 
 
-def disk_error(e: OSError, what: str) -> TokeneffError:
-    return TokeneffError(f"could not write {what} ({e.strerror or e}): the last complete checkpoint is intact; "
+def write_failure(e: BaseException) -> str | None:
+    """Why a write failed, if `e` is a write failure: OSError, safetensors' SafetensorError, torch.save's
+    RuntimeError ("file write failed") and the like; None for anything else."""
+    if isinstance(e, OSError):
+        return e.strerror or show(str(e), 200)
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if type(e).__name__ == "SafetensorError" or (isinstance(e, RuntimeError) and any(
+            w in text.lower() for w in ("write", "writing", "no space", "read-only", "i/o", "ioerror"))):
+        return text if len(text) <= 200 else text[:197] + "..."
+    return None
+
+
+def disk_error(e: BaseException, what: str) -> TokeneffError:
+    why = write_failure(e) or show(str(e), 200)
+    return TokeneffError(f"could not write {what} ({why}): the last complete checkpoint is intact; "
                          "free space or fix the folder, then --resume")
+
+
+@contextmanager
+def writing(what: str, error=disk_error):
+    """Map a failed write inside the block (see write_failure) to one line naming `what`."""
+    try:
+        yield
+    except TokeneffError:
+        raise
+    except Exception as e:  # noqa: BLE001 - filtered by write_failure, re-raised otherwise
+        if write_failure(e) is None:
+            raise
+        raise error(e, what) from None
 
 
 class MetricsLog:
@@ -478,7 +571,8 @@ class MetricsLog:
         if not self.enabled:
             return
         line = json.dumps(row) + "\n"
-        with self.path.open("a") as f:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o666)
+        with os.fdopen(fd, "a") as f:
             if os.environ.get("TOKENEFF_TEST_KILL_AT", "").startswith("torn"):  # test: a kill mid-line
                 f.write(line[: len(line) // 2])
                 f.flush()

@@ -11,12 +11,10 @@ adapter-free reference) -> one AdamW update of the LoRA weights. The loop knows 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -41,11 +39,14 @@ from .rundir import (
     RUN_FORMAT,
     MetricsLog,
     RunLock,
+    _rmtree,
     check_out,
     clear_run,
     disk_error,
     recover_checkpoints,
     say,
+    write_failure,
+    writing,
 )
 from .tasks import Problem, make_task
 from .utils import memory_mb, seed_everything, set_threads, write_json
@@ -209,8 +210,8 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
     out = Path(cfg.out)
     kind = check_out(cfg.to_dict(), resume, overwrite)  # read-only: before anything is loaded or written
     if resume and kind == "run" and (out / "final.json").is_file():
-        final = json.loads((out / "final.json").read_text())
-        if final.get("steps_done", 0) >= cfg.steps and final.get("algo") == cfg.algo:
+        final = _read_final(out)
+        if final and final["steps_done"] >= cfg.steps and final.get("algo") == cfg.algo:
             _check_finished_run(out, final, cfg)
             if progress and main:
                 say(f"{out} finished at step {final['steps_done']}: nothing to resume")
@@ -218,13 +219,52 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
     check_model_path(cfg.model)
     accel.wait_for_everyone()
     lock = RunLock(out).acquire() if main else None  # one process per run directory
+    written: dict[str, bool] = {}
     try:
         if main:
             kind = check_out(cfg.to_dict(), resume, overwrite)  # again, now that no other process can change it
-        return _train_locked(cfg, accel, out, kind, resume, overwrite, progress)
+        return _train_locked(cfg, accel, out, kind, resume, overwrite, progress, written)
+    except KeyboardInterrupt:
+        if main:
+            _interrupted(out, fresh=written.get("config", False) and (kind in ("missing", "empty") or overwrite))
+        raise
     finally:
-        if lock is not None:  # a folder this call created is removed again if the run never started
+        if lock is not None:  # folders this call created are removed again if the run never started
             lock.release(remove_created=not (out / "config.json").is_file())
+
+
+def _interrupted(out: Path, fresh: bool) -> None:
+    """The message after Ctrl-C or SIGTERM. Before the first checkpoint of a run this call started afresh, what
+    it wrote is removed, so that the same command simply starts again."""
+    man = out / CKPT / MANIFEST
+    if man.is_file():
+        try:
+            ck = json.loads(man.read_text())["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            ck = "?"
+        print(f"\ninterrupted: checkpoint of step {ck} saved in {out}/{CKPT}. Resume with the same command plus "
+              "--resume", flush=True)
+    elif fresh:
+        with contextlib.suppress(OSError):
+            clear_run(out)
+        print(f"\ninterrupted before the first checkpoint: nothing was kept in {out}; run the same command again "
+              "to start over", flush=True)
+    else:
+        print(f"\ninterrupted before the first checkpoint of {out}: run the same command again (with --resume) to "
+              "start at step 0", flush=True)
+
+
+def _read_final(out: Path) -> dict[str, Any] | None:
+    """final.json, or None (with a message) when it is damaged: the run then finishes again from its checkpoint."""
+    try:
+        final = json.loads((out / "final.json").read_text())
+    except (OSError, ValueError):
+        final = None
+    if isinstance(final, dict) and isinstance(final.get("steps_done"), int) and not isinstance(final["steps_done"],
+                                                                                               bool):
+        return final
+    say(f"{out}/final.json is damaged (cut off or not a run's summary): finishing the run again from its checkpoint")
+    return None
 
 
 # A finished run's results were measured with these: returning them for other values would mislabel them.
@@ -243,7 +283,7 @@ def _check_finished_run(out: Path, final: dict[str, Any], cfg: TrainConfig) -> N
 
 
 def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, overwrite: bool,
-                  progress: bool) -> dict[str, Any]:
+                  progress: bool, written: dict[str, bool]) -> dict[str, Any]:
     from peft import get_peft_model
 
     from .models import load_model
@@ -267,14 +307,14 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
         model.enable_input_require_grads()
     # Only now, with task and model loaded without error, does anything in the run directory change.
     if main:
-        if overwrite and kind == "run":
-            clear_run(out)
-        if resume and kind == "run":
-            recover_checkpoints(out)
-        try:
+        with writing(f"{out} (preparing the run folder)"):
+            if overwrite and kind == "run":
+                clear_run(out)
+            if resume and kind == "run":
+                recover_checkpoints(out)
+        with writing(f"{out}/config.json"):
             write_json(out / "config.json", {**cfg.to_dict(), FORMAT_KEY: RUN_FORMAT})
-        except OSError as e:
-            raise disk_error(e, f"{out}/config.json") from None
+        written["config"] = True
     accel.wait_for_everyone()
     policy = get_peft_model(model, cfg.peft_config())
     policy_lp = SelectiveLogProbs(policy, cfg.lm_head_tile, temperature=cfg.temperature)
@@ -295,7 +335,8 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
             say(f"resuming from step {state.step} ({out / CKPT})")
         elif kind == "run" or progress:
             say(f"no checkpoint in {out}: starting at step 0")
-    log = MetricsLog(out / "metrics.jsonl", state.step + 1 if saved else 0, main)
+    with writing(f"{out}/metrics.jsonl"):
+        log = MetricsLog(out / "metrics.jsonl", state.step + 1 if saved else 0, main)
 
     def run_eval() -> float:
         t = time.perf_counter()
@@ -304,14 +345,17 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
         state.evals.append(dict(step=state.step, accuracy=res["accuracy"], n=res["n"],
                                 seconds=time.perf_counter() - t))
         if main:
-            write_json(out / f"eval_step{state.step}.json", res)
+            with writing(f"{out}/eval_step{state.step}.json"):
+                write_json(out / f"eval_step{state.step}.json", res)
         return res["accuracy"]
 
     def save() -> None:
         save_checkpoint(out, accel, policy, optimizer, state.step, state.evals, state.state_dict())
 
     if state.step == 0 and not state.evals and cfg.eval_at_start:
-        log.write(dict(step=0, eval_accuracy=run_eval()))
+        acc = run_eval()
+        with writing(f"{out}/metrics.jsonl"):
+            log.write(dict(step=0, eval_accuracy=acc))
 
     policy_lp.train()
     bar = tqdm(total=cfg.steps, initial=state.step, desc=f"{cfg.algo} {cfg.task}", disable=not (progress and main))
@@ -327,6 +371,10 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
                 finite = math.isfinite(loss) and (grad_norm is None or torch.isfinite(grad_norm).item())
                 if finite:
                     optimizer.step()
+                    if not all(torch.isfinite(p).all() for p in params):  # what would reach the sampler next
+                        raise TokeneffError(f"step {state.step + 1}: the update made LoRA weights non-finite "
+                                            f"(lr={cfg.lr:g}, weight_decay={cfg.weight_decay:g}: too large?); "
+                                            "stopping, the last checkpoint is intact")
                 optimizer.zero_grad(set_to_none=True)
                 state.bad_in_row = 0 if finite else state.bad_in_row + 1
                 state.data_pos += (world - 1) * cfg.prompts_per_step  # ranks take interleaved prompts
@@ -366,29 +414,23 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
                     tqdm.write(f"stopped after step {state.step}")
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
-        if main:
-            if world == 1:
-                recover_checkpoints(out)  # a second interrupt may have landed inside a save
-            ck = json.loads((out / CKPT / MANIFEST).read_text())["step"] if (out / CKPT / MANIFEST).is_file() else 0
-            print(f"\ninterrupted: checkpoint of step {ck} saved in {out}/{CKPT}. Resume with the same command plus "
-                  "--resume")
+        if main and world == 1:
+            recover_checkpoints(out)  # a second interrupt may have landed inside a save (train() says the rest)
         raise
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            raise disk_error(e, f"{out} after step {state.step}") from None
-        raise
+    except Exception as e:  # noqa: BLE001 - only write failures are mapped, the rest re-raised
+        if isinstance(e, TokeneffError) or write_failure(e) is None:
+            raise
+        raise disk_error(e, f"{out} after step {state.step}") from None
     finally:
         bar.close()
 
     if main:
-        try:  # adapter/ and final.json are replaced together: final.json is written last
+        with writing(f"{out}/adapter"):  # adapter/ and final.json are replaced together: final.json is written last
             (out / "final.json").unlink(missing_ok=True)
-            shutil.rmtree(out / "adapter.tmp", ignore_errors=True)
+            _rmtree(out / "adapter.tmp")  # never through a link
             policy.save_pretrained(out / "adapter.tmp")
-            shutil.rmtree(out / "adapter", ignore_errors=True)
+            _rmtree(out / "adapter")
             os.replace(out / "adapter.tmp", out / "adapter")
-        except OSError as e:
-            raise disk_error(e, f"{out}/adapter") from None
     # Data-parallel ranks must end with the same adapter: record a checksum per rank.
     checksum = torch.stack([p.detach().double().abs().sum() for p in params]).sum().reshape(1).to(accel.device)
     evals = state.evals
@@ -397,7 +439,8 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
                  seed=cfg.seed, evals=evals, base_accuracy=evals[0]["accuracy"] if evals else None,
                  final_accuracy=evals[-1]["accuracy"] if evals else None)
     if main:
-        write_json(out / "final.json", final)
+        with writing(f"{out}/final.json"):
+            write_json(out / "final.json", final)
     accel.wait_for_everyone()
     return final
 
