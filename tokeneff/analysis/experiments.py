@@ -17,6 +17,7 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, TrainConfig, make_config
+from ..config import ConfigError, TrainConfig, make_config, show
 from ..evaluate import evaluate
 from ..train import train
 from ..utils import atomic_write_bytes, write_json
@@ -116,8 +117,33 @@ def base_accuracy(task: str, profile: str = "embedded", root: str = "runs", **ov
 
 
 def _worker_init() -> None:
-    """Workers ignore Ctrl-C (in a terminal it reaches the whole process group): the grid stops them itself."""
+    """Workers ignore Ctrl-C (in a terminal it reaches the whole process group): the grid stops them itself. On
+    Linux a worker is also killed when the grid's process dies (even by SIGKILL), so that none is left behind."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before the line above
+            os._exit(1)
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """SIGTERM and SIGHUP (a job scheduler, a closed terminal) stop the grid as Ctrl-C does."""
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) not in (signal.SIG_IGN, None):
+                old[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _train_one(cfg: TrainConfig) -> str:
@@ -149,36 +175,40 @@ def run_grid(experiment: str, task: str, variants: dict[str, dict[str, Any]], se
                           "(papermill: -y 'seeds: [0, 1]'; -p passes a string)")
     if not variants or not seeds:
         raise ConfigError(f"{experiment}: needs at least one variant and one seed")
+    if len(set(seeds)) != len(seeds):
+        dup = next(x for x in seeds if list(seeds).count(x) > 1)
+        raise ConfigError(f"seeds={show(list(seeds))}: seed {dup} appears more than once (each seed is one run)")
     configs = [make_config(profile, overrides=dict(common, task=task, steps=steps, seed=seed, eval_at_start=False,
                                                    out=str(run_dir(root, profile, experiment, variant, seed)), **over))
                for variant, over in variants.items() for seed in seeds]
     jobs = [(_base_one, kw) for kw in base_evals] + [(_train_one, cfg) for cfg in configs]
     workers = min(workers or default_workers(), len(jobs))
     bar = tqdm(total=len(jobs), desc=f"{experiment}: runs", unit="run")
-    if workers == 1:
-        for kw in base_evals:
-            base_accuracy(**kw)
-            bar.update()
-        for cfg in configs:
-            train(cfg, resume=True)
-            bar.update()
-    else:
-        # spawn, not fork: a forked child inherits the parent's OpenMP and tokenizer thread pools half-set-up
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
-        try:
-            for fut in as_completed([pool.submit(fn, arg) for fn, arg in jobs]):
-                bar.set_postfix_str(Path(fut.result()).name)  # re-raises a worker's error here
+    with _stop_signals():  # SIGTERM, SIGHUP: as Ctrl-C
+        if workers == 1:
+            for kw in base_evals:
+                base_accuracy(**kw)
                 bar.update()
-        except KeyboardInterrupt:
-            # Stop every run at once, as a kill would: each resumes bit-for-bit from its last checkpoint (every
-            # save_every steps) when the grid is run again. A kill at any instant is safe (rundir.py).
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-            print("interrupted: run the grid again to resume each run from its last checkpoint")
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            for cfg in configs:
+                train(cfg, resume=True)
+                bar.update()
+        else:
+            # spawn, not fork: a forked child inherits the parent's OpenMP and tokenizer thread pools half-set-up
+            pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
+            try:
+                for fut in as_completed([pool.submit(fn, arg) for fn, arg in jobs]):
+                    bar.set_postfix_str(Path(fut.result()).name)  # re-raises a worker's error here
+                    bar.update()
+            except KeyboardInterrupt:
+                # Stop every run at once, as a kill would: each resumes bit-for-bit from its last checkpoint (every
+                # save_every steps) when the grid is run again. A kill at any instant is safe (rundir.py).
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGKILL)
+                print("interrupted: run the grid again to resume each run from its last checkpoint", flush=True)
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
     frames = []
     for (variant, _), cfg in zip([(v, s) for v in variants for s in seeds], configs, strict=True):
