@@ -34,9 +34,9 @@ def _safetensors_problem(file: Path) -> str | None:
             if n > size - 8:
                 return f"{file.name} is truncated ({size:,} bytes, its header alone needs {n + 8:,})"
             header = json.loads(f.read(n))
-    except (OSError, ValueError):
-        return f"{file.name} is not a valid safetensors file"
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError):
+        return f"{file.name} is not a valid safetensors file (its header is damaged)"
     if size < 8 + n + end:
         return f"{file.name} is truncated ({size:,} of {8 + n + end:,} bytes)"
     return None

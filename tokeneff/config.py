@@ -39,7 +39,11 @@ def show(value: Any, limit: int = MAX_SHOWN) -> str:
     r = reprlib.Repr()
     r.maxlevel, r.maxstring, r.maxother = 3, limit, limit
     r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = 8
-    text = r.repr(value)
+    return clip(r.repr(value), limit)
+
+
+def clip(text: str, limit: int = MAX_SHOWN) -> str:
+    """`text` cut to at most `limit` characters (a library's message inside ours, say)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

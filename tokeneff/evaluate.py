@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .config import TokeneffError, make_config
+from .config import TokeneffError, make_config, show
 from .rollout import build_prompt, decode, encode_prompts, sample
 from .tasks import Problem, Task, extract_answer, is_correct, make_task
 from .utils import set_threads, write_json
@@ -39,11 +39,12 @@ def evaluate(task: str = "svamp", model: str = "smollm2-135m", adapter: str | No
              progress: bool = True, **overrides) -> dict[str, Any]:
     """Accuracy of `model` (optionally with a LoRA adapter: a run's adapter/ folder, or the run folder) on a task
     split; JSON to `out`. Every input and the output path are checked before the model is loaded."""
-    from .checks import check_model_path
+    from .checks import check_model_path, check_precision
     from .models import load_model
     from .rundir import check_out_file
 
     cfg = make_config(profile, overrides=dict(task=task, model=model, **overrides))
+    check_precision(cfg.mixed_precision)
     if limit < 0:
         raise TokeneffError(f"limit={limit}: must not be negative")
     if out:
@@ -80,8 +81,34 @@ def evaluate(task: str = "svamp", model: str = "smollm2-135m", adapter: str | No
                             cfg.eval_max_new_tokens or cfg.max_new_tokens, progress, cfg.rollout_backend)
     result.update(model=cfg.model, adapter=adapter, split=split, profile=cfg.profile, num_shots=cfg.num_shots)
     if out:
-        write_json(out, result)
+        _keep(result, out)
     return result
+
+
+def _keep(result: dict[str, Any], out: str) -> None:
+    """Write the result to `out`; if that fails (a full disk, say), keep it beside in the temp folder or, failing
+    that, print it to stdout, and say so in one line: an evaluation's result is never lost to a failed write."""
+    import os
+    import tempfile
+
+    from .rundir import write_failure
+
+    try:
+        write_json(out, result)
+        return
+    except Exception as e:  # noqa: BLE001 - write failures only, see write_failure
+        why = write_failure(e)
+        if why is None:
+            raise
+    alt = Path(tempfile.gettempdir()) / f"tokeneff-eval-{os.getpid()}-{Path(out).name}"
+    try:
+        write_json(alt, result)
+        where = f"it was written to {str(alt)!r} instead"
+    except Exception:  # noqa: BLE001 - the last resort below cannot fail for lack of space
+        print(json.dumps(result, default=str), flush=True)
+        where = "it was printed to stdout instead"
+    raise TokeneffError(f"{result['task']}: accuracy {result['accuracy']:.3f} on {result['n']} problems, but "
+                        f"out={show(out)} could not be written ({why}); {where}")
 
 
 def _adapter_dir(adapter: str, model: str) -> Path:
@@ -91,6 +118,18 @@ def _adapter_dir(adapter: str, model: str) -> Path:
         p = p / "adapter"
     if not (p / "adapter_config.json").is_file():
         raise TokeneffError(f"adapter={adapter!r}: no adapter_config.json there (a run's adapter/ folder)")
+    if not isinstance(_read_json(p / "adapter_config.json"), dict):
+        raise TokeneffError(f"adapter={adapter!r}: adapter_config.json is damaged (not a JSON object)")
+    weights = p / "adapter_model.safetensors"
+    if not weights.is_file():
+        other = sorted(x.name for x in p.glob("adapter_model*"))
+        hint = f" ({other[0]} is a pickle and never loaded: save the adapter with safetensors)" if other else ""
+        raise TokeneffError(f"adapter={adapter!r}: no adapter_model.safetensors there{hint}")
+    from .checks import _safetensors_problem
+
+    why = _safetensors_problem(weights)
+    if why:
+        raise TokeneffError(f"adapter={adapter!r}: {why}")
     run_cfg = _read_json(p.parent / "config.json")
     if isinstance(run_cfg, dict) and isinstance(run_cfg.get("model"), str) and "algo" in run_cfg \
             and run_cfg["model"] != model:

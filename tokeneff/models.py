@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TokeneffError
+from .config import TokeneffError, clip, show
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN = ("smollm2-135m", "tiny-random")
@@ -72,6 +72,12 @@ def _load_pretrained(name: str, dtype: torch.dtype):
             f"model={name!r}: could not be loaded from the Hugging Face hub ({str(e).splitlines()[0][:160]}). "
             "Offline? Download it once elsewhere and pass its local path, set HF_HUB_OFFLINE=1 with a "
             "filled cache, or use the embedded model: model=smollm2-135m") from None
+    except Exception as e:  # noqa: BLE001 - a damaged local folder (a malformed header, weights of another shape)
+        if not local:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TokeneffError(f"model={show(name)}: could not load the local model ({type(e).__name__}: "
+                            f"{clip(first, 200)})") from None
     return model, tok
 
 

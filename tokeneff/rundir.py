@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import FIELD_NAMES, TokeneffError, show
+from .config import FIELD_NAMES, TokeneffError, clip, show
 from .utils import atomic_write_bytes, write_json
 
 RUN_FORMAT = 1
@@ -502,16 +502,16 @@ def write_failure(e: BaseException) -> str | None:
     """Why a write failed, if `e` is a write failure: OSError, safetensors' SafetensorError, torch.save's
     RuntimeError ("file write failed") and the like; None for anything else."""
     if isinstance(e, OSError):
-        return e.strerror or show(str(e), 200)
+        return e.strerror or clip(str(e), 200)
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if type(e).__name__ == "SafetensorError" or (isinstance(e, RuntimeError) and any(
             w in text.lower() for w in ("write", "writing", "no space", "read-only", "i/o", "ioerror"))):
-        return text if len(text) <= 200 else text[:197] + "..."
+        return clip(text, 200)
     return None
 
 
 def disk_error(e: BaseException, what: str) -> TokeneffError:
-    why = write_failure(e) or show(str(e), 200)
+    why = write_failure(e) or clip(str(e), 200)
     return TokeneffError(f"could not write {what} ({why}): the last complete checkpoint is intact; "
                          "free space or fix the folder, then --resume")
 
