@@ -8,7 +8,7 @@ import os
 import sys
 
 from . import __version__
-from .config import ALGOS, PROFILES, TASKS, TokeneffError, make_config, parse_overrides
+from .config import ALGOS, PROFILES, TASKS, TokeneffError, clip, make_config, parse_overrides
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,7 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:  # no command: the usage and the list of commands, not argparse's one-line error
         parser.print_help(sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value anywhere: argparse takes the positional overrides only as one run, before or after the options
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         if args.command == "train":
             from .train import install_sigterm_handler, train
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench":
             from .rundir import check_out_folder
 
-            check_out_folder(args.out)  # before the compute
+            args.out = str(check_out_folder(args.out))  # before the compute; `~` expanded once, here
             if args.decode_limit:
                 from .benchmarks.decode_limit import decode_limit
 
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 bench_cli(args)
     except TokeneffError as e:
-        print(f"tokeneff: error: {e}", file=sys.stderr)
+        print(f"tokeneff: error: {clip(' '.join(str(e).split()), 2000)}", file=sys.stderr)  # one bounded line
         return 2
     except KeyboardInterrupt:
         return 130

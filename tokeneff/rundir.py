@@ -547,7 +547,7 @@ class MetricsLog:
             try:
                 row = json.loads(ln)
                 step = int(row["step"])
-            except (ValueError, TypeError, KeyError):
+            except (ValueError, TypeError, KeyError, OverflowError):  # OverflowError: a step of Infinity
                 bad.append(i)
                 continue
             if step >= keep_below_step:

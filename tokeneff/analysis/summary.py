@@ -8,10 +8,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
+from ..config import clip
 from ..utils import atomic_write_bytes
 from .stats import DELTA, Interval
+
+DAMAGE = (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError)
+
+
+class Damaged(Exception):
+    """A results file that cannot be read as the notebooks wrote it: one line naming it."""
+
+    def __init__(self, f: Path, e: BaseException):
+        why = f"{type(e).__name__}: {clip(str(e).strip().splitlines()[0] if str(e).strip() else '', 160)}"
+        super().__init__(f"{str(f)!r} is damaged ({why}): regenerate it (rerun its notebook) or remove it")
+
+
+def _load(f: Path):
+    """A results JSON file (a JSON object), or Damaged."""
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise Damaged(f, e) from None
+    if not isinstance(data, dict):
+        raise Damaged(f, TypeError(f"a JSON {type(data).__name__}, not an object"))
+    return data
 
 
 def _iv(d: dict | None) -> Interval | None:
@@ -42,7 +65,7 @@ def record_wall_time(folder: Path, part: str, seconds: int) -> None:
     import platform
 
     f = folder / "wall_times.json"
-    times = json.loads(f.read_text()) if f.is_file() else {}
+    times = _load(f) if f.is_file() else {}
     times[part] = dict(seconds=seconds, finished=datetime.datetime.now().isoformat(timespec="seconds"),
                        machine=f"{platform.machine()}, {os.cpu_count()} cores")
     atomic_write_bytes(f, (json.dumps(times, indent=1) + "\n").encode())
@@ -60,12 +83,15 @@ def build(folder: Path) -> str:
              f"lies below +{100 * DELTA:.0f} and is contradicted if it is above 0; anything else is **unresolved** "
              "(± half-width). Small-scale numbers are **not** the paper's numbers.", ""]
     f = folder / "wall_times.json"
-    times = json.loads(f.read_text()) if f.is_file() else {}  # record_wall_time's, per part
-    for part, t in times.items():
-        what = ("the run that produced this folder (its notebooks; setting up .venv not included)" if part == "all"
-                else f"its {part} part")
-        where = f" ({t['machine']}, finished {t['finished']})" if "machine" in t else ""
-        lines += [f"Wall time of {what}: {t['seconds'] / 60:.1f} min{where}."]
+    times = _load(f) if f.is_file() else {}  # record_wall_time's, per part
+    try:
+        for part, t in times.items():
+            what = ("the run that produced this folder (its notebooks; setting up .venv not included)"
+                    if part == "all" else f"its {part} part")
+            where = f" ({t['machine']}, finished {t['finished']})" if "machine" in t else ""
+            lines += [f"Wall time of {what}: {float(t['seconds']) / 60:.1f} min{where}."]
+    except DAMAGE as e:
+        raise Damaged(f, e) from None
     if times:
         lines.append("")
     lines += ["| claim | paper | ours: accuracy or gain, 95% CI | model · scale · problems · updates | verdict |",
@@ -75,19 +101,26 @@ def build(folder: Path) -> str:
         f = folder / f"{task}_summary.json"
         if f.is_file():
             found = True
-            lines += _accuracy_rows(json.loads(f.read_text()))
+            try:
+                lines += _accuracy_rows(_load(f))
+            except DAMAGE as e:
+                raise Damaged(f, e) from None
         else:
             lines.append(f"| {task} | — | not run | — | — |")
     f = folder / "ablation_summary.json"
     if f.is_file():
         from .experiments import TOKEN_SHARE
 
-        s = json.loads(f.read_text())
-        for v, shares in s["share"].items():
-            paper = TOKEN_SHARE.get(v, ("—",))[0]
-            ours = ", ".join(f"{100 * x:.1f}%" for x in shares) or "—"
-            lines.append(f"| share of signal-group completion tokens in the loss: {v} | {paper} | {ours} (per seed) "
-                         f"| {s['label']}, {s['task']}, {s['steps']} updates | **{s['verdicts'].get(v, '—')}** |")
+        s = _load(f)
+        try:
+            for v, shares in s["share"].items():
+                paper = TOKEN_SHARE.get(v, ("—",))[0]
+                ours = ", ".join(f"{100 * x:.1f}%" for x in shares) or "—"
+                lines.append(f"| share of signal-group completion tokens in the loss: {v} | {paper} | {ours} (per "
+                             f"seed) | {s['label']}, {s['task']}, {s['steps']} updates | "
+                             f"**{s['verdicts'].get(v, '—')}** |")
+        except DAMAGE as e:
+            raise Damaged(f, e) from None
     if not found:
         lines += ["", "No experiment summaries in this folder yet: run `make reproduce`."]
     return "\n".join(lines) + "\n"
@@ -107,10 +140,18 @@ def main(argv=None) -> int:
         return 2
     out = Path(a.out) if a.out else (Path(a.results) / "summary.md" if a.name == "embedded"
                                      else folder / "summary.md")
-    if a.wall_seconds is not None:
-        record_wall_time(folder, a.part or "all", a.wall_seconds)
-    text = build(folder)
-    atomic_write_bytes(out, text.encode())
+    try:
+        if a.wall_seconds is not None:
+            record_wall_time(folder, a.part or "all", a.wall_seconds)
+        text = build(folder)
+        atomic_write_bytes(out, text.encode())
+    except Damaged as e:
+        print(f"tokeneff.analysis.summary: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"tokeneff.analysis.summary: error: could not write {str(e.filename or out)!r} ({e.strerror})",
+              file=sys.stderr)
+        return 2
     print(text)
     return 0
 
