@@ -82,11 +82,22 @@ def check_model_path(name: str) -> None:
 def check_cache(name: str) -> None:
     """The embedded model is converted once into the cache folder: it must be writable when that is still due."""
     from .models import cache_dir
-
-    if name != "smollm2-135m" or (cache_dir() / "smollm2-135m" / "model.safetensors").is_file():
-        return
     from .rundir import check_writable
 
+    if name.endswith("+sft"):  # a warm start is built into the cache on first use
+        from .warmstart import cache_path, default_config, is_complete
+
+        target = cache_path(default_config(name[: -len("+sft")]))
+        if is_complete(target):
+            return None
+        try:
+            check_writable(target.parent, "cache")
+        except TokeneffError as e:
+            raise TokeneffError(f"{e} (TOKENEFF_CACHE={os.environ.get('TOKENEFF_CACHE', '')!r}; model={name!r} is "
+                                "built once into it: point TOKENEFF_CACHE to a writable folder)") from None
+        return None
+    if name != "smollm2-135m" or (cache_dir() / "smollm2-135m" / "model.safetensors").is_file():
+        return None
     try:
         check_writable(cache_dir(), "cache")
     except TokeneffError as e:

@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 raise TokeneffError(f"override {bad[0]!r}: expected key=value")
             if args.model is not None:
+                _no_collision(over, "model", args.model)
                 over["model"] = args.model
             ws = make_warmstart_config(over)
             path = build_warm_start(ws)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, LoraSettings, coerce
+from .config import ConfigError, LoraSettings, TokeneffError, coerce
 from .tasks.answer import is_correct
 from .tasks.base import format_number
 
@@ -65,8 +65,10 @@ class WarmStartConfig(LoraSettings):
     full tier has to fit in ~3 h; the subset takes ~33 min. Pass max_examples=0 for the whole epoch on a GPU."""
 
     def validate(self) -> WarmStartConfig:
+        from .config import MAX_LR, MAX_SEED, show
+
         def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+            return ConfigError(f"{name}={show(getattr(self, name))}: {why}")
 
         if not isinstance(self.model, str) or not self.model.strip():
             raise bad("model", "must be a built-in name, a hub id or a local path")
@@ -78,8 +80,13 @@ class WarmStartConfig(LoraSettings):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise bad(name, "must be a non-negative integer")
-        if not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr) and self.lr > 0):
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (math.isfinite(self.lr)
+                                                                                      and self.lr > 0):
             raise bad("lr", "must be a positive number")
+        if self.lr > MAX_LR:  # as train's: past it the first update destroys the model
+            raise bad("lr", f"must be at most {MAX_LR:g} (LoRA learning rates are around 1e-5 to 1e-3)")
+        if self.seed > MAX_SEED:
+            raise bad("seed", f"must be at most {MAX_SEED} (numpy's seed range)")
         self.check_lora()
         return self
 
@@ -263,21 +270,38 @@ def build_warm_start(cfg: WarmStartConfig | None = None, progress: bool = True) 
     """
     from filelock import FileLock
 
+    from .checks import check_model_path
+    from .rundir import check_writable, writing
+
     cfg = (cfg or WarmStartConfig()).validate()
     target = cache_path(cfg)
     if is_complete(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f".{target.name}.lock")):
-        if is_complete(target):
-            return target
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-        try:
-            _train_and_save(cfg, tmp, progress)
-            shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover of the final name, if any
-            os.replace(tmp, target)  # atomic: a half-written warm start is never seen under its name
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    check_model_path(cfg.model)  # a damaged local model: one line, before anything is written
+    try:
+        check_writable(target.parent, "cache")
+    except TokeneffError as e:
+        raise ConfigError(f"{e} (TOKENEFF_CACHE={os.environ.get('TOKENEFF_CACHE', '')!r}: the warm start is cached "
+                          "there; point it to a writable folder)") from None
+
+    def cache_error(e: BaseException, what: str) -> ConfigError:
+        from .rundir import write_failure
+
+        return ConfigError(f"could not write {what} ({write_failure(e)}): nothing was cached; free space or point "
+                           "TOKENEFF_CACHE to a writable folder")
+
+    with writing(f"the warm start in {str(target.parent)!r}", cache_error):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target.parent / f".{target.name}.lock")):
+            if is_complete(target):
+                return target
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+            try:
+                _train_and_save(cfg, tmp, progress)
+                shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover of the final name, if any
+                os.replace(tmp, target)  # atomic: a half-written warm start is never seen under its name
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -304,6 +328,9 @@ def _train_and_save(cfg: WarmStartConfig, out: Path, progress: bool) -> None:
     if not rows:
         raise ConfigError(f"max_examples={cfg.max_examples!r}: no training examples left")
     model, tok = load_model(cfg.model, dtype=torch.float32)
+    from .checks import check_lora_targets
+
+    check_lora_targets(model, cfg.lora_target_list(), cfg.model)
     tok.padding_side = "right"
     steps = math.ceil(len(rows) / cfg.batch_size) * cfg.epochs
     args = SFTConfig(
@@ -325,6 +352,9 @@ def _train_and_save(cfg: WarmStartConfig, out: Path, progress: bool) -> None:
             trainer.remove_callback(PrinterCallback)  # the per-log-step lines printed when tqdm is off
         result = trainer.train()
         merged = trainer.model.merge_and_unload()
+        if not all(torch.isfinite(p).all() for p in merged.parameters()):  # never cached: later runs would reuse it
+            raise ConfigError(f"the warm start's weights are not finite after training (lr={cfg.lr:g}: too large?): "
+                              "nothing was cached")
         merged.save_pretrained(out, safe_serialization=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     tok.padding_side = "left"
