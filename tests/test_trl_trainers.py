@@ -294,6 +294,8 @@ def test_num_iterations_and_training_moves_the_adapter(tmp_path):
     (dict(scale_rewards="none"), "scale_rewards='none'"),
     (dict(top_entropy_quantile=0.2), "top_entropy_quantile=0.2"),
     (dict(importance_sampling_level="sequence", loss_type="grpo"), "loss_type='grpo'"),
+    (dict(sgrpo_p="0.5"), "sgrpo_p='0.5': "),  # no TypeError from a comparison
+    (dict(sgrpo_k=True), "sgrpo_k=True: "),
 ])
 def test_bad_values_raise_one_line_config_error(tmp_path, bad, fragment):
     with pytest.raises(ConfigError) as e:
@@ -303,8 +305,11 @@ def test_bad_values_raise_one_line_config_error(tmp_path, bad, fragment):
 
 def test_tspmo_ignores_scale_rewards_and_takes_no_sgrpo_knobs(tmp_path):
     make(TSPMOTrainer, tmp_path, scale_rewards="none", perturb=False)
-    with pytest.raises(TypeError):
-        make(TSPMOTrainer, tmp_path, sgrpo_alpha=3)
+    for bad, fragment in ((dict(sgrpo_alpha=3), "sgrpo_alpha=3: not a parameter of TSPMOTrainer"),
+                          (dict(replay="on"), "replay='on': not a parameter of TSPMOTrainer: T-SPMO's replay")):
+        with pytest.raises(ConfigError) as e:  # the one-line refusal, not TypeError from GRPOTrainer.__init__
+            make(TSPMOTrainer, tmp_path, **bad)
+        assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
 WORKER = """

@@ -85,7 +85,7 @@ from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 
 from .algorithms import ALGORITHMS
-from .config import ConfigError, TokeneffError, TrainConfig
+from .config import FIELD_NAMES, ConfigError, TokeneffError, TrainConfig, show
 
 TRL_TESTED = ">=1.16,<1.17"
 """the TRL versions these subclasses are tested against (pyproject.toml pins the same range)"""
@@ -159,6 +159,19 @@ class _SelectiveGRPOTrainer(GRPOTrainer):
 
             raise TokeneffError(f"trl {trl.__version__}: GRPOTrainer.{changed[0]} changed signature; "
                                 f"{type(self).__name__} is tested with trl{TRL_TESTED}")
+        name = type(self).__name__
+        for k in kwargs:  # a tokeneff setting this trainer does not take (T-SPMO's replay=, say): one line
+            if k in FIELD_NAMES and k not in inspect.signature(GRPOTrainer.__init__).parameters:
+                why = ("T-SPMO's replay-based resampling is not supported in TRL (see tokeneff.trl_trainers); use "
+                       "`tokeneff train --algo tspmo`" if k.startswith("replay") else "set it in GRPOConfig or use "
+                       "`tokeneff train`")
+                raise ConfigError(f"{k}={show(kwargs[k])}: not a parameter of {name}: {why}")
+        for k, v in _tokeneff.items():  # the types TrainConfig's checks assume
+            default = getattr(TrainConfig, k)
+            ok = (isinstance(v, (int, float)) if isinstance(default, float) else isinstance(v, type(default)))
+            if isinstance(v, bool) or not ok:
+                kind = "a number" if isinstance(default, float) else "an integer"
+                raise ConfigError(f"{k}={show(v)}: {name} needs {kind}, got {type(v).__name__}")
         self._algo_cfg = TrainConfig(algo=self.algo, **_tokeneff).validate()
         grpo_args = kwargs.get("args", args[2] if len(args) > 2 else None)
         self._check_args(grpo_args if grpo_args is not None else GRPOConfig(output_dir="unused"))
