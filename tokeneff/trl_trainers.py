@@ -159,7 +159,8 @@ class _SelectiveGRPOTrainer(GRPOTrainer):
 
             raise TokeneffError(f"trl {trl.__version__}: GRPOTrainer.{changed[0]} changed signature; "
                                 f"{type(self).__name__} is tested with trl{TRL_TESTED}")
-        name = type(self).__name__
+        name = next((c.__name__ for c in type(self).__mro__  # ours, not a user's subclass
+                     if c.__module__ == __name__ and not c.__name__.startswith("_")), type(self).__name__)
         for k in kwargs:  # a tokeneff setting this trainer does not take (T-SPMO's replay=, say): one line
             if k in FIELD_NAMES and k not in inspect.signature(GRPOTrainer.__init__).parameters:
                 why = ("T-SPMO's replay-based resampling is not supported in TRL (see tokeneff.trl_trainers); use "
