@@ -290,8 +290,11 @@ class RunLock:
             os.close(fd)
             raise TokeneffError(f"out={str(out)!r} is in use by process {holder} (lock {str(path)!r}): wait for it "
                                 "to finish or stop it") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # the holder's PID, for the message above; a full disk only loses it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
         self.fd = fd
         return self
 

@@ -1,0 +1,271 @@
+"""Nothing outside a run folder is ever touched (issue 23): links inside a run folder, a failing run beside a
+sibling, an interrupt before the first checkpoint, a grid stopped by SIGTERM, a full disk at each write."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tokeneff import rundir
+from tokeneff.cli import main
+
+TINY = ["--model", "tiny-random", "--task", "multiplication", "--algo", "grpo", "digits_a=1", "digits_b=1",
+        "max_new_tokens=8", "group_size=2", "prompts_per_step=1", "eval_limit=2", "eval_batch_size=2", "save_every=1"]
+
+
+def _train(out, steps, *flags):
+    return main(["train", *TINY, "--steps", str(steps), "--out", str(out), *flags])
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every entry under `folder` (links as links, never followed) with its content."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        key = str(p.relative_to(folder))
+        out[key] = (b"link:" + os.readlink(p).encode() if p.is_symlink()
+                    else p.read_bytes() if p.is_file() else b"<dir>")
+    return out
+
+
+def _sentinel(root: Path) -> Path:
+    v = root / "outside"
+    (v / "sub").mkdir(parents=True)
+    (v / "a.txt").write_text("keep me\n")
+    (v / "sub" / "b.txt").write_text("and me\n")
+    return v
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 2-step run: checkpoint/, checkpoint.prev/, adapter/, final.json."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    assert _train(out, 2) == 0
+    assert {"checkpoint", "checkpoint.prev", "adapter", "final.json"} <= {p.name for p in out.iterdir()}
+    return out
+
+
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in err and lines and lines[-1].startswith("tokeneff: error:"), err
+    return lines[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# links inside a run folder
+# ---------------------------------------------------------------------------------------------------------------
+
+LINKS = ["checkpoint", "checkpoint.prev", "checkpoint.tmp", ".tokeneff.lock", "adapter", "adapter.tmp"]
+MODES = {"resume": (3, ["--resume"], True), "overwrite": (2, ["--overwrite"], False),
+         "finish": (2, ["--resume"], False)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", LINKS)
+def test_a_link_inside_a_run_folder_never_changes_anything_outside_it(finished, tmp_path, capsys, name, mode):
+    steps, flags, unfinished = MODES[mode]
+    run = tmp_path / "run"
+    shutil.copytree(finished, run, symlinks=True)
+    if unfinished:
+        (run / "final.json").unlink()
+    outside = _sentinel(tmp_path)
+    if (run / name).is_dir():
+        shutil.rmtree(run / name)
+    (run / name).unlink(missing_ok=True)
+    os.symlink(outside / "a.txt" if name == ".tokeneff.lock" else outside, run / name)
+    before, run_before = _tree(outside), _tree(run)
+    capsys.readouterr()
+    code = _train(run, steps, *flags)
+    err = capsys.readouterr().err
+    assert _tree(outside) == before
+    assert code == 2 and f"{name!r} is a symbolic link" in _one_line(err), err
+    assert _tree(run) == run_before  # refused before anything was written
+
+
+def test_a_run_folder_that_is_itself_a_link_stays_allowed(finished, tmp_path, capsys):
+    real = tmp_path / "disk2" / "run"
+    shutil.copytree(finished, real, symlinks=True)
+    (real / "final.json").unlink()
+    (tmp_path / "run").symlink_to(real)
+    assert _train(tmp_path / "run", 3, "--resume") == 0
+    assert json.loads((real / "final.json").read_text())["steps_done"] == 3
+
+
+def test_delete_removes_links_and_never_their_targets(tmp_path):
+    outside = _sentinel(tmp_path)
+    before = _tree(outside)
+    run = tmp_path / "run"
+    (run / "checkpoint.tmp" / "adapter").mkdir(parents=True)
+    os.symlink(outside, run / "checkpoint.tmp" / "adapter" / "dir-link")
+    os.symlink(outside / "a.txt", run / "checkpoint.tmp" / "file-link")
+    os.symlink(outside, run / "checkpoint.prev")  # a top-level link: removed as a link
+    os.symlink(outside, run / "adapter")
+    rundir._rmtree(run / "checkpoint.tmp")
+    rundir._rmtree(run / "checkpoint.prev")
+    rundir.clear_run(run)
+    assert sorted(os.listdir(run)) == [] and _tree(outside) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a run that fails removes only the folders it made, and only while they hold nothing but its lock
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_a_failing_run_never_removes_a_sibling_that_finished_meanwhile(tmp_path, capsys, monkeypatch):
+    """Run A, into a fresh tree cr/new/a, fails after taking its lock (a LoRA target that is not a linear layer);
+    at the instant it cleans up (the fault hook "release"), run B finishes into cr/new/b. Before the fix A removed
+    cr/, B with it."""
+    siblings = []
+    real_hook = rundir.hook
+
+    def hook(phase):
+        if phase == "release" and not siblings:
+            siblings.append(_train(tmp_path / "cr" / "new" / "b", 1))
+        real_hook(phase)
+
+    monkeypatch.setattr(rundir, "hook", hook)
+    (tmp_path / "cr").mkdir()
+    (tmp_path / "cr" / "mine.txt").write_text("mine")  # cr/ existed: never the run's to remove
+    code = _train(tmp_path / "cr" / "new" / "a", 1, "lora_targets=post_attention_layernorm")
+    err = capsys.readouterr().err
+    assert code == 2 and "not a linear layer" in _one_line(err)
+    assert siblings == [0]
+    b = tmp_path / "cr" / "new" / "b"
+    assert json.loads((b / "final.json").read_text())["steps_done"] == 1 and (b / "adapter").is_dir()
+    assert not (tmp_path / "cr" / "new" / "a").exists()  # A's own folder, empty but for its lock: removed
+    assert (tmp_path / "cr" / "mine.txt").read_text() == "mine"
+    # alone, A removes every folder it made, up to the one that existed
+    monkeypatch.setattr(rundir, "hook", real_hook)
+    assert _train(tmp_path / "cr" / "x" / "y" / "a", 1, "lora_targets=post_attention_layernorm") == 2
+    assert not (tmp_path / "cr" / "x").exists() and (tmp_path / "cr").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# an interrupt (Ctrl-C, or SIGTERM: the CLI turns it into KeyboardInterrupt) during the first evaluation
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_interrupt_during_the_first_evaluation_says_so_and_a_plain_rerun_starts_over(tmp_path, capsys,
+                                                                                       monkeypatch):
+    tr = sys.modules["tokeneff.train"]  # the module (tokeneff.train is also the function)
+    real = tr.evaluate_model
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "evaluate_model", interrupted)
+    out = tmp_path / "new" / "run"
+    assert _train(out, 1) == 130
+    assert "interrupted before the first checkpoint: nothing was kept" in capsys.readouterr().out
+    assert not (tmp_path / "new").exists()  # the folders it made are gone with what it wrote
+    (tmp_path / "empty").mkdir()
+    assert _train(tmp_path / "empty", 1) == 130
+    assert [p.name for p in (tmp_path / "empty").iterdir() if p.name != rundir.LOCK_NAME] == []
+    monkeypatch.setattr(tr, "evaluate_model", real)
+    assert _train(out, 1) == 0  # the same command, not refused as "already holds a run"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a grid's parent stopped by SIGTERM leaves no process behind
+# ---------------------------------------------------------------------------------------------------------------
+
+GRID = textwrap.dedent("""
+    import sys
+    from tokeneff.analysis.experiments import run_grid
+    run_grid("g", "multiplication", {"grpo": {"algo": "grpo"}}, [0, 1], 500, root=sys.argv[1], workers=2,
+             model="tiny-random", max_new_tokens=8, group_size=2, prompts_per_step=1, eval_batch_size=2,
+             digits_a=1, digits_b=1, eval_limit=2, save_every=1)
+""")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(d))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_to_a_grid_stops_its_workers(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", GRID, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    runs = [tmp_path / "embedded" / "g" / f"grpo-s{s}" for s in (0, 1)]
+    try:
+        deadline = time.time() + 180
+        while not all((r / "checkpoint").is_dir() for r in runs):  # both workers are training
+            assert parent.poll() is None and time.time() < deadline, parent.communicate()
+            time.sleep(0.5)
+        workers = _children(parent.pid)
+        assert workers
+        parent.send_signal(signal.SIGTERM)
+        out, err = parent.communicate(timeout=60)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode != 0 and "interrupted: run the grid again" in out, err
+    deadline = time.time() + 20
+    while any(_alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in workers if _alive(p)]
+    for r in runs:  # each resumes from a complete checkpoint
+        assert rundir.verify(r / "checkpoint")[0] is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a full disk at each write
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a tmpfs")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_at_each_write_is_one_line_and_the_run_resumes(small_disk, capsys):
+    """The run needs about 600 kB; the disk is filled to leave less and less of it, so that each write in turn
+    (config, evaluation, metrics, checkpoints, adapter, final.json) is the one that fails."""
+    seen = set()
+    for free_kb in (0, 8, 24, 64, 160, 260, 380, 500):
+        run = small_disk / "run"
+        filler = small_disk / "filler"
+        filler.write_bytes(b"")
+        total = shutil.disk_usage(small_disk).free
+        with filler.open("wb") as f:
+            f.write(b"\0" * max(0, total - free_kb * 1024))
+        capsys.readouterr()
+        code = _train(run, 2)
+        err = capsys.readouterr().err
+        assert code in (0, 2), err
+        if code == 2:
+            line = _one_line(err)
+            assert "No space left on device" in line or "could not write" in line, line
+            seen.add(line.split("could not write ")[-1].split(" (")[0].split("/")[-1][:20])
+        filler.unlink()
+        assert _train(run, 2, "--resume") == 0, capsys.readouterr().err  # with space again, the run finishes
+        assert json.loads((run / "final.json").read_text())["steps_done"] == 2
+        shutil.rmtree(run)
+    assert len(seen) >= 3, seen  # several different writes were hit
