@@ -508,7 +508,8 @@ def write_failure(e: BaseException) -> str | None:
         return e.strerror or clip(str(e), 200)
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if type(e).__name__ == "SafetensorError" or (isinstance(e, RuntimeError) and any(
-            w in text.lower() for w in ("write", "writing", "no space", "read-only", "i/o", "ioerror"))):
+            w in str(e).lower() for w in ("write", "writing", "no space", "read-only", "i/o", "ioerror", "iostream",
+                                           "unexpected pos", "inline_container", "file", "disk"))):
         return clip(text, 200)
     return None
 
