@@ -118,6 +118,11 @@ def _adapter_dir(adapter: str, model: str) -> Path:
         p = p / "adapter"
     if not (p / "adapter_config.json").is_file():
         raise TokeneffError(f"adapter={adapter!r}: no adapter_config.json there (a run's adapter/ folder)")
+    run_cfg = _read_json(p.parent / "config.json")
+    if isinstance(run_cfg, dict) and isinstance(run_cfg.get("model"), str) and "algo" in run_cfg \
+            and run_cfg["model"] != model:
+        raise TokeneffError(f"adapter={adapter!r} was trained on model={run_cfg['model']!r} "
+                            f"({p.parent / 'config.json'}), not {model!r}: pass --model {run_cfg['model']}")
     if not isinstance(_read_json(p / "adapter_config.json"), dict):
         raise TokeneffError(f"adapter={adapter!r}: adapter_config.json is damaged (not a JSON object)")
     weights = p / "adapter_model.safetensors"
@@ -130,11 +135,6 @@ def _adapter_dir(adapter: str, model: str) -> Path:
     why = _safetensors_problem(weights)
     if why:
         raise TokeneffError(f"adapter={adapter!r}: {why}")
-    run_cfg = _read_json(p.parent / "config.json")
-    if isinstance(run_cfg, dict) and isinstance(run_cfg.get("model"), str) and "algo" in run_cfg \
-            and run_cfg["model"] != model:
-        raise TokeneffError(f"adapter={adapter!r} was trained on model={run_cfg['model']!r} "
-                            f"({p.parent / 'config.json'}), not {model!r}: pass --model {run_cfg['model']}")
     return p
 
 
