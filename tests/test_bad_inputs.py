@@ -218,6 +218,8 @@ def test_fp16_without_a_gpu(tmp_path, capsys):
     (["evaluate", "--task", "svamp", "task=multiplication"], "collides with evaluate's --task"),
     (["evaluate", "out=runs/x"], "override 'out=runs/x' collides with evaluate's --out"),
     (["train", "--model", "tiny-random", "--steps", "3", "steps=5"], "override 'steps=5' collides with --steps 3"),
+    (["warmstart", "--model", "tiny-random", "model=smollm2-135m"], "override 'model=smollm2-135m' collides with "
+                                                                    "--model tiny-random"),
 ])
 def test_overrides_that_collide_with_options(tmp_path, capsys, argv, needle):
     if argv[0] == "evaluate":

@@ -269,3 +269,146 @@ def test_a_full_disk_at_each_write_is_one_line_and_the_run_resumes(small_disk, c
         assert json.loads((run / "final.json").read_text())["steps_done"] == 2
         shutil.rmtree(run)
     assert len(seen) >= 3, seen  # several different writes were hit
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one line for every fault
+# ---------------------------------------------------------------------------------------------------------------
+
+EVAL = ["evaluate", "--task", "multiplication", "--model", "tiny-random", "--limit", "2", "digits_a=1", "digits_b=1",
+        "max_new_tokens=4"]
+
+
+def _refused(capsys, argv, needle):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in _one_line(err), err
+    return err
+
+
+def test_damaged_adapters_and_model_folders_are_one_line(finished, tmp_path, capsys, model_dir):
+    ev = EVAL + ["--out", tmp_path / "e.json"]
+    ad = tmp_path / "adapter"
+    shutil.copytree(finished / "adapter", ad)
+    w = ad / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:300])
+    _refused(capsys, ev + ["--adapter", ad], "adapter_model.safetensors is truncated")
+    w.unlink()
+    (ad / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle: never loaded
+    _refused(capsys, ev + ["--adapter", ad], "adapter_model.bin is a pickle and never loaded")
+    (ad / "adapter_config.json").write_text('{"r": 8')
+    _refused(capsys, ev + ["--adapter", ad], "adapter_config.json is damaged")
+    # a model folder whose safetensors header is valid JSON of the wrong form, then weights of another shape
+    weights = model_dir / "model.safetensors"
+    good = weights.read_bytes()
+    header = json.dumps({"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": "x"}}).encode()
+    weights.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 256)
+    _refused(capsys, ["evaluate", "--model", model_dir, "--task", "multiplication", "--out", tmp_path / "e.json"],
+             "model.safetensors is not a valid safetensors file")
+    weights.write_bytes(good)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 3 * cfg["intermediate_size"]}))
+    _refused(capsys, ["evaluate", "--model", model_dir, "--task", "multiplication", "--out", tmp_path / "e.json"],
+             "could not load the local model")
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_a_damaged_final_json_or_metrics_line_is_repaired_on_resume(finished, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "final.json").write_text('{"steps_done": 2, "ev')  # cut off
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": Infinity}\n')
+    capsys.readouterr()
+    assert _train(run, 2, "--resume") == 0
+    err = capsys.readouterr().err
+    assert "final.json is damaged" in err and "dropped a torn last line" in err and "Traceback" not in err
+    assert json.loads((run / "final.json").read_text())["steps_done"] == 2
+    assert "Infinity" not in (run / "metrics.jsonl").read_text()
+
+
+def test_evaluate_keeps_its_result_when_the_file_cannot_be_written(tmp_path, capsys, monkeypatch):
+    import errno
+
+    ev = sys.modules["tokeneff.evaluate"]  # the module (tokeneff.evaluate is also the function)
+    real = ev.write_json
+
+    def full(path, obj):
+        if Path(path) == tmp_path / "e.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, obj)
+
+    monkeypatch.setattr(ev, "write_json", full)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    line = _one_line(_refused(capsys, EVAL + ["--out", tmp_path / "e.json"], "could not be written (No space left"))
+    kept = list((tmp_path / "tmp").glob("tokeneff-eval-*e.json"))
+    assert len(kept) == 1 and str(kept[0]) in line and "accuracy" in line
+    assert len(json.loads(kept[0].read_text())["records"]) == 2
+
+
+def test_key_value_anywhere_bench_tilde_and_files_readable_per_umask(tmp_path, capsys, monkeypatch):
+    # key=value between options: parsed, so its own check answers (not argparse's "unrecognized arguments")
+    _refused(capsys, ["train", "--model", "tiny-random", "lr=5", "--steps", "1", "--out", tmp_path / "r", "beta=0"],
+             "lr=5.0: must be at most 1")
+    with pytest.raises(SystemExit) as e:  # argparse's own errors: one line, exit 2
+        main(["train", "--steps", "1", "--bogus", "beta=0"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in _one_line(capsys.readouterr().err)
+    # bench --out '~/x': expanded once, at the boundary
+    import tokeneff.benchmarks.bench as bench
+
+    seen = []
+    monkeypatch.setattr(bench, "bench_cli", lambda args: seen.append(args.out))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["bench", "--out", "~/x"]) == 0 and seen == [str(tmp_path / "x")]
+    # run files: 0666 less the umask, not mkstemp's 0600
+    from tokeneff.utils import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {})
+        os.umask(0o077)
+        write_json(tmp_path / "b.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_messages_have_a_bounded_length(tmp_path, capsys):
+    levels = "\n".join(f" - &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9))
+    (tmp_path / "bomb.yaml").write_text(f"lora_targets:\n - &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+                                        f"{levels}\n")  # 9**9 strings if expanded
+    err = _refused(capsys, ["train", "--config", tmp_path / "bomb.yaml"], "lora_targets=")
+    assert len(err) < 1000
+
+
+def test_duplicate_seeds_are_refused_before_any_run(tmp_path):
+    from tokeneff.analysis.experiments import run_grid
+    from tokeneff.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"seed 0 appears more than once"):
+        run_grid("x", "multiplication", {"grpo": {}}, [0, 1, 0], 1, root=str(tmp_path), model="tiny-random")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_made_non_finite_by_an_update_stop_the_run(tmp_path, capsys, monkeypatch):
+    import torch
+
+    real = torch.optim.AdamW.step
+
+    def poisoned(self, *a, **k):
+        out = real(self, *a, **k)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("inf"))  # what an absurd lr or weight_decay does
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    code = _train(tmp_path / "r", 2, "eval_at_start=false")
+    err = capsys.readouterr().err
+    assert code == 2 and "step 1: the update made LoRA weights non-finite" in _one_line(err)
+    _refused(capsys, ["train", *TINY, "--out", tmp_path / "w", "weight_decay=1e30"],
+             "lr * weight_decay must be below 1")

@@ -40,3 +40,20 @@ def test_wall_time_of_each_part_is_kept(tmp_path):
 def test_missing_folder_is_one_line(tmp_path, capsys):
     assert main(["--results", str(tmp_path), "--name", "nothing"]) == 2
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_damaged_summary_or_wall_time_files_are_one_line(tmp_path, capsys):
+    folder = tmp_path / "embedded"
+    for name, content in (("multiplication_summary.json", '{"task": "multipl'),  # cut off
+                          ("multiplication_summary.json", "[1, 2]"),
+                          ("multiplication_summary.json", json.dumps(dict(task="multiplication", arms={}))),
+                          ("wall_times.json", '{"all": {"seconds"'),  # cut off
+                          ("ablation_summary.json", "NaN")):
+        _summary(folder, 0.01, 0.09)
+        (folder / "wall_times.json").unlink(missing_ok=True)
+        (folder / name).write_text(content)
+        for extra in ([], ["--wall-seconds", "5"]):
+            assert main(["--results", str(tmp_path), *extra]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and f"{name}' is damaged" in err, err
+        (folder / name).unlink()

@@ -164,6 +164,8 @@ def test_cli_prints_folder_and_hash(built, capsys):
     (dict(lora_targets=" , "), "lora_targets"),
     (dict(model=""), "model=''"),
     (dict(max_example="1"), "did you mean 'max_examples'"),
+    (dict(lr="5"), "lr=5.0: must be at most 1"),  # as train's ranges: never a NaN model in the cache
+    (dict(seed=str(2**40)), "seed=1099511627776: must be at most"),
 ])
 def test_bad_option_is_one_line_config_error(over, needle, capsys):
     from tokeneff.cli import main
