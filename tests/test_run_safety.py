@@ -412,3 +412,9 @@ def test_weights_made_non_finite_by_an_update_stop_the_run(tmp_path, capsys, mon
     assert code == 2 and "step 1: the update made LoRA weights non-finite" in _one_line(err)
     _refused(capsys, ["train", *TINY, "--out", tmp_path / "w", "weight_decay=1e30"],
              "lr * weight_decay must be below 1")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU answer")
+def test_evaluate_in_fp16_on_a_cpu_is_refused(tmp_path, capsys):
+    _refused(capsys, EVAL + ["--out", tmp_path / "e.json", "mixed_precision=fp16"], "needs a CUDA GPU")
+    assert not (tmp_path / "e.json").exists()

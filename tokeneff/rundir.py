@@ -274,7 +274,7 @@ class RunLock:
             if e.errno == errno.ELOOP:
                 raise TokeneffError(f"out={show(str(out))}: {LOCK_NAME!r} is a symbolic link; tokeneff never writes "
                                     "through a link inside a run folder: remove it") from None
-            raise TokeneffError(f"out={show(str(out))}: cannot create the run's lock {show(str(path))} "
+            raise TokeneffError(f"out={show(str(out))}: cannot open the run's lock {show(str(path))} "
                                 f"({e.strerror})") from None
         try:
             import fcntl
