@@ -149,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - a failed read or write the paths above did not name: still one line
+        if not (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip() or type(e).__name__
+        print(f"tokeneff: error: {clip(' '.join(f'{why}{where}'.split()), 2000)}", file=sys.stderr)
+        return 2
     return 0
 
 
