@@ -220,3 +220,36 @@ def test_training_data_has_no_svamp_test_problem_and_the_rl_prompt_format():
 ])
 def test_worked_answer(eq, nums, text):
     assert ws.worked_answer(eq, [float(n) for n in nums])[0] == text
+
+
+def test_non_finite_weights_are_never_cached(cache, monkeypatch):
+    from peft.tuners.lora import LoraModel
+
+    real = LoraModel.merge_and_unload
+
+    def diverged(self, *a, **k):  # what an absurd learning rate leaves
+        model = real(self, *a, **k)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", diverged)
+    cfg = ws.make_warmstart_config({**TINY, "seed": 11})
+    with pytest.raises(ConfigError, match="weights are not finite.*nothing was cached"):
+        ws.build_warm_start(cfg, progress=False)
+    target = ws.cache_path(cfg)
+    assert not target.exists() and not [p for p in target.parent.glob(f".{target.name}-*") if p.is_dir()]
+
+
+def test_unwritable_cache_is_one_line_for_warmstart_and_sft_names(tmp_path, monkeypatch, capsys):
+    from tokeneff.cli import main
+
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("TOKENEFF_CACHE", str(tmp_path / "file" / "cache"))
+    for argv in (["warmstart", "--model", "tiny-random", "max_examples=4"],
+                 ["train", "--model", "tiny-random+sft", "--task", "multiplication", "--steps", "1", "--out",
+                  str(tmp_path / "run")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is a file, not a folder" in err and "TOKENEFF_CACHE" in err, err
+    assert not (tmp_path / "run").exists()
