@@ -226,16 +226,20 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
         return _train_locked(cfg, accel, out, kind, resume, overwrite, progress, written)
     except KeyboardInterrupt:
         if main:
-            _interrupted(out, fresh=written.get("config", False) and (kind in ("missing", "empty") or overwrite))
+            _interrupted(out, written.get("config", False), fresh=kind in ("missing", "empty") or overwrite)
         raise
     finally:
         if lock is not None:  # folders this call created are removed again if the run never started
             lock.release(remove_created=not (out / "config.json").is_file())
 
 
-def _interrupted(out: Path, fresh: bool) -> None:
+def _interrupted(out: Path, started: bool, fresh: bool) -> None:
     """The message after Ctrl-C or SIGTERM. Before the first checkpoint of a run this call started afresh, what
     it wrote is removed, so that the same command simply starts again."""
+    if not started:  # interrupted while loading (a warm-start build, say): nothing in `out` changed
+        print(f"\ninterrupted before the run started: nothing was written in {out}; run the same command again",
+              flush=True)
+        return
     man = out / CKPT / MANIFEST
     if man.is_file():
         try:
