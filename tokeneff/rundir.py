@@ -414,28 +414,45 @@ def _legacy(folder: Path) -> dict[str, Any] | None:
 
 def _rmtree(path: Path) -> None:
     """Delete a file or a folder file by file, never following a link: a link is removed, never what it points
-    to (os.lstat; the test hook can pause after the first removal: a kill then leaves half of it)."""
+    to. The walk holds each folder open (O_NOFOLLOW) and removes names relative to it, so a folder swapped for a
+    link meanwhile is not entered either. (The test hook can pause after the first removal: a kill then leaves
+    half of it.)"""
     first = [True]
 
-    def remove(p: str) -> None:
-        st = os.lstat(p)
-        if stat.S_ISDIR(st.st_mode):
-            with os.scandir(p) as it:
-                names = sorted(e.name for e in it)
-            for n in names:
-                remove(os.path.join(p, n))
-            os.rmdir(p)
-        else:
-            os.unlink(p)
-        if first[0]:
+    def removed(depth: int) -> None:
+        if first[0] and depth > 0:  # the first thing removed inside the folder
             first[0] = False
             hook("removing")
 
+    def remove_in(parent_fd: int, name: str, depth: int) -> None:
+        try:
+            st = os.lstat(name, dir_fd=parent_fd)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=parent_fd)
+            removed(depth)
+            return
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | NOFOLLOW, dir_fd=parent_fd)
+        try:
+            with os.scandir(fd) as it:
+                names = sorted(e.name for e in it)
+            for n in names:
+                remove_in(fd, n, depth + 1)
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=parent_fd)
+        removed(depth)
+
+    path = Path(path)
     try:
-        os.lstat(path)
+        parent_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except FileNotFoundError:
         return
-    remove(str(path))
+    try:
+        remove_in(parent_fd, path.name, 0)
+    finally:
+        os.close(parent_fd)
 
 
 def recover_checkpoints(out: Path) -> dict[str, Any] | None:
