@@ -4,16 +4,17 @@ import pytest
 
 from tokeneff.config import ConfigError
 from tokeneff.tasks import SVAMP, Multiplication
-from tokeneff.tasks.svamp import load_svamp, make_test_ids, shipped_test_ids
+from tokeneff.tasks.svamp import load_svamp, make_test_ids, make_val_ids, shipped_ids, shipped_test_ids
 
 
-def test_svamp_split_is_fixed_700_300_and_matches_its_seed():
+def test_svamp_split_is_fixed_550_150_300_and_matches_its_seed():
     task = SVAMP()
-    train, test = task.problems("train"), task.problems("test")
-    assert len(train) == 700 and len(test) == 300
+    train, val, test = task.problems("train"), task.problems("val"), task.problems("test")
+    assert len(train) == 550 and len(val) == 150 and len(test) == 300
     assert not {p.id for p in train} & {p.id for p in test}
-    all_ids = [p.id for p in train + test]
-    assert shipped_test_ids() == make_test_ids(all_ids)  # the committed list is the seeded one
+    all_ids = [p.id for p in train + val + test]
+    assert shipped_test_ids() == make_test_ids(all_ids)  # the committed lists are the seeded ones
+    assert shipped_ids("val") == make_val_ids(all_ids, shipped_test_ids())
     assert all(float(p.answer).is_integer() for p in test)
 
 
@@ -47,7 +48,31 @@ def test_multiplication_is_seeded_and_test_set_held_out():
         a, b = (int(x) for x in p.question.removeprefix("What is ").rstrip("?").split(" * "))
         assert 100 <= a <= 999 and 100 <= b <= 999 and p.answer == a * b
     small = Multiplication(digits_a=1, digits_b=1)
-    assert len(small.problems("test")) == 20 and len(small.problems("train")) == 61  # 81 pairs in all
+    sizes = [len(small.problems(s)) for s in ("test", "val", "train")]
+    assert sizes == [20, 20, 41]  # 81 pairs in all
+
+
+def test_splits_are_disjoint_and_val_ids_are_the_committed_ones():
+    t = Multiplication(digits_a=2, digits_b=2)
+    test, val, train = (set(t.pairs(s)) for s in ("test", "val", "train"))
+    assert len(val) == 200 and not val & test and not train & (val | test)
+    shots = {q for q, _ in Multiplication(1, 2, 2, answer_format="worked").shots}
+    assert not shots & {f"What is {a} * {b}?" for a, b in val | test}
+    s = SVAMP()
+    ids = {sp: {p.id for p in s.problems(sp)} for sp in ("train", "val", "test")}
+    assert [len(ids[k]) for k in ("train", "val", "test")] == [550, 150, 300]
+    assert not ids["val"] & ids["test"] and not ids["train"] & (ids["val"] | ids["test"])
+
+
+def test_worked_answer_is_long_multiplication_with_a_running_sum():
+    from tokeneff.tasks.multiplication import worked_answer
+
+    assert worked_answer(47, 38) == "47 * 38: 47 * 8 = 376. 47 * 30 = 1410. 376 + 1410 = 1786. The answer is 1786."
+    # a zero digit has no partial product; one partial product needs no sum
+    assert worked_answer(47, 40) == "47 * 40 = 1880. The answer is 1880."
+    assert worked_answer(123, 405) == ("123 * 405: 123 * 5 = 615. 123 * 400 = 49200. 615 + 49200 = 49815. "
+                                       "The answer is 49815.")
+    assert worked_answer(12, 111).endswith("12 + 120 = 132. 132 + 1200 = 1332. The answer is 1332.")
 
 
 def test_messages_put_instruction_first_and_shots_before_problem():

@@ -44,7 +44,7 @@ def _safetensors_problem(file: Path) -> str | None:
 
 def check_model_path(name: str) -> None:
     """A local model folder must look loadable: config.json and complete safetensors weights."""
-    if name in ("smollm2-135m", "tiny-random") or name.endswith("+sft"):
+    if name in ("smollm2-135m", "tiny-random") or name.endswith(("+sft", "+sftmul")):
         return check_cache(name)
     p = Path(name).expanduser()
     if not p.exists():

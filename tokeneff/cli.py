@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task", choices=TASKS, default="svamp")
     e.add_argument("--model", default="smollm2-135m")
     e.add_argument("--adapter", help="a run's adapter/ folder")
-    e.add_argument("--split", choices=("train", "test"), default="test")
+    e.add_argument("--split", choices=("train", "val", "test"), default="test")
     e.add_argument("--limit", type=int, default=0, help="first N problems (0: all)")
     e.add_argument("--profile", choices=PROFILES, default="embedded")
     e.add_argument("--out", required=True, help="JSON file for accuracy and every completion")
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                 over["model"] = args.model
             ws = make_warmstart_config(over)
             path = build_warm_start(ws)
-            use = f"{ws.model}+sft" if ws == default_config(ws.model) else str(path)
+            suffix = "+sftmul" if ws.task == "multiplication" else "+sft"
+            use = f"{ws.model}{suffix}" if ws == default_config(ws.model, ws.task) else str(path)
             print(f"warm start: {path}\nrecipe hash: {recipe_hash(ws)}; train or evaluate it as model={use}")
         elif args.command == "bench":
             from .rundir import check_out_folder

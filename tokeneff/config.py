@@ -51,6 +51,8 @@ ALGOS = tuple(ALGORITHMS)  # the one list of algorithm names is algorithms.ALGOR
 TASKS = ("svamp", "multiplication")
 PROFILES = ("embedded", "paper")
 BACKENDS = ("tokeneff", "hf", "hf-static")  # rollout backends (rollout.sample)
+ANSWER_FORMATS = ("short", "worked")  # multiplication answers (tasks/multiplication.py)
+EVAL_SPLITS = ("test", "val")
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 MAX_LR = 1.0
 MAX_SEED = 2**32 - 3  # numpy seeds must be < 2**32; the loop also uses seed + 1 and seed + 2
@@ -118,6 +120,10 @@ class TrainConfig(LoraSettings):
     """multiplication: digits of the second factor"""
     num_shots: int = 2
     """worked examples shown as earlier chat turns (0 = zero-shot)"""
+    answer_format: str = "short"
+    """multiplication: short (one line, "47 * 38 = 1786. ...") | worked (partial products and their sum; the
+    answers of ~60 tokens where replay and token selection can act) [reconstructed: the paper's model writes its
+    own reasoning]"""
 
     # --- rollout ---
     group_size: int = 8
@@ -172,6 +178,8 @@ class TrainConfig(LoraSettings):
     """evaluate the base model at step 0 (experiment grids do it once per task instead)"""
     eval_limit: int = 0
     """held-out problems per evaluation (0: all)"""
+    eval_split: str = "test"
+    """test | val: the split evaluated during training; pilots choose settings on val, final grids report test"""
     eval_batch_size: int = 32
     eval_max_new_tokens: int = 0
     """0: same as max_new_tokens"""
@@ -186,7 +194,7 @@ class TrainConfig(LoraSettings):
 
         choices = {"algo": ALGOS, "task": TASKS, "profile": PROFILES,
                    "replay": ("on", "off", "auto"), "mixed_precision": ("no", "bf16", "fp16"),
-                   "rollout_backend": BACKENDS}
+                   "rollout_backend": BACKENDS, "answer_format": ANSWER_FORMATS, "eval_split": EVAL_SPLITS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {', '.join(allowed)}")
@@ -232,6 +240,9 @@ class TrainConfig(LoraSettings):
         for name in ("seed", "threads", "num_shots", "eval_every", "eval_limit", "eval_max_new_tokens"):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
+        if self.answer_format != "short" and self.task != "multiplication":
+            raise bad("answer_format", f"worked answers are generated for the multiplication task only (task="
+                                       f"{self.task!r}: leave answer_format=short)")
         self.check_lora()
         if not str(self.out).strip():
             raise bad("out", "must be a directory path")

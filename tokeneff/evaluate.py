@@ -56,10 +56,10 @@ def evaluate(task: str = "svamp", model: str = "smollm2-135m", adapter: str | No
     problems = problems[:limit] if limit else problems
     adapter_dir = _adapter_dir(adapter, cfg.model) if adapter else None
     check_model_path(cfg.model)
-    torch.manual_seed(cfg.seed)
     if not torch.cuda.is_available():
         set_threads(cfg.threads)
     lm, tok = load_model(cfg.model)
+    torch.manual_seed(cfg.seed)  # after loading: a first load's conversion consumes the RNG (train.py)
     if adapter_dir:
         from peft import PeftModel
 

@@ -35,9 +35,10 @@ def cache_dir() -> Path:
 def load_model(name: str, dtype: torch.dtype = torch.float32, vocab_size: int | None = None):
     """Return (model, tokenizer). Tokenizers are set to left padding for batched generation.
 
-    `<base>+sft` (e.g. smollm2-135m+sft) is the base's supervised warm start (`warmstart.py`), built on first use.
+    `<base>+sft` (e.g. smollm2-135m+sft: SVAMP) and `<base>+sftmul` (worked multiplication) are the base's
+    supervised warm starts (`warmstart.py`), built on first use.
     """
-    if name.endswith("+sft"):
+    if name.endswith(("+sft", "+sftmul")):
         from .warmstart import resolve  # lazy: warmstart loads the base through this module
 
         model, tok = _load_pretrained(str(resolve(name)), dtype)

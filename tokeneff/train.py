@@ -272,7 +272,7 @@ def _read_final(out: Path) -> dict[str, Any] | None:
 
 
 # A finished run's results were measured with these: returning them for other values would mislabel them.
-RESULT_KEYS = ("eval_limit", "eval_max_new_tokens", "eval_every", "eval_at_start")
+RESULT_KEYS = ("eval_limit", "eval_max_new_tokens", "eval_every", "eval_at_start", "eval_split")
 
 
 def _check_finished_run(out: Path, final: dict[str, Any], cfg: TrainConfig) -> None:
@@ -294,18 +294,20 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
 
     main, rank, world = accel.is_main_process, accel.process_index, accel.num_processes
     task = make_task(cfg)
-    train_problems, test_problems = task.problems("train"), task.problems("test")
-    for split, probs in (("train", train_problems), ("test", test_problems)):
+    train_problems, test_problems = task.problems("train"), task.problems(cfg.eval_split)
+    for split, probs in (("train", train_problems), (cfg.eval_split, test_problems)):
         if not probs:
             raise TokeneffError(f"task {cfg.task!r}: its {split} split is empty")
     if cfg.eval_limit:
         test_problems = test_problems[: cfg.eval_limit]
 
-    seed_everything(cfg.seed)
     dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" and torch.cuda.is_available() else torch.float32
     model, tok = load_model(cfg.model, dtype=dtype)
     check_lora_targets(model, cfg.lora_target_list(), cfg.model)
     check_context(model, tok, task, train_problems + test_problems, cfg)
+    # Seeded after loading: a first load converts the model (random init from_config) and would consume the RNG,
+    # so a cold cache (or an earlier job in the same worker) would change the LoRA init and every sample.
+    seed_everything(cfg.seed)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -1,4 +1,8 @@
-"""Supervised warm start: one epoch of LoRA SFT on MAWPS + ASDiv-A, merged into the base weights.
+"""Supervised warm start: LoRA SFT on a task's training problems with worked answers, merged into the base weights.
+
+Two tasks have one (config `task`): SVAMP (below) and worked-answer multiplication (`task=multiplication`: the
+multiplication training split, disjoint from validation and test, with its generated long-multiplication traces
+as targets, in the exact prompt RL uses; model name `<base>+sftmul`).
 
 SmolLM2-135M-Instruct answers too few SVAMP problems for RL to get a reward signal, so the experiments can start
 from a warm-started base instead (labelled "SmolLM2-135M + SFT warm start"). The recipe:
@@ -42,6 +46,14 @@ from .tasks.answer import is_correct
 from .tasks.base import format_number
 
 SUFFIX = "+sft"
+# Worked multiplication's recipe, chosen on its validation split (README, "How the worked-answer experiment was
+# sized"): zero-shot prompts (the warm start has learnt the format), LoRA on attention and MLP (arithmetic facts
+# live in the MLPs), a larger learning rate than SVAMP's.
+MUL_RECIPE = dict(task="multiplication", num_shots=0, max_examples=1000, lr=5e-4,
+                  lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+SUFFIXES = {"+sftmul": MUL_RECIPE, "+sft": dict(task="svamp")}
+"""model-name suffix -> the default recipe it loads (longest suffix first)"""
+MUL_ONLY = ("digits_a", "digits_b", "answer_format")
 BUILDER_VERSION = 1
 """bump when the way examples or training are built changes: it is part of the recipe hash"""
 
@@ -50,6 +62,13 @@ BUILDER_VERSION = 1
 class WarmStartConfig(LoraSettings):
     model: str = "smollm2-135m"
     """base model: built-in name, hub id or local path"""
+    task: str = "svamp"
+    """svamp (MAWPS + ASDiv-A with equations as answers) | multiplication (generated worked answers)"""
+    digits_a: int = 2
+    """multiplication: digits of the factors (the RL runs must use the same)"""
+    digits_b: int = 2
+    answer_format: str = "worked"
+    """multiplication: the answer format taught (tasks/multiplication.py)"""
     num_shots: int = 1
     """few-shot turns in each training prompt: the embedded profile's RL prompt format"""
     svamp_dir: str = ""
@@ -72,6 +91,14 @@ class WarmStartConfig(LoraSettings):
 
         if not isinstance(self.model, str) or not self.model.strip():
             raise bad("model", "must be a built-in name, a hub id or a local path")
+        if self.task not in ("svamp", "multiplication"):
+            raise bad("task", "must be one of svamp, multiplication")
+        if self.answer_format not in ("short", "worked"):
+            raise bad("answer_format", "must be one of short, worked")
+        for name in ("digits_a", "digits_b"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 12:
+                raise bad(name, "must be an integer between 1 and 12")
         for name in ("epochs", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -108,9 +135,22 @@ def make_warmstart_config(overrides: dict[str, Any] | None = None) -> WarmStartC
     return WarmStartConfig(**values).validate()
 
 
-def default_config(base: str) -> WarmStartConfig:
-    """The recipe a model name `<base>+sft` resolves to."""
-    return WarmStartConfig(model=base).validate()
+def default_config(base: str, task: str = "svamp") -> WarmStartConfig:
+    """The recipe a model name `<base>+sft` (svamp) or `<base>+sftmul` (multiplication) resolves to."""
+    spec = MUL_RECIPE if task == "multiplication" else {}
+    return WarmStartConfig(**{**spec, "model": base, "task": task}).validate()
+
+
+def split_name(name: str) -> tuple[str, str] | None:
+    """`smollm2-135m+sftmul` -> ("smollm2-135m", "multiplication"); None for a name with no warm-start suffix."""
+    for suffix, spec in SUFFIXES.items():
+        if name.endswith(suffix) and name[: -len(suffix)].strip():
+            return name[: -len(suffix)], spec["task"]
+    return None
+
+
+def is_warm_start_name(name: str) -> bool:
+    return any(name.endswith(suffix) for suffix in SUFFIXES)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -178,8 +218,45 @@ def _normalise(text: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9.]+", " ", text.lower()).split())
 
 
+def make_task(cfg: WarmStartConfig):
+    """The task whose RL prompt format the warm start is trained in."""
+    from .tasks.multiplication import Multiplication
+    from .tasks.svamp import SVAMP
+
+    if cfg.task == "multiplication":
+        return Multiplication(num_shots=cfg.num_shots, digits_a=cfg.digits_a, digits_b=cfg.digits_b,
+                              answer_format=cfg.answer_format)
+    return SVAMP(num_shots=cfg.num_shots, svamp_dir=str(_svamp_dir(cfg)))
+
+
 def training_examples(cfg: WarmStartConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """The SFT dataset rows ({"prompt": messages, "completion": [assistant turn]}) and counts.
+    """The SFT dataset rows ({"prompt": messages, "completion": [assistant turn]}) and counts."""
+    if cfg.task == "multiplication":
+        return multiplication_examples(cfg)
+    return svamp_examples(cfg)
+
+
+def multiplication_examples(cfg: WarmStartConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Multiplication's training split (disjoint from validation and test by construction) with the generated
+    answers; a seeded subset of max_examples."""
+    task = make_task(cfg)
+    pairs = task.pairs("train")
+    counts = {"problems": len(pairs)}
+    if cfg.max_examples:
+        keep = sorted(random.Random(cfg.seed).sample(range(len(pairs)), min(cfg.max_examples, len(pairs))))
+        pairs = [pairs[i] for i in keep]
+    return [{"prompt": task.messages(p), "completion": [{"role": "assistant", "content": task.answer_text(a, b)}]}
+            for (a, b), p in zip(pairs, _problems_of(task, pairs), strict=True)], counts
+
+
+def _problems_of(task, pairs: list[tuple[int, int]]):
+    from .tasks.base import Problem
+
+    return [Problem(id=f"sft-{a}x{b}", question=f"What is {a} * {b}?", answer=float(a * b)) for a, b in pairs]
+
+
+def svamp_examples(cfg: WarmStartConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """SVAMP's warm-start rows: MAWPS + ASDiv-A problems with their equation as the worked answer.
 
     Problems whose equation does not give the dataset's answer, or whose text equals a SVAMP test problem's, are
     left out (none are, in the shipped data).
@@ -231,16 +308,22 @@ def _versions() -> dict[str, str]:
 def recipe(cfg: WarmStartConfig) -> dict[str, Any]:
     """Everything that changes the result: the config (less the data's location), the data's content, the
     prompt format, the builder and the library versions."""
-    from .tasks.svamp import SVAMP
-
     cfg.validate()
-    task = SVAMP(num_shots=cfg.num_shots)
-    svamp_json = _svamp_dir(cfg) / "SVAMP.json"
+    task = make_task(cfg)
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "svamp_dir"}
+    if cfg.task == "svamp":  # the fields added for multiplication leave SVAMP's recipe (and its hash) as it was
+        config = {k: v for k, v in config.items() if k not in MUL_ONLY + ("task",)}
+        data = {"data_sha256": _sha256(_data_file(cfg)),
+                "svamp_sha256": _sha256(_svamp_dir(cfg) / "SVAMP.json")
+                if (_svamp_dir(cfg) / "SVAMP.json").is_file() else None}  # the test split kept out
+    else:  # generated data: the split seeds and the generator are the data
+        from .tasks import multiplication as mul
+
+        data = {"generator": dict(test_seed=mul.TEST_SEED, val_seed=mul.VAL_SEED, n_test=mul.N_TEST, n_val=mul.N_VAL,
+                                  train_seed=0, n_train=task.n_train)}
     return {
         "config": config,
-        "data_sha256": _sha256(_data_file(cfg)),
-        "svamp_sha256": _sha256(svamp_json) if svamp_json.is_file() else None,  # the test split kept out
+        **data,
         "prompt": {"instruction": task.instruction, "shots": [list(s) for s in task.shots[: cfg.num_shots]]},
         "builder_version": BUILDER_VERSION,
         "versions": _versions(),
@@ -306,10 +389,12 @@ def build_warm_start(cfg: WarmStartConfig | None = None, progress: bool = True) 
 
 
 def resolve(name: str) -> Path:
-    """`<base>+sft` -> the folder of the base's warm start (default recipe), built if missing."""
-    if not name.endswith(SUFFIX) or not name[: -len(SUFFIX)].strip():
-        raise ConfigError(f"model={name!r}: a warm-start name is <base>{SUFFIX}, e.g. smollm2-135m{SUFFIX}")
-    return build_warm_start(default_config(name[: -len(SUFFIX)]))
+    """`<base>+sft` / `<base>+sftmul` -> the folder of the base's warm start (default recipe), built if missing."""
+    parts = split_name(name)
+    if parts is None:
+        raise ConfigError(f"model={name!r}: a warm-start name is <base>{SUFFIX} (SVAMP) or <base>+sftmul "
+                          f"(multiplication), e.g. smollm2-135m{SUFFIX}")
+    return build_warm_start(default_config(*parts))
 
 
 # ----------------------------------------------------------------------------------------------- training

@@ -76,7 +76,7 @@ def smoke_scale(params: dict[str, Any]) -> dict[str, Any]:
 
 
 EVAL_KEYS = ("task", "model", "svamp_dir", "digits_a", "digits_b", "num_shots", "max_new_tokens", "eval_limit",
-             "eval_max_new_tokens", "rollout_backend")
+             "eval_max_new_tokens", "rollout_backend", "answer_format", "eval_split")
 
 
 def default_workers() -> int:
@@ -113,7 +113,7 @@ def base_accuracy(task: str, profile: str = "embedded", root: str = "runs", **ov
     if path.is_file():
         return json.loads(path.read_text())
     return evaluate(task=task, model=cfg.model, limit=cfg.eval_limit, profile=profile, out=str(path),
-                    **{k: v for k, v in overrides.items() if k not in ("model",)})
+                    split=cfg.eval_split, **{k: v for k, v in overrides.items() if k not in ("model", "eval_split")})
 
 
 def _worker_init() -> None:

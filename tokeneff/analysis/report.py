@@ -10,12 +10,15 @@ from ..utils import atomic_write_bytes
 from .stats import Interval
 
 MODEL_LABELS = {"smollm2-135m": "SmolLM2-135M-Instruct", "smollm2-135m+sft": "SmolLM2-135M + SFT warm start",
+               "smollm2-135m+sftmul": "SmolLM2-135M + SFT warm start (worked multiplication)",
                 "Qwen/Qwen2-1.5B-Instruct": "Qwen2-1.5B-Instruct"}
 
 
 def model_label(model: str) -> str:
     if model in MODEL_LABELS:
         return MODEL_LABELS[model]
+    if model.endswith("+sftmul"):
+        return f"{model.removesuffix('+sftmul')} + SFT warm start (worked multiplication)"
     return f"{model.removesuffix('+sft')} + SFT warm start" if model.endswith("+sft") else model
 
 

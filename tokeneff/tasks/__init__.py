@@ -15,7 +15,7 @@ def make_task(cfg) -> Task:
     if cfg.task == "svamp":
         return SVAMP(cfg.num_shots, cfg.svamp_dir, cfg.extra_train)
     if cfg.task == "multiplication":
-        return Multiplication(cfg.num_shots, cfg.digits_a, cfg.digits_b)
+        return Multiplication(cfg.num_shots, cfg.digits_a, cfg.digits_b, answer_format=cfg.answer_format)
     from ..config import ConfigError
 
     raise ConfigError(f"task={cfg.task!r}: must be one of svamp, multiplication")

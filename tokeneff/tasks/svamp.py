@@ -1,7 +1,9 @@
 """SVAMP (Patel et al., 2021): 1000 one-to-two step arithmetic word problems, MIT licence.
 
 No public list of the usual 300 test IDs exists, so we ship a fixed, seeded 700/300 split by ID
-(`splits/svamp_test_ids.txt`): same sizes as the common split, not guaranteed identical.
+(`splits/svamp_test_ids.txt`): same sizes as the common split, not guaranteed identical. A validation split of
+150 of the 700 training problems (`splits/svamp_val_ids.txt`, seeded) is where settings are chosen; RL trains on
+the other 550.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pathlib import Path
 from ..config import ConfigError
 from .base import Problem, Task, check_split, format_number
 
-SPLIT_SEED = 20250429  # arXiv v1 date of the paper; only used to (re)create the committed ID list
+SPLIT_SEED = 20250429  # arXiv v1 date of the paper; only used to (re)create the committed ID lists
+N_VAL = 150
 REQUIRED = ("ID", "Body", "Question", "Answer")
 
 
@@ -32,6 +35,12 @@ def make_test_ids(ids: list[str], n_test: int = 300, seed: int = SPLIT_SEED) -> 
     rng = random.Random(seed)
     order = sorted(ids, key=lambda s: int(s.split("-")[-1]))
     return sorted(rng.sample(order, n_test), key=lambda s: int(s.split("-")[-1]))
+
+
+def make_val_ids(ids: list[str], test_ids: list[str], n_val: int = N_VAL, seed: int = SPLIT_SEED + 1) -> list[str]:
+    """The validation IDs: a seeded sample of the non-test IDs (how splits/svamp_val_ids.txt was made)."""
+    held = set(test_ids)
+    return make_test_ids([i for i in ids if i not in held], n_val, seed)
 
 
 @lru_cache(maxsize=4)
@@ -105,18 +114,24 @@ class SVAMP(Task):
         self.extra_train = extra_train
 
     def problems(self, split: str) -> list[Problem]:
-        check_split(split)
+        check_split(split, ("train", "val", "test"))
         allp = load_svamp(str(self.dir))
-        test_ids = set(shipped_test_ids())
-        chosen = [p for p in allp if (p.id in test_ids) == (split == "test")]
+        held = {"test": set(shipped_ids("test")), "val": set(shipped_ids("val"))}
+        chosen = ([p for p in allp if p.id in held[split]] if split in held
+                  else [p for p in allp if p.id not in held["test"] and p.id not in held["val"]])
         if not chosen:
             file = self.dir / "SVAMP.json" if self.dir.is_dir() else self.dir
-            which = ("none of its IDs is" if split == "test" else "all of its IDs are")
-            raise ConfigError(f"SVAMP file {str(file)!r}: the {split} split is empty ({which} in the shipped test-ID "
-                              "list tokeneff/tasks/splits/svamp_test_ids.txt, which fixes the split)")
+            which = "none of its IDs is" if split in held else "all of its IDs are"
+            raise ConfigError(f"SVAMP file {str(file)!r}: the {split} split is empty ({which} in the shipped ID "
+                              "lists tokeneff/tasks/splits/svamp_{test,val}_ids.txt, which fix the splits)")
         return chosen + load_mawps_asdiv(self.dir) if split == "train" and self.extra_train else chosen
 
 
-def shipped_test_ids() -> list[str]:
-    text = (resources.files("tokeneff.tasks") / "splits" / "svamp_test_ids.txt").read_text()
+def shipped_ids(split: str) -> list[str]:
+    """The committed ID list of SVAMP's held-out split `split` (test or val)."""
+    text = (resources.files("tokeneff.tasks") / "splits" / f"svamp_{split}_ids.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def shipped_test_ids() -> list[str]:
+    return shipped_ids("test")
