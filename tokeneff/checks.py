@@ -83,11 +83,13 @@ def check_cache(name: str) -> None:
     """The embedded model is converted once into the cache folder: it must be writable when that is still due."""
     from .models import cache_dir
     from .rundir import check_writable
+    from .warmstart import split_name
 
-    if name.endswith("+sft"):  # a warm start is built into the cache on first use
+    parts = split_name(name)
+    if parts:  # a warm start (<base>+sft, <base>+sftmul) is built into the cache on first use
         from .warmstart import cache_path, default_config, is_complete
 
-        target = cache_path(default_config(name[: -len("+sft")]))
+        target = cache_path(default_config(*parts))
         if is_complete(target):
             return None
         try:
