@@ -248,6 +248,8 @@ def test_unwritable_cache_is_one_line_for_warmstart_and_sft_names(tmp_path, monk
     monkeypatch.setenv("TOKENEFF_CACHE", str(tmp_path / "file" / "cache"))
     for argv in (["warmstart", "--model", "tiny-random", "max_examples=4"],
                  ["train", "--model", "tiny-random+sft", "--task", "multiplication", "--steps", "1", "--out",
+                  str(tmp_path / "run")],
+                 ["train", "--model", "tiny-random+sftmul", "--task", "multiplication", "--steps", "1", "--out",
                   str(tmp_path / "run")]):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
