@@ -332,7 +332,7 @@ def hook(phase: str) -> None:
     """Test hooks, off unless set: TOKENEFF_TEST_PAUSE=seconds sleeps at every phase of a checkpoint save
     (widening the windows a random kill can land in); TOKENEFF_TEST_KILL_AT=phase[:n] SIGKILLs this process
     the n-th time (default 1st) it reaches `phase` (tests/test_killloop.py). Tests may also replace this function
-    to act at a phase (tests/test_rundir.py: a sibling run finishing while a failing run cleans up)."""
+    to act at a phase (tests/test_run_safety.py: a sibling run finishing while a failing run cleans up)."""
     pause = os.environ.get("TOKENEFF_TEST_PAUSE")
     if pause:
         time.sleep(float(pause))
