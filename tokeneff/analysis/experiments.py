@@ -270,9 +270,10 @@ def accuracy_experiment(task: str, variants: dict[str, dict[str, Any]], seeds: l
                         profile: str = "embedded", runs_dir: str = "runs", results_dir: str = "results",
                         experiment: str | None = None, workers: int = 0, n_boot: int = N_BOOT,
                         delta: float = DELTA, results_name: str = "", **common) -> dict[str, Any]:
-    """The whole accuracy experiment of notebooks 01 and 02: base model once, the grid of runs, paired bootstrap
+    """The whole accuracy experiment of notebooks 01, 02 and 06: base model once, the grid of runs, paired bootstrap
     intervals (each variant against the base model and against full-token GRPO), verdicts per claim of the
-    paper, figures, tables and `<task>_summary.json` under results_dir/profile."""
+    paper (the task's claims), figures, tables and `<experiment>_summary.json` under results_dir/profile
+    (experiment: the task's name unless given, e.g. mulworked for worked-answer multiplication)."""
     experiment = experiment or task
     cfg = make_config(profile, overrides=dict(common, task=task))
     df = run_grid(experiment, task, variants, seeds, steps, profile, runs_dir, workers=workers,
@@ -308,13 +309,13 @@ def accuracy_experiment(task: str, variants: dict[str, dict[str, Any]], seeds: l
     plot_metric(df[df.step > 0], "reward_mean", "training reward", f"{task}: training reward", smooth=5, ax=axes[1])
     fig.suptitle(f"{label} · 95% bootstrap intervals (problems × seeds)")
     out = Path(results_dir) / (results_name or profile)
-    save_figure(fig, str(out / f"{task}_curves"))
+    save_figure(fig, str(out / f"{experiment}_curves"))
 
     table = pd.DataFrame([dict(variant=v, accuracy=pct(a["accuracy"]), gain_vs_base=pct(a["vs_base"], True),
                                gain_vs_grpo=pct(a["vs_grpo"], True),
                                token_share=f"{100 * np.mean(a['token_share']):.0f}%" if a["token_share"] else "—",
                                scale=label) for v, a in arms.items()])
-    save_table(table, str(out / f"{task}_final"))
+    save_table(table, str(out / f"{experiment}_final"))
     claims_df = pd.DataFrame(claims)
     summary = dict(task=task, experiment=experiment, label=label, model=cfg.model, profile=profile, steps=steps,
                    seeds=list(seeds), problems=len(ids), base=dict(accuracy=base["accuracy"], n=len(ids)),
@@ -323,9 +324,9 @@ def accuracy_experiment(task: str, variants: dict[str, dict[str, Any]], seeds: l
                          for v, a in arms.items()},
                    claims=claims, variants=variants,
                    config={k: v for k, v in cfg.to_dict().items() if k not in ("out", "seed")})
-    write_json(out / f"{task}_summary.json", summary)
+    write_json(out / f"{experiment}_summary.json", summary)
     table_out = outcomes_table(by_step, experiment, seeds, ids, base_vec)
-    atomic_write_bytes(str(out / f"{task}_outcomes.csv"), table_out.to_csv(index=False).encode())
+    atomic_write_bytes(str(out / f"{experiment}_outcomes.csv"), table_out.to_csv(index=False).encode())
     return dict(df=df, curve=curve, table=table, claims=claims_df, summary=summary, figure=fig)
 
 
