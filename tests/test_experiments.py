@@ -134,3 +134,29 @@ def test_outcomes_table_keeps_truncation_and_reads_back_at_the_last_step(tmp_pat
     _, base_cut, cut = arms_from_table(back, ["grpo"], [0, 1], "truncated")
     assert cut["grpo"].mean() == 1 / 6 and base_cut.mean() == 2 / 3
     assert arms_from_table(back.drop(columns="truncated"), ["grpo"], [0, 1], "truncated") is None
+
+
+def test_accuracy_experiment_writes_what_the_summary_rebuilds(tmp_path):
+    # the notebooks' summary and the one rebuilt from its outcomes file alone are the same file, truncation and
+    # the environment that decided the numbers included
+    from tokeneff.analysis.experiments import accuracy_experiment
+    from tokeneff.analysis.summary import rebuild
+
+    res = accuracy_experiment("multiplication", pick_variants(["grpo", "tspmo"]), [0, 1], 2, runs_dir=str(tmp_path),
+                              results_dir=str(tmp_path / "results"), workers=1, n_boot=500, eval_every=1, **TINY)
+    out = tmp_path / "results" / "embedded"
+    table = pd.read_csv(out / "multiplication_outcomes.csv")
+    assert set(table.truncated) <= {0, 1} and len(table) == 4 + 2 * 2 * 2 * 4  # base + variants x seeds x steps
+    written = (out / "multiplication_summary.json").read_text()
+    s = json.loads(written)
+    assert s["base"]["truncated"] == table[table.variant == "base"].truncated.mean()
+    assert s["arms"]["tspmo"]["truncated"] == table[(table.variant == "tspmo") & (table.step == 2)].truncated.mean()
+    env = json.loads((out / "environment.json").read_text())
+    assert env["versions"]["torch"] == torch.__version__ and env["threads"] == 1
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    final = (out / "multiplication_final.csv").read_text()
+    assert "truncated" in final.splitlines()[0]
+    assert res["figure"].axes[1].get_xlabel().startswith("gain over the base model")
+    assert rebuild(out, figures=False) == ["multiplication"]
+    assert (out / "multiplication_summary.json").read_text() == written
+    assert (out / "multiplication_final.csv").read_text() == final
