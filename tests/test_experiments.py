@@ -160,3 +160,15 @@ def test_accuracy_experiment_writes_what_the_summary_rebuilds(tmp_path):
     assert rebuild(out, figures=False) == ["multiplication"]
     assert (out / "multiplication_summary.json").read_text() == written
     assert (out / "multiplication_final.csv").read_text() == final
+
+
+def test_p_sweep_writes_its_per_problem_outcomes(tmp_path):
+    out = tmp_path / "results" / "embedded"
+    res = ablation("multiplication", [0], 2, [1.0], runs_dir=str(tmp_path), results_dir=str(tmp_path / "results"),
+                   workers=1, **TINY)
+    t = pd.read_csv(out / "ablation_p_sweep_outcomes.csv")
+    assert set(t.variant) == {"base", "sgrpo-P1.0", "sgrpo-P0.5"} and set(t.step) == {0, 2}
+    assert len(t) == 3 * TINY["eval_limit"] and set(t.truncated) <= {0, 1}
+    # the sweep table's accuracies are these outcomes' means
+    for v, acc in zip(res["sweep"].variant, res["sweep"].accuracy, strict=True):
+        assert acc.startswith(f"{100 * t[t.variant == v].correct.mean():.1f}%")

@@ -423,8 +423,14 @@ def ablation(task: str, seeds: list[int], steps: int, p_values: list[float], pro
         sweep_variants = {f"sgrpo-P{p}": {"algo": "sgrpo", "sgrpo_p": p} for p in p_values}
         run_grid(task + "-psweep", task, sweep_variants, seeds[:1], steps, profile, runs_dir, workers=workers,
                  **common)
-        arms = grid_outcomes(runs_dir, profile, task + "-psweep", list(sweep_variants), seeds[:1], ids)
-        arms[f"sgrpo-P{cfg.sgrpo_p}"] = grid_outcomes(runs_dir, profile, task, ["sgrpo"], seeds[:1], ids)["sgrpo"]
+        arms, cuts = ({**grid_outcomes(runs_dir, profile, task + "-psweep", list(sweep_variants), seeds[:1], ids,
+                                       key=k),
+                        f"sgrpo-P{cfg.sgrpo_p}": grid_outcomes(runs_dir, profile, task, ["sgrpo"], seeds[:1], ids,
+                                                               key=k)["sgrpo"]} for k in ("correct", "truncated"))
+        # the per-problem outcomes behind the sweep's intervals (the P runs' last evaluation; step: their steps)
+        table_out = outcomes_table({steps: arms}, task + "-psweep", seeds[:1], ids, base_vec, {steps: cuts},
+                                   outcomes(base["records"], ids, "truncated"))
+        atomic_write_bytes(str(out / "ablation_p_sweep_outcomes.csv"), table_out.to_csv(index=False).encode())
         sweep = pd.DataFrame([dict(variant=v, P=float(v.removeprefix("sgrpo-P")),
                                    accuracy=pct(paired_bootstrap(a, n_boot=n_boot)),
                                    gain_vs_base=pct(paired_bootstrap(a, base_vec, n_boot=n_boot), True))
