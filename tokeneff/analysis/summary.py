@@ -64,18 +64,16 @@ def rebuild(folder: Path, figures: bool = True) -> list[str]:
     return done
 
 
-def _rate(x) -> str:
-    return "—" if x is None else f"{100 * x:.1f}%"
-
-
 def _accuracy_rows(s: dict, auditable: bool = True) -> list[str]:
     arms = s["arms"]
     where = (f"{s['label']}, {s['problems']} held-out problems, {s['steps']} updates, "
              f"seeds {','.join(map(str, s['seeds']))}")
     from .experiments import PAPER_BASE, claim_verdicts
+    from .experiments import rate as _rate
 
     base_cut = s["base"].get("truncated")
-    rows = [f"| {s['task']}: base model accuracy | {PAPER_BASE.get(s['task'], s['paper_base'])} | {100 * s['base']['accuracy']:.1f}% "
+    paper_base = PAPER_BASE.get(s["task"], s["paper_base"])
+    rows = [f"| {s['task']}: base model accuracy | {paper_base} | {100 * s['base']['accuracy']:.1f}% "
             f"({s['problems']} problems, greedy) | {_rate(base_cut)} | {where} | — |"]
     for c in claim_verdicts(s["task"], arms, s.get("delta", DELTA)):  # recomputed: one rule, in stats.verdict
         v, ref = c["claim"].split(" vs ")[0], "base" if c["claim"].endswith("base model") else "grpo"

@@ -14,7 +14,8 @@ def model_name(g) -> str:
     names = []
     for m in g.model.unique():
         vocab = g[g.model == m].vocab_size.dropna().unique() if "vocab_size" in g else []
-        names.append(f"{m} (random Qwen2, 4 layers × 256, vocabulary {int(vocab[0]):,})" if m == "tiny-random" and len(vocab) == 1 else m)
+        tiny = m == "tiny-random" and len(vocab) == 1
+        names.append(f"{m} (random Qwen2, 4 layers × 256, vocabulary {int(vocab[0]):,})" if tiny else m)
     return ", ".join(names)
 
 
