@@ -4,9 +4,9 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 # CPU build for CI and laptops. GPU users: make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH   ?= torch==2.13.0
-NB      := 01_svamp 02_multiplication 03_ablation_full_vs_selective 04_memory_and_speed 05_trl
+NB      := 01_svamp 02_multiplication 03_ablation_full_vs_selective 04_memory_and_speed 05_trl 06_worked_multiplication
 
-.PHONY: setup reproduce reproduce-full reproduce-full-svamp reproduce-full-mul test test-slow smoke lab bench bench-all bench-gpu gpu-session lint clean summary \
+.PHONY: setup reproduce reproduce-full reproduce-full-svamp reproduce-full-mul reproduce-full-mulworked test test-slow smoke lab bench bench-all bench-gpu gpu-session lint clean summary \
         mutation
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -40,7 +40,17 @@ reproduce: setup
 FULL_SVAMP := -p results_name embedded-full -p model smollm2-135m+sft -y "seeds: [0, 1]" -p steps 40 -p eval_every 10
 FULL_MUL   := -p results_name embedded-full -y "seeds: [0, 1, 2, 3, 4]"
 FULL_DIR   := results/embedded-full
-reproduce-full: reproduce-full-svamp reproduce-full-mul
+reproduce-full: reproduce-full-mulworked reproduce-full-svamp reproduce-full-mul
+
+# Worked-answer multiplication (notebook 06): the warm start (built once, cached), then GRPO, S-GRPO, T-SPMO with and
+# without replay x 4 seeds on the test split. Resumable: run it again after a stop and finished runs are reused.
+FULL_MULWORKED := -p results_name embedded-full -y "seeds: [0, 1, 2, 3]"
+reproduce-full-mulworked: setup
+	@mkdir -p $(FULL_DIR)/notebooks
+	@start=$$(date +%s); \
+	$(VENV)/bin/papermill --cwd notebooks -p profile embedded $(FULL_MULWORKED) notebooks/06_worked_multiplication.ipynb \
+	  $(FULL_DIR)/notebooks/06_worked_multiplication.ipynb && \
+	$(PY) -m tokeneff.analysis.summary --name embedded-full --part mulworked --wall-seconds $$(( $$(date +%s) - start ))
 
 reproduce-full-svamp: setup
 	@mkdir -p $(FULL_DIR)/notebooks

@@ -1,14 +1,17 @@
 """Experiment grids: parallel worker processes give the same runs as one process."""
 
+import io
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tokeneff.analysis.experiments import (
     ablation,
+    arms_from_table,
     grid_outcomes,
     outcomes,
     outcomes_table,
@@ -103,3 +106,69 @@ def test_outcomes_table_holds_every_evaluation_paired_by_problem(tmp_path):
     assert t[t.variant == "base"].correct.tolist() == [0, 1, 0]
     got = t[t.variant == "grpo"].groupby(["seed", "step"]).correct.apply(list).to_dict()
     assert got == {(0, 5): [1, 0, 0], (0, 9): [1, 1, 0], (1, 5): [0, 0, 1], (1, 9): [1, 1, 1]}
+
+
+def test_outcomes_table_keeps_truncation_and_reads_back_at_the_last_step(tmp_path):
+    ids = ["p0", "p1", "p2"]
+    for seed, step, correct, cut in [(0, 5, [1, 0, 0], [0, 1, 1]), (1, 5, [0, 0, 1], [1, 1, 0]),
+                                     (0, 9, [1, 1, 0], [0, 0, 1]), (1, 9, [1, 1, 1], [0, 0, 0])]:
+        d = run_dir(str(tmp_path), "embedded", "mul", "grpo", seed)
+        d.mkdir(parents=True, exist_ok=True)
+        records = [dict(id=i, correct=bool(c), truncated=bool(t)) for i, c, t in reversed(list(zip(ids, correct, cut)))]
+        (d / f"eval_step{step}.json").write_text(json.dumps(dict(records=records)))
+
+    def at(step, key):
+        return grid_outcomes(str(tmp_path), "embedded", "mul", ["grpo"], [0, 1], ids, step, key)
+
+    t = outcomes_table({s: at(s, "correct") for s in (5, 9)}, "mul", [0, 1], ids, np.array([0.0, 1.0, 0.0]),
+                       {s: at(s, "truncated") for s in (5, 9)}, np.array([1.0, 1.0, 0.0]))
+    assert list(t.columns)[-1] == "truncated"
+    assert t[(t.seed == 1) & (t.step == 5)].truncated.tolist() == [1, 1, 0]
+    # read back from the CSV, as the summary's rebuild does: the last step, rows in the base model's id order
+    back = pd.read_csv(io.StringIO(t.sample(frac=1, random_state=0).sort_values("variant").to_csv(index=False)))
+    got_ids, base, arms = arms_from_table(back, ["grpo"], [0, 1])
+    base_order = back[back.variant == "base"].id.tolist()
+    assert got_ids == base_order
+    expect = {"p0": [1, 1], "p1": [1, 1], "p2": [0, 1]}
+    assert arms["grpo"].T.tolist() == [expect[i] for i in base_order]
+    _, base_cut, cut = arms_from_table(back, ["grpo"], [0, 1], "truncated")
+    assert cut["grpo"].mean() == 1 / 6 and base_cut.mean() == 2 / 3
+    assert arms_from_table(back.drop(columns="truncated"), ["grpo"], [0, 1], "truncated") is None
+
+
+def test_accuracy_experiment_writes_what_the_summary_rebuilds(tmp_path):
+    # the notebooks' summary and the one rebuilt from its outcomes file alone are the same file, truncation and
+    # the environment that decided the numbers included
+    from tokeneff.analysis.experiments import accuracy_experiment
+    from tokeneff.analysis.summary import rebuild
+
+    res = accuracy_experiment("multiplication", pick_variants(["grpo", "tspmo"]), [0, 1], 2, runs_dir=str(tmp_path),
+                              results_dir=str(tmp_path / "results"), workers=1, n_boot=500, eval_every=1, **TINY)
+    out = tmp_path / "results" / "embedded"
+    table = pd.read_csv(out / "multiplication_outcomes.csv")
+    assert set(table.truncated) <= {0, 1} and len(table) == 4 + 2 * 2 * 2 * 4  # base + variants x seeds x steps
+    written = (out / "multiplication_summary.json").read_text()
+    s = json.loads(written)
+    assert s["base"]["truncated"] == table[table.variant == "base"].truncated.mean()
+    assert s["arms"]["tspmo"]["truncated"] == table[(table.variant == "tspmo") & (table.step == 2)].truncated.mean()
+    env = json.loads((out / "environment.json").read_text())
+    assert env["versions"]["torch"] == torch.__version__ and env["threads"] == 1
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    final = (out / "multiplication_final.csv").read_text()
+    assert "truncated" in final.splitlines()[0]
+    assert res["figure"].axes[1].get_xlabel().startswith("gain over the base model")
+    assert rebuild(out, figures=False) == ["multiplication"]
+    assert (out / "multiplication_summary.json").read_text() == written
+    assert (out / "multiplication_final.csv").read_text() == final
+
+
+def test_p_sweep_writes_its_per_problem_outcomes(tmp_path):
+    out = tmp_path / "results" / "embedded"
+    res = ablation("multiplication", [0], 2, [1.0], runs_dir=str(tmp_path), results_dir=str(tmp_path / "results"),
+                   workers=1, **TINY)
+    t = pd.read_csv(out / "ablation_p_sweep_outcomes.csv")
+    assert set(t.variant) == {"base", "sgrpo-P1.0", "sgrpo-P0.5"} and set(t.step) == {0, 2}
+    assert len(t) == 3 * TINY["eval_limit"] and set(t.truncated) <= {0, 1}
+    # the sweep table's accuracies are these outcomes' means
+    for v, acc in zip(res["sweep"].variant, res["sweep"].accuracy, strict=True):
+        assert acc.startswith(f"{100 * t[t.variant == v].correct.mean():.1f}%")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tokeneff.analysis.stats import Interval, paired_bootstrap, verdict
+from tokeneff.analysis.stats import Interval, paired_bootstrap, percentile_ranks, verdict
 
 
 def test_one_seed_matches_the_exact_bootstrap_distribution():
@@ -68,3 +68,25 @@ def test_bounds_exactly_on_the_thresholds_do_not_decide():
     assert verdict(on_delta, "gain").startswith("unresolved")
     assert verdict(Interval(0.01, 0.0, 0.05, 1, 300), "gain").startswith("unresolved")
     assert verdict(Interval(0.01, 0.0, 0.05, 1, 300), "no gain").startswith("unresolved")
+
+
+def test_percentile_ranks_are_exact_integers():
+    # 95% of 10,000 draws: 2.5% = 250 draws below the lower bound's tail, so the 250th and the 9,750th.
+    # Computed from the float (1 - 0.95) / 2 = 0.025000000000000022 the lower rank was ceil(250.0000000002) = 251.
+    assert percentile_ranks(10_000, 0.95) == (250, 9750)
+    assert percentile_ranks(40, 0.95) == (1, 39)  # 40 * 1/40 = 1 exactly: the smallest draw
+    assert percentile_ranks(10, 0.8) == (1, 9)
+    assert percentile_ranks(7, 0.5) == (2, 6)  # ceil(7/4) = 2, ceil(21/4) = 6
+    with pytest.raises(ValueError, match="level"):
+        percentile_ranks(100, 1.0)
+
+
+def test_the_lower_bound_of_40_draws_is_the_smallest():
+    # 95% of 40 draws: tail 1/40, so the bounds are the 1st and the 39th smallest draw (the float rule took the
+    # 2nd). The draws are recomputed with the same generator calls (one seed: only problems are resampled).
+    a = np.random.default_rng(3).integers(0, 2, size=50).astype(float)
+    w = np.random.default_rng(0).multinomial(50, np.full(50, 1 / 50), size=40).astype(float)
+    draws = np.sort(w @ a / 50)
+    assert draws[0] < draws[1]  # so the 1st and the 2nd are told apart
+    iv = paired_bootstrap(a, n_boot=40)
+    assert (iv.lo, iv.hi) == (draws[0], draws[38])

@@ -1,8 +1,14 @@
 """results/summary.md: verdicts recomputed from the stored intervals, and wall times kept per part of a tier."""
 
 import json
+import shutil
+from pathlib import Path
+
+import pytest
 
 from tokeneff.analysis.summary import build, main
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def _summary(folder, lo, hi, seeds=2):
@@ -11,22 +17,25 @@ def _summary(folder, lo, hi, seeds=2):
     (folder / "multiplication_summary.json").write_text(json.dumps(dict(
         task="multiplication", label="tiny", problems=200, steps=30, seeds=[0, 1], paper_base="not reported",
         base=dict(accuracy=0.33, n=200), arms={"tspmo": dict(accuracy=iv, vs_base=iv, vs_grpo=None)})))
+    # build() audits only tasks with per-problem outcomes beside them (their content is rebuild()'s business)
+    (folder / "multiplication_outcomes.csv").write_text("experiment,variant,seed,step,id,correct\n")
 
 
 def test_verdict_follows_the_stored_interval(tmp_path):
     _summary(tmp_path / "a", 0.01, 0.09)
     assert "| multiplication: tspmo vs the base model | strong gain | +5.0 [+1.0, +9.0] pts" in build(tmp_path / "a")
-    assert "**holds**" in build(tmp_path / "a")
+    assert "| **holds** |" in build(tmp_path / "a")
     _summary(tmp_path / "b", -0.06, 0.04)
     assert "**unresolved (± 5.0 points)**" in build(tmp_path / "b")
-    _summary(tmp_path / "c", 0.01, 0.09, seeds=1)  # one run: the verdict carries its caveat
-    assert "**holds (1 seed: run-to-run variation is not in the interval)**" in build(tmp_path / "c")
-    assert "(1 seed" not in build(tmp_path / "a")
+    _summary(tmp_path / "c", 0.01, 0.09, seeds=1)  # one run: the interval is clear of zero, but no verdict
+    assert "| +5.0 [+1.0, +9.0] pts |" in build(tmp_path / "c")
+    assert "| **not tested (1 seed)** |" in build(tmp_path / "c") and "| **holds** |" not in build(tmp_path / "c")
+    assert "| **not tested (1 seed)** |" not in build(tmp_path / "a")
 
 
 def test_wall_time_of_each_part_is_kept(tmp_path):
     _summary(tmp_path / "full", 0.01, 0.09)
-    args = ["--results", str(tmp_path), "--name", "full"]
+    args = ["--results", str(tmp_path), "--name", "full", "--no-rebuild"]
     assert main([*args, "--part", "svamp", "--wall-seconds", "600"]) == 0
     assert main([*args, "--part", "multiplication", "--wall-seconds", "1200"]) == 0
     text = (tmp_path / "full" / "summary.md").read_text()
@@ -53,7 +62,47 @@ def test_damaged_summary_or_wall_time_files_are_one_line(tmp_path, capsys):
         (folder / "wall_times.json").unlink(missing_ok=True)
         (folder / name).write_text(content)
         for extra in ([], ["--wall-seconds", "5"]):
-            assert main(["--results", str(tmp_path), *extra]) == 2
+            assert main(["--results", str(tmp_path), "--no-rebuild", *extra]) == 2
             err = capsys.readouterr().err.strip()
             assert len(err.splitlines()) == 1 and f"{name}' is damaged" in err, err
         (folder / name).unlink()
+    _summary(folder, 0.01, 0.09)  # its outcomes table holds no problem: the rebuild says so in one line
+    assert main(["--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is damaged" in err and "0 problems" in err, err
+
+
+@pytest.mark.parametrize("tier,summary_md", [("embedded", "summary.md"), ("embedded-full", "embedded-full/summary.md")])
+def test_committed_summaries_equal_what_the_outcomes_rebuild(tmp_path, tier, summary_md):
+    # a copy of the tier whose summaries lose every interval, verdict and base accuracy wherever an outcomes file
+    # exists: the command must restore the committed files from the per-problem outcomes alone
+    dst = tmp_path / tier
+    shutil.copytree(RESULTS / tier, dst, ignore=shutil.ignore_patterns("*.png", "*.svg", "notebooks"))
+    blanked = 0
+    for f in dst.glob("*_summary.json"):
+        if not (dst / f.name.replace("_summary.json", "_outcomes.csv")).is_file():
+            continue
+        s = json.loads(f.read_text())
+        zero = dict(mean=0.0, lo=0.0, hi=0.0, seeds=len(s["seeds"]), problems=s["problems"])
+        for a in s["arms"].values():
+            a.update({k: zero for k in ("accuracy", "vs_base", "vs_grpo") if a.get(k)})
+        s["claims"], s["base"]["accuracy"] = [], 0.0
+        f.write_text(json.dumps(s))
+        (dst / f.name.replace("_summary.json", "_final.csv")).unlink()
+        blanked += 1
+    assert blanked >= 1
+    assert main(["--results", str(tmp_path), "--name", tier, "--no-figures"]) == 0
+    for f in [*sorted((RESULTS / tier).glob("*_summary.json")), *sorted((RESULTS / tier).glob("*_final.*"))]:
+        assert (dst / f.name).read_text() == f.read_text(), f"{tier}/{f.name} differs from what the outcomes give"
+    assert (tmp_path / summary_md).read_text() == (RESULTS / summary_md).read_text()
+
+
+def test_a_task_without_outcomes_is_not_audited(tmp_path):
+    _summary(tmp_path / "a", 0.01, 0.09)
+    assert "| **holds** |" in build(tmp_path / "a")
+    (tmp_path / "a" / "multiplication_outcomes.csv").unlink()
+    text = build(tmp_path / "a")
+    assert "| **not auditable (no per-problem outcomes)** |" in text and "| **holds** |" not in text
+    s = json.loads((tmp_path / "a" / "multiplication_summary.json").read_text())
+    (tmp_path / "a" / "multiplication_summary.json").write_text(json.dumps(dict(s, audit="runs lost")))
+    assert "| **not auditable (runs lost)** |" in build(tmp_path / "a")

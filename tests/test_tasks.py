@@ -64,6 +64,16 @@ def test_splits_are_disjoint_and_val_ids_are_the_committed_ones():
     assert not ids["val"] & ids["test"] and not ids["train"] & (ids["val"] | ids["test"])
 
 
+@pytest.mark.parametrize("digits", [(2, 1), (2, 2)])
+def test_multiplication_val_pairs_are_the_committed_ones(digits):
+    from importlib import resources
+
+    name = f"multiplication_{digits[0]}x{digits[1]}_val.txt"
+    text = (resources.files("tokeneff.tasks") / "splits" / name).read_text()
+    committed = [tuple(int(x) for x in line.split(" * ")) for line in text.splitlines()]
+    assert Multiplication(digits_a=digits[0], digits_b=digits[1]).pairs("val") == committed
+
+
 def test_worked_answer_is_long_multiplication_with_a_running_sum():
     from tokeneff.tasks.multiplication import worked_answer
 

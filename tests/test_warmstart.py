@@ -134,7 +134,8 @@ def test_interrupted_build_is_never_used(cache, monkeypatch):
 
 def test_sft_model_name_loads_the_warm_start(built, monkeypatch):
     cfg, path = built
-    monkeypatch.setattr(ws, "default_config", lambda base: ws.make_warmstart_config({**TINY, "model": base}))
+    monkeypatch.setattr(ws, "default_config",
+                        lambda base, task="svamp": ws.make_warmstart_config({**TINY, "model": base}))
     monkeypatch.setattr(ws, "_train_and_save", lambda *a, **k: pytest.fail("rebuilt"))
     assert ws.resolve("tiny-random+sft") == path
     model, tok = load_model("tiny-random+sft")
@@ -255,3 +256,23 @@ def test_unwritable_cache_is_one_line_for_warmstart_and_sft_names(tmp_path, monk
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "is a file, not a folder" in err and "TOKENEFF_CACHE" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_multiplication_warm_start_trains_on_worked_answers_of_training_products_only():
+    from tokeneff.tasks.multiplication import Multiplication, worked_answer
+
+    cfg = ws.default_config("smollm2-135m", "multiplication")
+    rows, counts = ws.training_examples(cfg)
+    assert len(rows) == cfg.max_examples and counts["problems"] == 5000
+    task = Multiplication(digits_a=2, digits_b=2)
+    held = {f"What is {a} * {b}?" for a, b in task.pairs("val") + task.pairs("test")}
+    questions = [r["prompt"][-1]["content"] for r in rows]
+    assert not held & set(questions)
+    a, b = (int(x) for x in questions[0].removeprefix("What is ").rstrip("?").split(" * "))
+    assert rows[0]["completion"][0]["content"] == worked_answer(a, b)
+    assert [m["role"] for m in rows[0]["prompt"]] == ["system", "user"]  # zero-shot: the recipe's num_shots=0
+    # SVAMP's recipe is what it was before multiplication was added: its hash and cached warm start stay valid
+    committed = json.loads(Path("results/embedded-full/warmstart.json").read_text())["recipe"]
+    assert ws.recipe(ws.default_config("smollm2-135m"))["config"] == committed["config"]
+    assert ws.split_name("smollm2-135m+sftmul") == ("smollm2-135m", "multiplication")
+    assert ws.split_name("smollm2-135m+sft") == ("smollm2-135m", "svamp") and ws.split_name("smollm2-135m") is None

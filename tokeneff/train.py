@@ -31,6 +31,7 @@ from .checks import check_context, check_lora_targets, check_model_path, check_p
 from .config import TokeneffError, TrainConfig, make_config
 from .evaluate import evaluate_model
 from .loss import SelectiveLogProbs, policy_loss
+from .mechanisms import step_mechanisms
 from .rollout import Rollout, build_prompt, decode, encode_prompts, sample
 from .rundir import (
     CKPT,
@@ -401,7 +402,9 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
                            completion_len_mean=n_tokens / len(roll.completions),
                            clipped_ratio=sum(roll.truncated) / len(roll.truncated),
                            grad_norm=float(grad_norm) if grad_norm is not None else None, skipped=not finite,
-                           **state.sampler.metrics(), rollout_seconds=rollout_s)
+                           **state.sampler.metrics(), rollout_seconds=rollout_s,
+                           **step_mechanisms([len(g.prefix) for g in groups], rewards, credits, cfg.group_size,
+                                             cfg.max_new_tokens))
                 if not finite:
                     tqdm.write(f"step {state.step}: non-finite loss, update skipped ({state.bad_in_row} in a row)")
                     if state.bad_in_row >= cfg.max_bad_steps:

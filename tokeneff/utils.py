@@ -51,6 +51,46 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
+def environment(threads: int | None = None) -> dict[str, Any]:
+    """What decides a run's numbers beside its config and seed: CPU model, the instruction set torch dispatches to
+    (its CPU capability), thread count, and the versions of the libraries that compute it. Written beside every
+    result (results/<tier>/environment.json) and shown in summary.md. threads: the intra-op threads of each run
+    (config `threads`; default: this process's)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "trl", "numpy"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # torch < 2.1
+        capability = None
+    return dict(cpu=cpu, cpu_capability=capability, cores=os.cpu_count(),
+                threads=threads if threads is not None else torch.get_num_threads(),
+                cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                python=platform.python_version(), platform=platform.platform(), versions=versions)
+
+
+def describe_environment(env: dict[str, Any]) -> str:
+    """One line of `environment()`'s record, for summary.md."""
+    v = env.get("versions", {})
+    libs = ", ".join(f"{k} {x}" for k, x in v.items() if x)
+    gpu = f", GPU {env['cuda']}" if env.get("cuda") else ""
+    return (f"{env.get('cpu')} (torch CPU capability {env.get('cpu_capability')}, {env.get('cores')} cores, "
+            f"{env.get('threads')} intra-op thread(s) per run){gpu}; Python {env.get('python')}, "
+            f"{libs}")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

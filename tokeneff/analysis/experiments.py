@@ -29,14 +29,14 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, TrainConfig, make_config, show
 from ..evaluate import evaluate
 from ..train import train
-from ..utils import atomic_write_bytes, write_json
-from .report import pct, plot_accuracy, plot_metric, save_figure, save_table, scale_label
+from ..utils import atomic_write_bytes, environment, write_json
+from .report import pct, plot_accuracy, plot_gains, plot_metric, save_figure, save_table, scale_label
 from .stats import DELTA, N_BOOT, Interval, paired_bootstrap, verdict
 
 # The paper's reported results, shown beside ours and never mixed with them. Each accuracy claim is
 # (variant, compared with, expected: "gain" | "no gain" | None for not reported, the paper's words).
 # "X above grpo" is implied by the paper (X gains, full-token GRPO does not), not stated as a number.
-PAPER_BASE = {"svamp": "46% (Qwen2-1.5B-Instruct)", "multiplication": "not reported"}
+PAPER_BASE = {"svamp": "46% (Qwen2-1.5B)", "multiplication": "not reported"}
 CLAIMS: dict[str, list[tuple[str, str, str | None, str]]] = {
     "svamp": [("sgrpo", "base", "gain", "46% → over 70%"), ("tspmo", "base", "gain", "46% → over 70%"),
               ("grpo", "base", "no gain", "no gain over the base model"),
@@ -218,9 +218,10 @@ def run_grid(experiment: str, task: str, variants: dict[str, dict[str, Any]], se
     return pd.concat(frames, ignore_index=True)
 
 
-def outcomes(records: list[dict[str, Any]], ids: list[str]) -> np.ndarray:
-    """0/1 outcome per problem, in the order of `ids` (the pairing across arms)."""
-    by_id = {r["id"]: float(r["correct"]) for r in records}
+def outcomes(records: list[dict[str, Any]], ids: list[str], key: str = "correct") -> np.ndarray:
+    """0/1 outcome per problem, in the order of `ids` (the pairing across arms); key="truncated": whether the
+    completion hit the token budget."""
+    by_id = {r["id"]: float(r[key]) for r in records}
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise ValueError(f"evaluation lacks problem {missing[0]!r}: arms must be evaluated on the same problems")
@@ -228,8 +229,9 @@ def outcomes(records: list[dict[str, Any]], ids: list[str]) -> np.ndarray:
 
 
 def grid_outcomes(root: str, profile: str, experiment: str, variants: list[str], seeds: list[int],
-                  ids: list[str], step: int | None = None) -> dict[str, np.ndarray]:
-    """Per variant: [seeds, problems] outcomes at `step` (default: each run's last evaluation)."""
+                  ids: list[str], step: int | None = None, key: str = "correct") -> dict[str, np.ndarray]:
+    """Per variant: [seeds, problems] outcomes (`key` of each record) at `step` (default: each run's last
+    evaluation)."""
     out = {}
     for v in variants:
         rows = []
@@ -239,23 +241,79 @@ def grid_outcomes(root: str, profile: str, experiment: str, variants: list[str],
             f = d / f"eval_step{step}.json" if step is not None else (evals[-1] if evals else None)
             if f is None or not f.is_file():
                 raise FileNotFoundError(f"{d}: no evaluation{'' if step is None else f' at step {step}'}")
-            rows.append(outcomes(json.loads(f.read_text())["records"], ids))
+            rows.append(outcomes(json.loads(f.read_text())["records"], ids, key))
         out[v] = np.stack(rows)
     return out
 
 
 def outcomes_table(by_step: dict[int, dict[str, np.ndarray]], experiment: str, seeds: list[int], ids: list[str],
-                   base_vec: np.ndarray) -> pd.DataFrame:
+                   base_vec: np.ndarray, truncated: dict[int, dict[str, np.ndarray]] | None = None,
+                   base_truncated: np.ndarray | None = None) -> pd.DataFrame:
     """Every evaluation's per-problem outcome (the base model at step 0): the data behind every interval, so that a
-    reader can recompute them or test another question without rerunning anything. by_step: step -> variant ->
-    [seeds, problems] outcomes (`grid_outcomes` at that step)."""
-    frames = [pd.DataFrame(dict(variant="base", seed=0, step=0, id=ids, correct=base_vec.astype(int)))]
+    reader can recompute them (`python -m tokeneff.analysis.summary`) or test another question without rerunning
+    anything. by_step: step -> variant -> [seeds, problems] outcomes (`grid_outcomes` at that step); truncated,
+    base_truncated: the same for whether each completion hit the token budget (a `truncated` column)."""
+    cols = ["experiment", "variant", "seed", "step", "id", "correct"]
+
+    def frame(v, s, step, row, cut):
+        d = dict(variant=v, seed=s, step=step, id=ids, correct=row.astype(int))
+        return pd.DataFrame(d if cut is None else dict(d, truncated=cut.astype(int)))
+
+    frames = [frame("base", 0, 0, base_vec, base_truncated)]
     for step, arms in by_step.items():
         for v, a in arms.items():
-            frames += [pd.DataFrame(dict(variant=v, seed=s, step=step, id=ids, correct=row.astype(int)))
-                       for s, row in zip(seeds, a, strict=True)]
+            cut = truncated[step][v] if truncated is not None else [None] * len(seeds)
+            frames += [frame(v, s, step, row, c) for s, row, c in zip(seeds, a, cut, strict=True)]
     return pd.concat(frames, ignore_index=True).assign(experiment=experiment)[
-        ["experiment", "variant", "seed", "step", "id", "correct"]]
+        cols + (["truncated"] if truncated is not None else [])]
+
+
+def arms_from_table(table: pd.DataFrame, variants: list[str], seeds: list[int], column: str = "correct"
+                    ) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]] | None:
+    """The inverse of `outcomes_table` at each variant's last evaluated step: (problem ids in the base model's
+    order, the base model's outcomes, variant -> [seeds, problems]). None if the table has no `column` (outcome
+    files written before the `truncated` column)."""
+    if column not in table.columns:
+        return None
+    base = table[table.variant == "base"]
+    ids = base.id.tolist()
+    out = {}
+    for v in variants:
+        t = table[table.variant == v]
+        last = t[t.step == t.step.max()]
+        out[v] = np.stack([last[last.seed == s].set_index("id").loc[ids, column].to_numpy(float) for s in seeds])
+    return ids, base[column].to_numpy(float), out
+
+
+def arm_intervals(final: dict[str, np.ndarray], base_vec: np.ndarray, shares: dict[str, list[float]],
+                  n_boot: int = N_BOOT, truncated: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, Any]]:
+    """Per variant: accuracy, gain over the base model and over full-token GRPO (paired bootstrap intervals), the
+    token shares per seed, and the share of its completions cut off by the token budget (None: not recorded)."""
+    def iv(a, b=None) -> Interval:
+        return paired_bootstrap(a, b, n_boot=n_boot)
+
+    return {v: dict(accuracy=iv(a), vs_base=iv(a, base_vec),
+                    vs_grpo=iv(a, final["grpo"]) if "grpo" in final and v != "grpo" else None,
+                    token_share=list(shares.get(v, [])),
+                    truncated=float(truncated[v].mean()) if truncated is not None else None)
+            for v, a in final.items()}
+
+
+def rate(x: float | None) -> str:
+    """A share of completions as '12.3%', or '—' where it was not recorded."""
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def final_table(arms: dict[str, dict[str, Any]], label: str) -> pd.DataFrame:
+    """<task>_final: accuracy, gains and truncation per variant (arms: `arm_intervals`, or as stored in JSON)."""
+    def as_iv(x):
+        return Interval(**x) if isinstance(x, dict) else x
+
+    return pd.DataFrame([dict(variant=v, accuracy=pct(as_iv(a["accuracy"])),
+                              gain_vs_base=pct(as_iv(a["vs_base"]), True), gain_vs_grpo=pct(as_iv(a["vs_grpo"]), True),
+                              truncated=rate(a.get("truncated")),
+                              token_share=f"{100 * np.mean(a['token_share']):.0f}%" if a["token_share"] else "—",
+                              scale=label) for v, a in arms.items()])
 
 
 def claim_verdicts(task: str, arms: dict[str, dict[str, Any]], delta: float = DELTA) -> list[dict[str, str]]:
@@ -267,9 +325,8 @@ def claim_verdicts(task: str, arms: dict[str, dict[str, Any]], delta: float = DE
         if d is None:
             continue
         d = d if isinstance(d, Interval) else Interval(**d)
-        said = verdict(d, expect, delta) if expect else "—"
-        if expect and d.seeds < 2:  # the interval resamples problems only: one run says little about the algorithm
-            said += " (1 seed: run-to-run variation is not in the interval)"
+        # one run: the interval resamples problems only, run-to-run variation is not in it, so no verdict
+        said = ("not tested (1 seed)" if d.seeds < 2 else verdict(d, expect, delta)) if expect else "—"
         out.append(dict(claim=f"{v} vs {'the base model' if ref == 'base' else 'full-token GRPO'}", paper=paper,
                         ours=pct(d, signed=True), verdict=said))
     return out
@@ -300,31 +357,25 @@ def accuracy_experiment(task: str, variants: dict[str, dict[str, Any]], seeds: l
                         profile: str = "embedded", runs_dir: str = "runs", results_dir: str = "results",
                         experiment: str | None = None, workers: int = 0, n_boot: int = N_BOOT,
                         delta: float = DELTA, results_name: str = "", **common) -> dict[str, Any]:
-    """The whole accuracy experiment of notebooks 01 and 02: base model once, the grid of runs, paired bootstrap
+    """The whole accuracy experiment of notebooks 01, 02 and 06: base model once, the grid of runs, paired bootstrap
     intervals (each variant against the base model and against full-token GRPO), verdicts per claim of the
-    paper, figures, tables and `<task>_summary.json` under results_dir/profile."""
+    paper (the task's claims), figures, tables and `<experiment>_summary.json` under results_dir/profile
+    (experiment: the task's name unless given, e.g. mulworked for worked-answer multiplication)."""
     experiment = experiment or task
     cfg = make_config(profile, overrides=dict(common, task=task))
     df = run_grid(experiment, task, variants, seeds, steps, profile, runs_dir, workers=workers,
                   base_evals=(dict(task=task, profile=profile, root=runs_dir, **common),), **common)
     base = base_accuracy(task, profile, runs_dir, **common)  # evaluated in the grid's pool, read from its cache
     ids = [r["id"] for r in base["records"]]
-    base_vec = outcomes(base["records"], ids)
+    base_vec, base_cut = outcomes(base["records"], ids), outcomes(base["records"], ids, "truncated")
     names = list(variants)
     label = scale_label(profile, cfg.model, len(seeds))
 
     final = grid_outcomes(runs_dir, profile, experiment, names, seeds, ids)
+    final_cut = grid_outcomes(runs_dir, profile, experiment, names, seeds, ids, key="truncated")
     shares = token_share(df)
-
-    def iv(a, b=None) -> Interval:
-        return paired_bootstrap(a, b, n_boot=n_boot)
-
-    arms = {}
-    for v in names:
-        s = shares[shares.variant == v].share.dropna()
-        arms[v] = dict(accuracy=iv(final[v]), vs_base=iv(final[v], base_vec),
-                       vs_grpo=iv(final[v], final["grpo"]) if "grpo" in final and v != "grpo" else None,
-                       token_share=[float(x) for x in s])
+    shares = {v: [float(x) for x in shares[shares.variant == v].share.dropna()] for v in names}
+    arms = arm_intervals(final, base_vec, shares, n_boot, final_cut)
     claims = claim_verdicts(task, arms, delta)
 
     eval_steps = sorted(int(x) for x in df.dropna(subset=["eval_accuracy"]).step.unique() if x > 0)
@@ -333,29 +384,33 @@ def accuracy_experiment(task: str, variants: dict[str, dict[str, Any]], seeds: l
     curve = accuracy_curve(by_step, names, base_vec)
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(20, 4.4), width_ratios=[1, 1, 1])
     plot_accuracy(curve, f"{task}: held-out accuracy ({len(ids)} problems)", base["accuracy"], ax=axes[0])
-    plot_metric(df[df.step > 0], "reward_mean", "training reward", f"{task}: training reward", smooth=5, ax=axes[1])
+    # the accuracy bands of two arms overlap even where their paired difference is clear: show the difference
+    plot_gains(arms, f"{task}: gain over the base model after {steps} updates (paired)", ax=axes[1], delta=delta)
+    plot_metric(df[df.step > 0], "reward_mean", "training reward", f"{task}: training reward", smooth=5, ax=axes[2])
     fig.suptitle(f"{label} · 95% bootstrap intervals (problems × seeds)")
+    fig.tight_layout()
     out = Path(results_dir) / (results_name or profile)
-    save_figure(fig, str(out / f"{task}_curves"))
+    save_figure(fig, str(out / f"{experiment}_curves"))
 
-    table = pd.DataFrame([dict(variant=v, accuracy=pct(a["accuracy"]), gain_vs_base=pct(a["vs_base"], True),
-                               gain_vs_grpo=pct(a["vs_grpo"], True),
-                               token_share=f"{100 * np.mean(a['token_share']):.0f}%" if a["token_share"] else "—",
-                               scale=label) for v, a in arms.items()])
-    save_table(table, str(out / f"{task}_final"))
+    table = final_table(arms, label)
+    save_table(table, str(out / f"{experiment}_final"))
     claims_df = pd.DataFrame(claims)
     summary = dict(task=task, experiment=experiment, label=label, model=cfg.model, profile=profile, steps=steps,
-                   seeds=list(seeds), problems=len(ids), base=dict(accuracy=base["accuracy"], n=len(ids)),
+                   seeds=list(seeds), problems=len(ids),
+                   base=dict(accuracy=base["accuracy"], n=len(ids), truncated=float(base_cut.mean())),
                    paper_base=PAPER_BASE.get(task, "—"), delta=delta, n_boot=n_boot, eval_steps=eval_steps,
                    arms={v: {k: (x.__dict__ if isinstance(x, Interval) else x) for k, x in a.items()}
                          for v, a in arms.items()},
                    claims=claims, variants=variants,
                    config={k: v for k, v in cfg.to_dict().items() if k not in ("out", "seed")})
-    write_json(out / f"{task}_summary.json", summary)
-    table_out = outcomes_table(by_step, experiment, seeds, ids, base_vec)
-    atomic_write_bytes(str(out / f"{task}_outcomes.csv"), table_out.to_csv(index=False).encode())
+    write_json(out / f"{experiment}_summary.json", summary)
+    write_json(out / "environment.json", environment(cfg.threads or 1))  # what decides these numbers (utils.py)
+    cut_by_step = {step: grid_outcomes(runs_dir, profile, experiment, names, seeds, ids, step, "truncated")
+                   for step in eval_steps}
+    table_out = outcomes_table(by_step, experiment, seeds, ids, base_vec, cut_by_step, base_cut)
+    atomic_write_bytes(str(out / f"{experiment}_outcomes.csv"), table_out.to_csv(index=False).encode())
     return dict(df=df, curve=curve, table=table, claims=claims_df, summary=summary, figure=fig)
 
 
@@ -399,8 +454,14 @@ def ablation(task: str, seeds: list[int], steps: int, p_values: list[float], pro
         sweep_variants = {f"sgrpo-P{p}": {"algo": "sgrpo", "sgrpo_p": p} for p in p_values}
         run_grid(task + "-psweep", task, sweep_variants, seeds[:1], steps, profile, runs_dir, workers=workers,
                  **common)
-        arms = grid_outcomes(runs_dir, profile, task + "-psweep", list(sweep_variants), seeds[:1], ids)
-        arms[f"sgrpo-P{cfg.sgrpo_p}"] = grid_outcomes(runs_dir, profile, task, ["sgrpo"], seeds[:1], ids)["sgrpo"]
+        arms, cuts = ({**grid_outcomes(runs_dir, profile, task + "-psweep", list(sweep_variants), seeds[:1], ids,
+                                       key=k),
+                        f"sgrpo-P{cfg.sgrpo_p}": grid_outcomes(runs_dir, profile, task, ["sgrpo"], seeds[:1], ids,
+                                                               key=k)["sgrpo"]} for k in ("correct", "truncated"))
+        # the per-problem outcomes behind the sweep's intervals (the P runs' last evaluation; step: their steps)
+        table_out = outcomes_table({steps: arms}, task + "-psweep", seeds[:1], ids, base_vec, {steps: cuts},
+                                   outcomes(base["records"], ids, "truncated"))
+        atomic_write_bytes(str(out / "ablation_p_sweep_outcomes.csv"), table_out.to_csv(index=False).encode())
         sweep = pd.DataFrame([dict(variant=v, P=float(v.removeprefix("sgrpo-P")),
                                    accuracy=pct(paired_bootstrap(a, n_boot=n_boot)),
                                    gain_vs_base=pct(paired_bootstrap(a, base_vec, n_boot=n_boot), True))

@@ -97,3 +97,34 @@ def plot_metric(df: pd.DataFrame, y: str, ylabel: str, title: str, smooth: int =
     ax.set(xlabel="update step", ylabel=ylabel + (f" (mean of {smooth} steps)" if smooth > 1 else ""), title=title)
     ax.legend(fontsize=8)
     return ax
+
+
+def plot_gains(arms: dict, title: str, ax=None, delta: float | None = None):
+    """Each variant's gain over the base model with its 95% paired interval (arms: experiments.arm_intervals, or
+    as stored in <task>_summary.json). Accuracy bands of two arms can overlap while their paired difference is
+    clear of zero: this panel shows the difference itself."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from .stats import DELTA
+
+    sns.set_theme(style="whitegrid")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 0.6 * len(arms) + 1.6))
+    colors = _palette(arms)
+    names = list(arms)
+    for i, v in enumerate(names):
+        g = arms[v]["vs_base"]
+        g = Interval(**g) if isinstance(g, dict) else g
+        ax.errorbar(100 * g.mean, i, xerr=[[100 * (g.mean - g.lo)], [100 * (g.hi - g.mean)]], fmt="o", capsize=4,
+                    color=colors[v])
+        ax.annotate(g.points(), (100 * g.hi, i), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.axvline(0, color="gray", lw=1)
+    ax.axvline(100 * (DELTA if delta is None else delta), color="gray", lw=1, ls=":")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_ylim(-0.6, len(names) - 0.4)
+    ax.invert_yaxis()
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(lo, hi + 0.35 * (hi - lo))  # room for the labels
+    ax.set(xlabel="gain over the base model (accuracy points; dotted: +2, the practical margin)", title=title)
+    return ax

@@ -249,6 +249,11 @@ def load_results(*folders: str | Path):
     return pd.concat(frames, ignore_index=True)
 
 
+# notebook 04's vs-TRL table (results/vs_trl.md)
+VERSUS_COLUMNS = ["device", "model", "side", "warm_step_seconds", "time_ratio_to_trl", "peak_above_weights_mb",
+                  "memory_ratio_to_trl", "peak_memory_mb", "completion_len_mean", "ratios_against"]
+
+
 def load_versus(*folders: str | Path):
     """All vs_trl_*.json (TRL GRPOTrainer vs ours) as one table; empty when none was run."""
     import pandas as pd
@@ -257,9 +262,15 @@ def load_versus(*folders: str | Path):
     for folder in folders:
         for f in sorted(Path(folder).glob("vs_trl_*.json")):
             data = json.loads(f.read_text())
+            # each file's ratios are against the trl-grpo run of that same file (a later file, e.g. T-SPMO's,
+            # reruns TRL beside it): say which, since only the first trl-grpo row of a device is shown
+            ref = next((r for r in data["rows"] if r["side"] == "trl-grpo"), None)
+            against = (f"trl-grpo of {f.stem} ({ref['warm_step_seconds']:.2f} s/step, "
+                       f"{ref['peak_above_weights_mb']:.0f} MiB)" if ref else "—")
             rows += [dict({k: v for k, v in r.items() if not isinstance(v, list)}, device=data["device"],
                           model=data["model"], group_size=data["group_size"], max_new_tokens=data["max_new_tokens"],
-                          completion_len_mean=sum(r["completion_len_mean"]) / len(r["completion_len_mean"]))
+                          completion_len_mean=sum(r["completion_len_mean"]) / len(r["completion_len_mean"]),
+                          ratios_against=against)
                      for r in data["rows"]]
     return pd.DataFrame(rows).drop_duplicates(subset=["device", "model", "side"]) if rows else pd.DataFrame()
 
