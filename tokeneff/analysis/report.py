@@ -37,11 +37,16 @@ def pct(iv: Interval | None, signed: bool = False) -> str:
 
 
 def save_figure(fig, path_stem: str) -> list[str]:
-    """PNG and SVG, each written atomically."""
+    """PNG and SVG, each written atomically; the same figure gives the same bytes (no date, fixed SVG ids), so that
+    a rebuild changes a committed figure only where its content changed."""
+    import matplotlib
+
     out = []
     for ext in ("png", "svg"):
         buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=120, bbox_inches="tight")
+        meta = {"Date": None} if ext == "svg" else {}
+        with matplotlib.rc_context({"svg.hashsalt": "tokeneff"}):
+            fig.savefig(buf, format=ext, dpi=120, bbox_inches="tight", metadata=meta)
         atomic_write_bytes(f"{path_stem}.{ext}", buf.getvalue())
         out.append(f"{path_stem}.{ext}")
     return out
