@@ -186,8 +186,8 @@ def _svamp(tmp_path, ids, answer=1.0):
 @pytest.mark.parametrize("ids, answer, needle", [
     (["chal-1", "chal-2"], "NaN", "record 'chal-1' has non-finite Answer 'NaN'"),
     (["chal-1", "chal-1"], 1.0, "ID 'chal-1' appears twice (records 0 and 1)"),
-    (["other-1", "other-2"], 1.0, "the test split is empty (none of its IDs is in the shipped test-ID list"),
-    ("TEST", 1.0, "the train split is empty (all of its IDs are in the shipped test-ID list"),
+    (["other-1", "other-2"], 1.0, "the test split is empty (none of its IDs is in the shipped ID lists"),
+    ("TEST", 1.0, "the train split is empty (all of its IDs are in the shipped ID lists"),
 ])
 def test_svamp_copies(tmp_path, capsys, ids, answer, needle):
     ids = shipped_test_ids()[:3] if ids == "TEST" else ids
