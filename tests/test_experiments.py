@@ -151,7 +151,7 @@ def test_accuracy_experiment_writes_what_the_summary_rebuilds(tmp_path):
     s = json.loads(written)
     assert s["base"]["truncated"] == table[table.variant == "base"].truncated.mean()
     assert s["arms"]["tspmo"]["truncated"] == table[(table.variant == "tspmo") & (table.step == 2)].truncated.mean()
-    env = json.loads((out / "environment.json").read_text())
+    env = json.loads((out / "multiplication_environment.json").read_text())
     assert env["versions"]["torch"] == torch.__version__ and env["threads"] == 1
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     final = (out / "multiplication_final.csv").read_text()

@@ -32,6 +32,7 @@ def test_mechanism_table_pools_seeds_and_steps():
                  groups_replayed_signal=1 if k == 2 else 0) for s in (0, 1) for k in (0, 1, 2)]
     t = mechanism_table(pd.DataFrame(rows)).iloc[0]
     assert t.token_share == "10.0%" and t.seeds == 2
-    assert t.credit_in_second_half == "25%"  # bin [4, 8) has its centre 6 >= 8 / 2
+    # answers: 8 new tokens, plus the replayed prefix (4 tokens in one of step 2's three groups): 8.67 on average
+    assert t.answer_tokens == "8.7" and t.credit_in_answer_second_half == "25%"  # bin [4, 8): centre 6 >= 4.33
     assert t.fresh_groups_with_signal == "50% of 8" and t.replayed_groups_with_signal == "100% of 2"
     assert t.replay_cut_tokens == "4.0 (median 4)"

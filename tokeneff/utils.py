@@ -54,8 +54,8 @@ def write_json(path: str | Path, obj: Any) -> None:
 def environment(threads: int | None = None) -> dict[str, Any]:
     """What decides a run's numbers beside its config and seed: CPU model, the instruction set torch dispatches to
     (its CPU capability), thread count, and the versions of the libraries that compute it. Written beside every
-    result (results/<tier>/environment.json) and shown in summary.md. threads: the intra-op threads of each run
-    (config `threads`; default: this process's)."""
+    result (results/<tier>/<experiment>_environment.json) and shown in summary.md. threads: the intra-op threads of
+    each run (config `threads`; default: this process's)."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 

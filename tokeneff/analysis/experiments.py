@@ -385,10 +385,11 @@ def accuracy_experiment(task: str, variants: dict[str, dict[str, Any]], seeds: l
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(20, 4.4), width_ratios=[1, 1, 1])
-    plot_accuracy(curve, f"{task}: held-out accuracy ({len(ids)} problems)", base["accuracy"], ax=axes[0])
+    plot_accuracy(curve, f"{experiment}: held-out accuracy ({len(ids)} problems)", base["accuracy"], ax=axes[0])
     # the accuracy bands of two arms overlap even where their paired difference is clear: show the difference
-    plot_gains(arms, f"{task}: gain over the base model after {steps} updates (paired)", ax=axes[1], delta=delta)
-    plot_metric(df[df.step > 0], "reward_mean", "training reward", f"{task}: training reward", smooth=5, ax=axes[2])
+    plot_gains(arms, f"{experiment}: gain over the base model after {steps} updates (paired)", ax=axes[1], delta=delta)
+    plot_metric(df[df.step > 0], "reward_mean", "training reward", f"{experiment}: training reward", smooth=5,
+                ax=axes[2])
     fig.suptitle(f"{label} · 95% bootstrap intervals (problems × seeds)")
     fig.tight_layout()
     out = Path(results_dir) / (results_name or profile)
@@ -406,7 +407,8 @@ def accuracy_experiment(task: str, variants: dict[str, dict[str, Any]], seeds: l
                    claims=claims, variants=variants,
                    config={k: v for k, v in cfg.to_dict().items() if k not in ("out", "seed")})
     write_json(out / f"{experiment}_summary.json", summary)
-    write_json(out / "environment.json", environment(cfg.threads or 1))  # what decides these numbers (utils.py)
+    # what decides these numbers (utils.py); one per experiment: a tier's experiments may run on different days
+    write_json(out / f"{experiment}_environment.json", environment(cfg.threads or 1))
     cut_by_step = {step: grid_outcomes(runs_dir, profile, experiment, names, seeds, ids, step, "truncated")
                    for step in eval_steps}
     table_out = outcomes_table(by_step, experiment, seeds, ids, base_vec, cut_by_step, base_cut)

@@ -27,9 +27,11 @@ def mechanism_table(df: pd.DataFrame) -> pd.DataFrame:
             continue
         hist = _sum_lists(d.credit_pos_hist)
         pos = (np.arange(len(hist)) + 0.5) * POS_BIN
-        mean_len = float(d.completion_len_mean.mean())
-        late = hist[pos >= mean_len / 2].sum() / hist.sum() if hist.sum() else float("nan")
         cuts = [c for x in d.replay_cut_tokens if isinstance(x, list) for c in x]
+        # whole answers: a replayed group's completions continue its prefix, and positions count from the answer's start
+        prefix = d.replay_cut_tokens.map(lambda x: sum(x) if isinstance(x, list) else 0)
+        answer_len = float((d.completion_len_mean + prefix / (d.groups_fresh + d.groups_replayed)).mean())
+        late = hist[pos >= answer_len / 2].sum() / hist.sum() if hist.sum() else float("nan")
         signal = d.tokens_in_signal_groups.groupby(d.seed).sum()
         share = d.tokens_in_loss.groupby(d.seed).sum() / signal.where(signal > 0)
         fresh, replayed = d.groups_fresh.sum(), d.groups_replayed.sum()
@@ -37,12 +39,12 @@ def mechanism_table(df: pd.DataFrame) -> pd.DataFrame:
             variant=v, seeds=int(d.seed.nunique()),
             token_share=f"{100 * share.mean():.1f}%",
             credited_tokens_per_update=f"{d.tokens_in_loss.mean():.0f}",
-            credit_in_second_half=f"{100 * late:.0f}%",
+            credit_in_answer_second_half=f"{100 * late:.0f}%",
             fresh_groups_with_signal=f"{100 * d.groups_fresh_signal.sum() / fresh:.0f}% of {fresh}" if fresh else "—",
             replayed_groups_with_signal=(f"{100 * d.groups_replayed_signal.sum() / replayed:.0f}% of {replayed}"
                                          if replayed else "—"),
             replay_cut_tokens=f"{np.mean(cuts):.1f} (median {np.median(cuts):.0f})" if cuts else "—",
-            completion_tokens=f"{mean_len:.1f}"))
+            new_tokens=f"{d.completion_len_mean.mean():.1f}", answer_tokens=f"{answer_len:.1f}"))
     return pd.DataFrame(rows)
 
 

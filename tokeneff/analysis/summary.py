@@ -162,16 +162,19 @@ def build(folder: Path) -> str:
         raise Damaged(f, e) from None
     if times:
         lines.append("")
-    f = folder / "environment.json"
-    if f.is_file():
-        from ..utils import describe_environment
+    from ..utils import describe_environment
 
-        try:
-            lines += [f"Environment that produced these results: {describe_environment(_load(f))}.", ""]
-        except DAMAGE as e:
-            raise Damaged(f, e) from None
-    else:
-        lines += ["Environment: not recorded (these results predate `environment.json`).", ""]
+    for name in EXPERIMENTS:  # each experiment's own record: a tier's experiments may run on different days
+        f = folder / f"{name}_environment.json"
+        if f.is_file():
+            try:
+                lines += [f"Environment that produced `{name}`: {describe_environment(_load(f))}."]
+            except DAMAGE as e:
+                raise Damaged(f, e) from None
+        elif (folder / f"{name}_summary.json").is_file():
+            lines += [f"Environment that produced `{name}`: not recorded (it predates "
+                      "`<experiment>_environment.json`)."]
+    lines.append("")
     lines += ["| claim | paper | ours: accuracy or gain, 95% CI | completions truncated | "
               "model · scale · problems · updates | verdict |", "|---|---|---|---|---|---|"]
     found = False
