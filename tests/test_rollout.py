@@ -92,3 +92,15 @@ def test_shared_prompt_prefix_prefilled_once_same_completions():
     assert shapes[0] == (1, 12) and shapes[1] == (3, 3), shapes[:2]
     ref = sample(model, tok, contexts, 2, 6, greedy=True, backend="hf")
     assert ours.completions == ref.completions
+
+
+def test_non_finite_logits_are_one_line_not_a_torch_traceback():
+    import pytest
+    import torch
+
+    from tokeneff.config import TokeneffError
+    from tokeneff.rollout import pick_next
+
+    with pytest.raises(TokeneffError, match="not finite"):
+        pick_next(torch.full((2, 5), float("nan")))
+    assert pick_next(torch.tensor([[0.0, 50.0, 0.0]])).tolist() == [1]

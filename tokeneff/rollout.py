@@ -73,7 +73,13 @@ def pick_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0
         from transformers import TopPLogitsWarper
 
         scores = TopPLogitsWarper(top_p)(None, scores)
-    return torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+    try:
+        return torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+    except RuntimeError as e:  # torch's own check, no extra sync: the model's output is not finite
+        if "probability tensor" not in str(e):
+            raise
+        raise TokeneffError("sampling failed: the model's next-token probabilities are not finite (are its weights, or "
+                            "the LoRA update, finite? a damaged model folder or a too large lr)") from None
 
 
 def _share_prefix(model, cache, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, min_shared: int = 8):
