@@ -46,8 +46,8 @@ from .tasks.answer import is_correct
 from .tasks.base import format_number
 
 SUFFIX = "+sft"
-# Worked multiplication's recipe, chosen on its validation split (README, "How the worked-answer experiment was
-# sized"): zero-shot prompts (the warm start has learnt the format), LoRA on attention and MLP (arithmetic facts
+# Worked multiplication's recipe, chosen on its validation split (results/pilots/README.md): zero-shot prompts (the
+# warm start has learnt the format), LoRA on attention and MLP (arithmetic facts
 # live in the MLPs), a larger learning rate than SVAMP's.
 MUL_RECIPE = dict(task="multiplication", num_shots=0, max_examples=1000, lr=5e-4,
                   lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
@@ -240,19 +240,13 @@ def multiplication_examples(cfg: WarmStartConfig) -> tuple[list[dict[str, Any]],
     """Multiplication's training split (disjoint from validation and test by construction) with the generated
     answers; a seeded subset of max_examples."""
     task = make_task(cfg)
-    pairs = task.pairs("train")
-    counts = {"problems": len(pairs)}
+    items = list(zip(task.pairs("train"), task.problems("train"), strict=True))
+    counts = {"problems": len(items)}
     if cfg.max_examples:
-        keep = sorted(random.Random(cfg.seed).sample(range(len(pairs)), min(cfg.max_examples, len(pairs))))
-        pairs = [pairs[i] for i in keep]
+        keep = sorted(random.Random(cfg.seed).sample(range(len(items)), min(cfg.max_examples, len(items))))
+        items = [items[i] for i in keep]
     return [{"prompt": task.messages(p), "completion": [{"role": "assistant", "content": task.answer_text(a, b)}]}
-            for (a, b), p in zip(pairs, _problems_of(task, pairs), strict=True)], counts
-
-
-def _problems_of(task, pairs: list[tuple[int, int]]):
-    from .tasks.base import Problem
-
-    return [Problem(id=f"sft-{a}x{b}", question=f"What is {a} * {b}?", answer=float(a * b)) for a, b in pairs]
+            for (a, b), p in items], counts
 
 
 def svamp_examples(cfg: WarmStartConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from ..mechanisms import POS_BIN
+from .experiments import token_share
 from .report import save_figure, save_table
 
 
@@ -32,8 +33,7 @@ def mechanism_table(df: pd.DataFrame) -> pd.DataFrame:
         prefix = d.replay_cut_tokens.map(lambda x: sum(x) if isinstance(x, list) else 0)
         answer_len = float((d.completion_len_mean + prefix / (d.groups_fresh + d.groups_replayed)).mean())
         late = hist[pos >= answer_len / 2].sum() / hist.sum() if hist.sum() else float("nan")
-        signal = d.tokens_in_signal_groups.groupby(d.seed).sum()
-        share = d.tokens_in_loss.groupby(d.seed).sum() / signal.where(signal > 0)
+        share = token_share(d).share  # per seed, the same share as the accuracy table's
         fresh, replayed = d.groups_fresh.sum(), d.groups_replayed.sum()
         rows.append(dict(
             variant=v, seeds=int(d.seed.nunique()),

@@ -23,12 +23,16 @@ N_TEST, N_VAL = 200, 200
 FORMATS = ("short", "worked")
 
 
+def short_answer(a: int, b: int) -> str:
+    return f"{a} * {b} = {a * b}. The answer is {a * b}."
+
+
 def worked_answer(a: int, b: int) -> str:
     """Long multiplication as text: a partial product for each non-zero digit of `b` (least significant first,
     with its place value), then the running sum; a single partial product needs no sum."""
     partials = [(d * 10**i, a * d * 10**i) for i, d in enumerate(int(c) for c in reversed(str(b))) if d]
     if len(partials) <= 1:
-        return f"{a} * {b} = {a * b}. The answer is {a * b}."
+        return short_answer(a, b)
     steps = [f"{a} * {m} = {p}." for m, p in partials]
     total = partials[0][1]
     for _, p in partials[1:]:
@@ -86,7 +90,7 @@ class Multiplication(Task):
 
     def answer_text(self, a: int, b: int) -> str:
         """The reference answer in this task's format (the warm start's training target)."""
-        return worked_answer(a, b) if self.answer_format == "worked" else f"{a} * {b} = {a * b}. The answer is {a * b}."
+        return worked_answer(a, b) if self.answer_format == "worked" else short_answer(a, b)
 
     def pairs(self, split: str) -> list[tuple[int, int]]:
         check_split(split, ("train", "val", "test"))
