@@ -1,6 +1,7 @@
 """Supervised warm start (warmstart.py): built once on tiny-random with 16 problems, cached, reused, rebuilt when
 the recipe changes, never half-written, loadable as `<base>+sft`, and never trained on a SVAMP test problem."""
 
+import dataclasses
 import json
 import os
 import re
@@ -135,7 +136,7 @@ def test_interrupted_build_is_never_used(cache, monkeypatch):
 def test_sft_model_name_loads_the_warm_start(built, monkeypatch):
     cfg, path = built
     monkeypatch.setattr(ws, "default_config",
-                        lambda base, task="svamp": ws.make_warmstart_config({**TINY, "model": base}))
+                        lambda base, suffix="+sft": ws.make_warmstart_config({**TINY, "model": base}))
     monkeypatch.setattr(ws, "_train_and_save", lambda *a, **k: pytest.fail("rebuilt"))
     assert ws.resolve("tiny-random+sft") == path
     model, tok = load_model("tiny-random+sft")
@@ -261,7 +262,7 @@ def test_unwritable_cache_is_one_line_for_warmstart_and_sft_names(tmp_path, monk
 def test_multiplication_warm_start_trains_on_worked_answers_of_training_products_only():
     from tokeneff.tasks.multiplication import Multiplication, worked_answer
 
-    cfg = ws.default_config("smollm2-135m", "multiplication")
+    cfg = ws.default_config("smollm2-135m", "+sftmul")
     rows, counts = ws.training_examples(cfg)
     assert len(rows) == cfg.max_examples and counts["problems"] == 5000
     task = Multiplication(digits_a=2, digits_b=2)
@@ -274,5 +275,19 @@ def test_multiplication_warm_start_trains_on_worked_answers_of_training_products
     # SVAMP's recipe is what it was before multiplication was added: its hash and cached warm start stay valid
     committed = json.loads(Path("results/embedded-full/warmstart.json").read_text())["recipe"]
     assert ws.recipe(ws.default_config("smollm2-135m"))["config"] == committed["config"]
-    assert ws.split_name("smollm2-135m+sftmul") == ("smollm2-135m", "multiplication")
-    assert ws.split_name("smollm2-135m+sft") == ("smollm2-135m", "svamp") and ws.split_name("smollm2-135m") is None
+    assert ws.split_name("smollm2-135m+sftmul") == ("smollm2-135m", "+sftmul")
+    assert ws.split_name("smollm2-135m+sft") == ("smollm2-135m", "+sft") and ws.split_name("smollm2-135m") is None
+    # the whole-epoch SVAMP warm start differs from the default only in taking every training problem
+    epoch = ws.default_config("smollm2-135m", "+sftepoch")
+    assert epoch.task == "svamp" and epoch.max_examples == 0
+    assert dataclasses.replace(epoch, max_examples=ws.default_config("smollm2-135m").max_examples) == \
+        ws.default_config("smollm2-135m")
+    assert [ws.name_for(ws.default_config("smollm2-135m", s)) for s in ("+sft", "+sftepoch", "+sftmul")] == \
+        ["smollm2-135m+sft", "smollm2-135m+sftepoch", "smollm2-135m+sftmul"]
+    assert ws.name_for(dataclasses.replace(epoch, lr=1e-4)) is None
+    from tokeneff.analysis.report import model_label
+
+    assert [model_label(f"smollm2-135m{s}") for s in ("", "+sft", "+sftepoch", "+sftmul")] == [
+        "SmolLM2-135M-Instruct", "SmolLM2-135M + SFT warm start", "SmolLM2-135M + SFT warm start (whole epoch)",
+        "SmolLM2-135M + SFT warm start (worked multiplication)"]
+    assert model_label("Qwen/Qwen2-1.5B+sft") == "Qwen/Qwen2-1.5B + SFT warm start"

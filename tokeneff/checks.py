@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TokeneffError
+from .config import WARM_STARTS, TokeneffError
 
 
 def check_precision(mixed_precision: str) -> None:
@@ -44,7 +44,7 @@ def _safetensors_problem(file: Path) -> str | None:
 
 def check_model_path(name: str) -> None:
     """A local model folder must look loadable: config.json and complete safetensors weights."""
-    if name in ("smollm2-135m", "tiny-random") or name.endswith(("+sft", "+sftmul")):
+    if name in ("smollm2-135m", "tiny-random") or name.endswith(tuple(WARM_STARTS)):
         return check_cache(name)
     p = Path(name).expanduser()
     if not p.exists():
@@ -86,7 +86,7 @@ def check_cache(name: str) -> None:
     from .warmstart import split_name
 
     parts = split_name(name)
-    if parts:  # a warm start (<base>+sft, <base>+sftmul) is built into the cache on first use
+    if parts:  # a warm start (<base>+sft, ...: config.WARM_STARTS) is built into the cache on first use
         from .warmstart import cache_path, default_config, is_complete
 
         target = cache_path(default_config(*parts))

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                            limit=args.limit, out=args.out, profile=args.profile, **over)
             print(f"{res['task']} {args.split}: accuracy {res['accuracy']:.3f} on {res['n']} problems -> {args.out}")
         elif args.command == "warmstart":
-            from .warmstart import build_warm_start, default_config, make_warmstart_config, recipe_hash
+            from .warmstart import build_warm_start, make_warmstart_config, name_for, recipe_hash
 
             over = dict(item.split("=", 1) if "=" in item else (item, None) for item in args.overrides)
             bad = [k for k, v in over.items() if v is None]
@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 over["model"] = args.model
             ws = make_warmstart_config(over)
             path = build_warm_start(ws)
-            suffix = "+sftmul" if ws.task == "multiplication" else "+sft"
-            use = f"{ws.model}{suffix}" if ws == default_config(ws.model, ws.task) else str(path)
+            use = name_for(ws) or str(path)
             print(f"warm start: {path}\nrecipe hash: {recipe_hash(ws)}; train or evaluate it as model={use}")
         elif args.command == "bench":
             from .rundir import check_out_folder

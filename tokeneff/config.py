@@ -53,6 +53,20 @@ PROFILES = ("embedded", "paper")
 BACKENDS = ("tokeneff", "hf", "hf-static")  # rollout backends (rollout.sample)
 ANSWER_FORMATS = ("short", "worked")  # multiplication answers (tasks/multiplication.py)
 EVAL_SPLITS = ("test", "val")
+# Warm starts (warmstart.py) by model-name suffix: `<base><suffix>` loads the base's warm start built with this recipe
+# (WarmStartConfig overrides) and is labelled "<base> + SFT warm start<label>". Longest suffix first.
+# - +sftmul: worked multiplication, chosen on its validation split (results/pilots/README.md): zero-shot prompts (the
+#   warm start has learnt the format), LoRA on attention and MLP (arithmetic facts live in the MLPs), a larger
+#   learning rate than SVAMP's.
+# - +sftepoch: SVAMP on the whole epoch of MAWPS + ASDiv-A (~2.4 h on one CPU thread): the full tier's base.
+# - +sft: SVAMP on a seeded 1,200 problems (38% of the epoch, ~33 min): the default tier's base, as it fits the hour.
+WARM_STARTS: dict[str, tuple[dict[str, Any], str]] = {
+    "+sftmul": (dict(task="multiplication", num_shots=0, max_examples=1000, lr=5e-4,
+                     lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
+                " (worked multiplication)"),
+    "+sftepoch": (dict(task="svamp", max_examples=0), " (whole epoch)"),
+    "+sft": (dict(task="svamp"), ""),
+}
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 MAX_LR = 1.0
 MAX_SEED = 2**32 - 3  # numpy seeds must be < 2**32; the loop also uses seed + 1 and seed + 2

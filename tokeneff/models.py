@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TokeneffError, clip, show
+from .config import WARM_STARTS, TokeneffError, clip, show
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN = ("smollm2-135m", "tiny-random")
@@ -35,10 +35,10 @@ def cache_dir() -> Path:
 def load_model(name: str, dtype: torch.dtype = torch.float32, vocab_size: int | None = None):
     """Return (model, tokenizer). Tokenizers are set to left padding for batched generation.
 
-    `<base>+sft` (e.g. smollm2-135m+sft: SVAMP) and `<base>+sftmul` (worked multiplication) are the base's
-    supervised warm starts (`warmstart.py`), built on first use.
+    `<base>+sft` (e.g. smollm2-135m+sft: SVAMP), `<base>+sftepoch` and `<base>+sftmul` (config.WARM_STARTS) are
+    the base's supervised warm starts (`warmstart.py`), built on first use.
     """
-    if name.endswith(("+sft", "+sftmul")):
+    if name.endswith(tuple(WARM_STARTS)):
         from .warmstart import resolve  # lazy: warmstart loads the base through this module
 
         model, tok = _load_pretrained(str(resolve(name)), dtype)

@@ -20,7 +20,8 @@ from a warm-started base instead (labelled "SmolLM2-135M + SFT warm start"). The
   (anything that changes the result, library versions included) gets a new folder.
 
 A model name `<base>+sft` (e.g. `smollm2-135m+sft`) loads the warm start of `<base>` with the default recipe,
-building it on first use (`models.load_model`). CLI: `tokeneff warmstart [--model M] [key=value ...]`.
+building it on first use (`models.load_model`); `<base>+sftepoch` is SVAMP's on the whole epoch and
+`<base>+sftmul` worked multiplication's (config.WARM_STARTS). CLI: `tokeneff warmstart [--model M] [key=value ...]`.
 """
 
 from __future__ import annotations
@@ -41,18 +42,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, LoraSettings, TokeneffError, coerce
+from .config import WARM_STARTS, ConfigError, LoraSettings, TokeneffError, coerce
 from .tasks.answer import is_correct
 from .tasks.base import format_number
 
-SUFFIX = "+sft"
-# Worked multiplication's recipe, chosen on its validation split (results/pilots/README.md): zero-shot prompts (the
-# warm start has learnt the format), LoRA on attention and MLP (arithmetic facts
-# live in the MLPs), a larger learning rate than SVAMP's.
-MUL_RECIPE = dict(task="multiplication", num_shots=0, max_examples=1000, lr=5e-4,
-                  lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-SUFFIXES = {"+sftmul": MUL_RECIPE, "+sft": dict(task="svamp")}
-"""model-name suffix -> the default recipe it loads (longest suffix first)"""
 MUL_ONLY = ("digits_a", "digits_b", "answer_format")
 BUILDER_VERSION = 1
 """bump when the way examples or training are built changes: it is part of the recipe hash"""
@@ -135,22 +128,26 @@ def make_warmstart_config(overrides: dict[str, Any] | None = None) -> WarmStartC
     return WarmStartConfig(**values).validate()
 
 
-def default_config(base: str, task: str = "svamp") -> WarmStartConfig:
-    """The recipe a model name `<base>+sft` (svamp) or `<base>+sftmul` (multiplication) resolves to."""
-    spec = MUL_RECIPE if task == "multiplication" else {}
-    return WarmStartConfig(**{**spec, "model": base, "task": task}).validate()
+def default_config(base: str, suffix: str = "+sft") -> WarmStartConfig:
+    """The recipe a model name `<base><suffix>` resolves to (config.WARM_STARTS)."""
+    return WarmStartConfig(**{**WARM_STARTS[suffix][0], "model": base}).validate()
 
 
 def split_name(name: str) -> tuple[str, str] | None:
-    """`smollm2-135m+sftmul` -> ("smollm2-135m", "multiplication"); None for a name with no warm-start suffix."""
-    for suffix, spec in SUFFIXES.items():
+    """`smollm2-135m+sftmul` -> ("smollm2-135m", "+sftmul"); None for a name with no warm-start suffix."""
+    for suffix in WARM_STARTS:
         if name.endswith(suffix) and name[: -len(suffix)].strip():
-            return name[: -len(suffix)], spec["task"]
+            return name[: -len(suffix)], suffix
     return None
 
 
 def is_warm_start_name(name: str) -> bool:
-    return any(name.endswith(suffix) for suffix in SUFFIXES)
+    return any(name.endswith(suffix) for suffix in WARM_STARTS)
+
+
+def name_for(cfg: WarmStartConfig) -> str | None:
+    """The model name that loads this recipe (`<base><suffix>`), or None when no name does: load it by path."""
+    return next((cfg.model + s for s in WARM_STARTS if cfg == default_config(cfg.model, s)), None)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -383,11 +380,11 @@ def build_warm_start(cfg: WarmStartConfig | None = None, progress: bool = True) 
 
 
 def resolve(name: str) -> Path:
-    """`<base>+sft` / `<base>+sftmul` -> the folder of the base's warm start (default recipe), built if missing."""
+    """`<base>+sft` (and the other config.WARM_STARTS suffixes) -> the warm start's folder, built if missing."""
     parts = split_name(name)
     if parts is None:
-        raise ConfigError(f"model={name!r}: a warm-start name is <base>{SUFFIX} (SVAMP) or <base>+sftmul "
-                          f"(multiplication), e.g. smollm2-135m{SUFFIX}")
+        raise ConfigError(f"model={name!r}: a warm-start name is <base> followed by one of "
+                          f"{', '.join(WARM_STARTS)}, e.g. smollm2-135m+sft")
     return build_warm_start(default_config(*parts))
 
 

@@ -6,20 +6,20 @@ import io
 
 import pandas as pd
 
+from ..config import WARM_STARTS
 from ..utils import atomic_write_bytes
 from .stats import Interval
 
-MODEL_LABELS = {"smollm2-135m": "SmolLM2-135M-Instruct", "smollm2-135m+sft": "SmolLM2-135M + SFT warm start",
-               "smollm2-135m+sftmul": "SmolLM2-135M + SFT warm start (worked multiplication)",
-                "Qwen/Qwen2-1.5B-Instruct": "Qwen2-1.5B-Instruct"}
+MODEL_LABELS = {"smollm2-135m": "SmolLM2-135M-Instruct", "Qwen/Qwen2-1.5B-Instruct": "Qwen2-1.5B-Instruct"}
 
 
 def model_label(model: str) -> str:
-    if model in MODEL_LABELS:
-        return MODEL_LABELS[model]
-    if model.endswith("+sftmul"):
-        return f"{model.removesuffix('+sftmul')} + SFT warm start (worked multiplication)"
-    return f"{model.removesuffix('+sft')} + SFT warm start" if model.endswith("+sft") else model
+    """`smollm2-135m+sftepoch` -> "SmolLM2-135M + SFT warm start (whole epoch)", as tables and figures show it."""
+    for suffix, (_, label) in WARM_STARTS.items():
+        if model.endswith(suffix):
+            base = model.removesuffix(suffix)
+            return f"{'SmolLM2-135M' if base == 'smollm2-135m' else base} + SFT warm start{label}"
+    return MODEL_LABELS.get(model, model)
 
 
 def scale_label(profile: str, model: str, seeds: int) -> str:
