@@ -219,7 +219,9 @@ def test_sigterm_to_a_grid_stops_its_workers(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
-    assert parent.returncode != 0 and "interrupted: run the grid again" in out, err
+    # the script ends as SIGTERM ends a process (no KeyboardInterrupt traceback), after stopping its runs
+    assert parent.returncode == -signal.SIGTERM and "interrupted: run the grid again" in out, (out, err)
+    assert "Traceback" not in err, err
     deadline = time.time() + 20
     while any(_alive(p) for p in workers) and time.time() < deadline:
         time.sleep(0.2)
@@ -318,13 +320,83 @@ def test_a_damaged_final_json_or_metrics_line_is_repaired_on_resume(finished, tm
     shutil.copytree(finished, run)
     (run / "final.json").write_text('{"steps_done": 2, "ev')  # cut off
     with (run / "metrics.jsonl").open("a") as f:
-        f.write('{"step": Infinity}\n')
+        f.write('{"step": Infinity}\n["step", 1]\n{"step": 2, "rew')  # two complete lines that are no rows, one cut off
     capsys.readouterr()
     assert _train(run, 2, "--resume") == 0
     err = capsys.readouterr().err
-    assert "final.json is damaged" in err and "dropped a torn last line" in err and "Traceback" not in err
+    assert "final.json is damaged" in err and "Traceback" not in err
+    assert "dropped a torn last line (line 6" in err and "dropped line(s) 4, 5: not a metrics row" in err, err
     assert json.loads((run / "final.json").read_text())["steps_done"] == 2
-    assert "Infinity" not in (run / "metrics.jsonl").read_text()
+    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_run_files_of_the_wrong_kind_are_refused_before_anything_changes(finished, tmp_path, capsys):
+    """A FIFO where metrics.jsonl belongs would hang the first write; a folder named final.json would fail only
+    after the whole run; a file named adapter would fail at the end too."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "final.json").unlink()
+    (run / "metrics.jsonl").unlink()
+    os.mkfifo(run / "metrics.jsonl")
+    resume = ["train", *TINY, "--steps", 3, "--out", run, "--resume"]
+    for swap, needle, argv in [
+            (None, "'metrics.jsonl' is not a regular file", resume),
+            ("final.json", "'final.json' is not a regular file", resume),
+            ("adapter", "'adapter' is not a folder", ["train", *TINY, "--steps", 3, "--out", run, "--overwrite"])]:
+        if swap == "final.json":
+            (run / "metrics.jsonl").unlink()
+            (run / "metrics.jsonl").write_text("")
+            (run / "final.json").mkdir()
+        elif swap == "adapter":
+            (run / "final.json").rmdir()
+            shutil.rmtree(run / "adapter")
+            (run / "adapter").write_text("mine")
+        before = _tree(run)
+        _refused(capsys, argv, needle)
+        assert _tree(run) == before
+
+
+def test_a_failure_before_the_first_checkpoint_keeps_nothing_and_after_it_keeps_the_checkpoint(tmp_path, capsys,
+                                                                                                monkeypatch):
+    tr = sys.modules["tokeneff.train"]
+    real = tr.evaluate_model
+    calls = []
+
+    def failing(*a, **k):  # the evaluation at step `fail_at` fails as a damaged model would
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise tr.TokeneffError("the model broke")
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "evaluate_model", failing)
+    fail_at, out = 1, tmp_path / "new" / "run"  # the first evaluation, before any checkpoint
+    line = _refused(capsys, ["train", *TINY, "--steps", 2, "--out", out, "eval_every=1"], "the model broke")
+    assert f"nothing was kept in {out}" in line and not (tmp_path / "new").exists()
+    calls.clear()
+    fail_at = 3  # step 2's evaluation: step 1's checkpoint exists
+    line = _refused(capsys, ["train", *TINY, "--steps", 2, "--out", out, "eval_every=1"], "the model broke")
+    assert f"the checkpoint of step 1 is kept in {out}/checkpoint: add --resume" in line
+    monkeypatch.setattr(tr, "evaluate_model", real)
+    assert _train(out, 2, "eval_every=1", "--resume") == 0
+
+
+def test_a_model_folder_without_a_tokenizer_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    from tokeneff.models import tiny_random
+
+    model, _ = tiny_random()
+    model.save_pretrained(tmp_path / "m")  # weights and config, no tokenizer files
+    out = tmp_path / "runs" / "r"
+    TINY_M = [a if a != "tiny-random" else str(tmp_path / "m") for a in TINY]
+    _refused(capsys, ["train", *TINY_M, "--steps", 1, "--out", out], "its tokenizer is empty")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_key_given_twice_with_two_values_is_refused(tmp_path, capsys):
+    _refused(capsys, ["train", *TINY, "--steps", 1, "--out", tmp_path / "r", "beta=0", "beta=0.1"],
+             "beta= is given twice ('0' and '0.1')")
+    _refused(capsys, ["train", *TINY, "--steps", 2, "--out", tmp_path / "r", "steps=4"], "collides with --steps")
+    _refused(capsys, ["warmstart", "lr=1e-4", "lr=2e-4"], "lr= is given twice")
+    assert not (tmp_path / "r").exists()
 
 
 def test_evaluate_keeps_its_result_when_the_file_cannot_be_written(tmp_path, capsys, monkeypatch):

@@ -117,10 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "warmstart":
             from .warmstart import build_warm_start, make_warmstart_config, name_for, recipe_hash
 
-            over = dict(item.split("=", 1) if "=" in item else (item, None) for item in args.overrides)
-            bad = [k for k, v in over.items() if v is None]
-            if bad:
-                raise TokeneffError(f"override {bad[0]!r}: expected key=value")
+            over: dict[str, str] = {}
+            for item in args.overrides:
+                if "=" not in item:
+                    raise TokeneffError(f"override {clip(item, 100)!r}: expected key=value")
+                k, v = item.split("=", 1)
+                if over.get(k, v) != v:
+                    raise TokeneffError(f"override {clip(k, 100)}= is given twice ({clip(over[k], 100)!r} and "
+                                        f"{clip(v, 100)!r}): give it once")
+                over[k] = v
             if args.model is not None:
                 _no_collision(over, "model", args.model)
                 over["model"] = args.model

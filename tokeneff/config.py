@@ -399,5 +399,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         k = k.strip().replace("-", "_")
         if k not in FIELD_NAMES:
             raise unknown_key_error(k)
+        if k in out and out[k] != v:  # as a flag and its key=value: one value, said once
+            raise ConfigError(f"override {k}= is given twice ({show(out[k])} and {show(v)}): give it once")
         out[k] = v
     return out

@@ -79,6 +79,9 @@ def _load_pretrained(name: str, dtype: torch.dtype):
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise TokeneffError(f"model={show(name)}: could not load the local model ({type(e).__name__}: "
                             f"{clip(first, 200)})") from None
+    if not tok("12 + 3 = 15", add_special_tokens=False)["input_ids"]:  # transformers builds an empty one silently
+        raise TokeneffError(f"model={show(name)}: its tokenizer is empty (no tokenizer.json or vocabulary files in "
+                            "the folder?): save the tokenizer beside the weights")
     return model, tok
 
 

@@ -102,6 +102,9 @@ def classify(out: Path) -> str:
     return "model" if _is_model_folder(out) else "foreign"
 
 
+RUN_FOLDERS = {"adapter", "adapter.tmp", CKPT, PREV, TMP, LEGACY_OLD}
+
+
 def linked_entries(out: Path) -> list[str]:
     """The names in `out` that a run writes or deletes and that are symbolic links (`out` itself may be one)."""
     try:
@@ -110,8 +113,27 @@ def linked_entries(out: Path) -> list[str]:
         return []
 
 
+def misplaced_entry(out: Path) -> tuple[str, str] | None:
+    """(name, what it should be) for the first run file that is not a regular file, or run folder that is not a
+    folder: a FIFO would hang a write, a folder named final.json would fail only at the end of the run."""
+    try:
+        entries = sorted(os.scandir(out), key=lambda e: e.name)
+    except OSError:
+        return None
+    for e in entries:
+        if not is_run_entry(e.name) or e.is_symlink():
+            continue
+        if e.name in RUN_FOLDERS:
+            if not e.is_dir(follow_symlinks=False):
+                return e.name, "a folder"
+        elif not e.is_file(follow_symlinks=False):
+            return e.name, "a regular file"
+    return None
+
+
 def check_no_links(out: Path, out_s: str) -> None:
-    """Refuse a run folder whose own files are links: a run never writes or deletes through one."""
+    """Refuse a run folder whose own files are links (a run never writes or deletes through one), or whose run
+    files are of the wrong kind (a folder, FIFO or device where a file belongs; a file where a folder belongs)."""
     links = linked_entries(out)
     if links:
         try:
@@ -121,6 +143,10 @@ def check_no_links(out: Path, out_s: str) -> None:
         raise TokeneffError(f"out={show(out_s)}: {links[0]!r} is a symbolic link{target}; tokeneff never writes or "
                             "deletes through a link inside a run folder (the folder itself may be one): replace it "
                             "with a real file or folder, or use another --out")
+    odd = misplaced_entry(out)
+    if odd:
+        raise TokeneffError(f"out={show(out_s)}: {odd[0]!r} is not {odd[1]}, as a run keeps it; tokeneff does not "
+                            "replace it: move it away, or use another --out")
 
 
 def nearest_existing(path: Path) -> Path:
@@ -533,8 +559,7 @@ def write_failure(e: BaseException) -> str | None:
 
 def disk_error(e: BaseException, what: str) -> TokeneffError:
     why = write_failure(e) or clip(str(e), 200)
-    return TokeneffError(f"could not write {what} ({why}): the last complete checkpoint is intact; "
-                         "free space or fix the folder, then --resume")
+    return TokeneffError(f"could not write {what} ({why}): free space or fix the folder")
 
 
 @contextmanager
@@ -560,15 +585,22 @@ class MetricsLog:
         if not (enabled and path.is_file()):
             return
         lines = path.read_bytes().decode(errors="replace").split("\n")
-        kept, bad, dup, seen = [], [], 0, set()
+        kept, bad, torn, dup, seen = [], [], set(), 0, set()
         last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
         for i, ln in enumerate(lines):
             if not ln.strip():
                 continue
             try:
                 row = json.loads(ln)
-                step = int(row["step"])
-            except (ValueError, TypeError, KeyError, OverflowError):  # OverflowError: a step of Infinity
+            except ValueError:
+                bad.append(i)
+                torn.add(i)
+                continue
+            try:
+                step = row["step"]
+                if isinstance(step, bool) or not isinstance(step, int):
+                    raise TypeError
+            except (TypeError, KeyError):  # valid JSON but not a row: the wrong type, no step, a step of 2.5
                 bad.append(i)
                 continue
             if step >= keep_below_step:
@@ -578,10 +610,11 @@ class MetricsLog:
                 continue
             seen.add(step)
             kept.append(ln)
-        if bad == [last]:
+        if last in torn:  # a kill or a full disk during a write cuts off the last line only
             say(f"{path}: dropped a torn last line (line {last + 1}, cut off by an interruption or a full disk)")
-        elif bad:
-            say(f"{path}: dropped unreadable line(s) {', '.join(str(i + 1) for i in bad)}")
+        others = [str(i + 1) for i in bad if i != last or last not in torn]
+        if others:
+            say(f"{path}: dropped line(s) {', '.join(others)}: not a metrics row (not JSON, or no integer step)")
         if dup:
             say(f"{path}: dropped {dup} duplicate step row(s)")
         text = "".join(ln + "\n" for ln in kept).encode()

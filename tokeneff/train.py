@@ -229,34 +229,58 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
         if main:
             _interrupted(out, written.get("config", False), fresh=kind in ("missing", "empty") or overwrite)
         raise
+    except Exception as e:
+        kept = _kept_after_stop(out, written.get("config", False), fresh=kind in ("missing", "empty") or overwrite) \
+            if main else ""
+        if isinstance(e, TokeneffError) and kept:
+            raise TokeneffError(f"{e}; {kept}") from None
+        raise
     finally:
         if lock is not None:  # folders this call created are removed again if the run never started
             lock.release(remove_created=not (out / "config.json").is_file())
 
 
 def _interrupted(out: Path, started: bool, fresh: bool) -> None:
-    """The message after Ctrl-C or SIGTERM. Before the first checkpoint of a run this call started afresh, what
-    it wrote is removed, so that the same command simply starts again."""
+    """The message after Ctrl-C or SIGTERM (what is kept: `_kept_after_stop`)."""
     if not started:  # interrupted while loading (a warm-start build, say): nothing in `out` changed
         print(f"\ninterrupted before the run started: nothing was written in {out}; run the same command again",
               flush=True)
         return
-    man = out / CKPT / MANIFEST
-    if man.is_file():
-        try:
-            ck = json.loads(man.read_text())["step"]
-        except (OSError, ValueError, KeyError, TypeError):
-            ck = "?"
-        print(f"\ninterrupted: checkpoint of step {ck} saved in {out}/{CKPT}. Resume with the same command plus "
-              "--resume", flush=True)
+    kept = _kept_after_stop(out, started, fresh)
+    if _checkpoint_step(out) is not None:
+        print(f"\ninterrupted: {kept}", flush=True)
     elif fresh:
-        with contextlib.suppress(OSError):
-            clear_run(out)
-        print(f"\ninterrupted before the first checkpoint: nothing was kept in {out}; run the same command again "
-              "to start over", flush=True)
+        print(f"\ninterrupted before the first checkpoint: {kept}; run the same command again to start over",
+              flush=True)
     else:
         print(f"\ninterrupted before the first checkpoint of {out}: run the same command again (with --resume) to "
               "start at step 0", flush=True)
+
+
+def _checkpoint_step(out: Path) -> int | str | None:
+    """The step of the complete checkpoint in `out` ("?" when its manifest cannot be read), None when there is none."""
+    man = out / CKPT / MANIFEST
+    if not man.is_file():
+        return None
+    try:
+        return json.loads(man.read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
+
+
+def _kept_after_stop(out: Path, started: bool, fresh: bool) -> str:
+    """What a run that stopped early (interrupt or error) leaves, said in a few words. A run that this call started
+    afresh and that has no checkpoint yet is cleared, so the same command simply starts again."""
+    if not started:
+        return ""  # nothing in `out` changed
+    step = _checkpoint_step(out)
+    if step is not None:
+        return f"the checkpoint of step {step} is kept in {out}/{CKPT}: add --resume to continue from it"
+    if fresh:
+        with contextlib.suppress(OSError):
+            clear_run(out)
+        return f"nothing was kept in {out}"
+    return f"{out} has no checkpoint yet: --resume starts it at step 0"
 
 
 def _read_final(out: Path) -> dict[str, Any] | None:
@@ -380,8 +404,8 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
                     optimizer.step()
                     if not all(torch.isfinite(p).all() for p in params):  # what would reach the sampler next
                         raise TokeneffError(f"step {state.step + 1}: the update made LoRA weights non-finite "
-                                            f"(lr={cfg.lr:g}, weight_decay={cfg.weight_decay:g}: too large?); "
-                                            "stopping, the last checkpoint is intact")
+                                            f"(lr={cfg.lr:g}, weight_decay={cfg.weight_decay:g}: too large?): "
+                                            "stopping")
                 optimizer.zero_grad(set_to_none=True)
                 state.bad_in_row = 0 if finite else state.bad_in_row + 1
                 state.data_pos += (world - 1) * cfg.prompts_per_step  # ranks take interleaved prompts
@@ -421,7 +445,7 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
                     save()
                 if stopping and state.step < cfg.steps:
                     tqdm.write(f"stopped after step {state.step}")
-                    raise KeyboardInterrupt
+                    raise Stopped(stopping)
     except KeyboardInterrupt:
         if main and world == 1:
             recover_checkpoints(out)  # a second interrupt may have landed inside a save (train() says the rest)
@@ -434,8 +458,9 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
         bar.close()
 
     if main:
-        with writing(f"{out}/adapter"):  # adapter/ and final.json are replaced together: final.json is written last
+        with writing(f"{out}/final.json"):  # adapter/ and final.json are replaced together: final.json goes first
             (out / "final.json").unlink(missing_ok=True)
+        with writing(f"{out}/adapter"):
             _rmtree(out / "adapter.tmp")  # never through a link
             policy.save_pretrained(out / "adapter.tmp")
             _rmtree(out / "adapter")
@@ -454,6 +479,14 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
     return final
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop asked for by a signal (`signum`): Ctrl-C's SIGINT, or a polite kill's SIGTERM."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signum = signum
+
+
 class StopAfterStep:
     """Ctrl-C (or SIGTERM) during training finishes the current step, checkpoints it and stops, so that a resume
     continues exactly as if never interrupted; a second one stops at once (the last checkpoint stands, as after a
@@ -462,13 +495,14 @@ class StopAfterStep:
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.requested = False
+        self.requested: int | bool = False
+        """False, or the signal that asked to stop"""
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True  # no printing here: the handler may run in the middle of the main thread's print
+            raise Stopped(signum)
+        self.requested = signum  # no printing here: the handler may run in the middle of the main thread's print
 
     def __enter__(self) -> StopAfterStep:
         if self.enabled:

@@ -130,8 +130,13 @@ def _worker_init() -> None:
 
 @contextlib.contextmanager
 def _stop_signals():
-    """SIGTERM and SIGHUP (a job scheduler, a closed terminal) stop the grid as Ctrl-C does."""
-    def stop(*_):
+    """SIGTERM and SIGHUP (a job scheduler, a closed terminal) stop the grid as Ctrl-C does; once the runs are
+    stopped, the signal is delivered again to the handler it had before, so that a script ends as that signal ends
+    it (by default: quietly, exit status 128 + signal) rather than with a KeyboardInterrupt traceback."""
+    received: list[int] = []
+
+    def stop(signum, _):
+        received.append(signum)
         raise KeyboardInterrupt
 
     old = {}
@@ -141,6 +146,14 @@ def _stop_signals():
                 old[sig] = signal.signal(sig, stop)
     try:
         yield
+    except KeyboardInterrupt as e:
+        sig = received[0] if received else getattr(e, "signum", None)  # one worker: train() took the signal
+        if sig in old:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+            old.clear()
+            os.kill(os.getpid(), sig)  # returns only if that handler did not end the process
+        raise
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
