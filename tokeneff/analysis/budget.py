@@ -1,0 +1,74 @@
+"""Choose a token budget from one greedy evaluation at a large cap: how many answers each smaller cap would cut off.
+
+Greedy decoding is the same up to any cap, so a completion generated with a cap of 200 tokens, cut to its first L
+tokens, is exactly what a cap of L gives. One evaluation therefore shows, for every L below its own cap, the share
+of answers L truncates and the accuracy it leaves (the answer read from the first L tokens, as an evaluation at L
+would read it).
+Used on the validation split only (README, "How settings were chosen"):
+
+    python -m tokeneff.analysis.budget results/pilots/svamp_sftepoch_val_200.json --model smollm2-135m+sftepoch
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import TokeneffError, clip
+from ..tasks.answer import is_correct
+
+CAPS = (24, 32, 48, 64, 96, 128, 160, 200)
+
+
+def budget_table(records: list[dict], ids: list[list[int]], decode, cap: int,
+                 caps: tuple[int, ...] = CAPS) -> pd.DataFrame:
+    """Per cap L <= `cap`: answers cut off (the greedy completion needs L tokens or more, its end-of-turn token
+    included; at `cap` itself the evaluation's own flag) and correct ones (the answer read from the first L tokens,
+    as the evaluation reads it). `ids`: each completion's tokens; `decode`: tokens -> text."""
+    rows = []
+    for c in [c for c in caps if c < cap] + [cap]:
+        if c == cap:
+            cut, right = [r["truncated"] for r in records], [bool(r["correct"]) for r in records]
+        else:
+            cut = [len(t) >= c for t in ids]
+            right = [is_correct(decode(t[:c]), r["reference"]) for r, t in zip(records, ids, strict=True)]
+        rows.append(dict(new_tokens=c, truncated=sum(cut), truncated_pct=100 * sum(cut) / len(records),
+                         correct=sum(right), accuracy_pct=100 * sum(right) / len(records)))
+    return pd.DataFrame(rows)
+
+
+def completion_ids(records: list[dict], model: str) -> tuple[list[list[int]], object]:
+    """Each completion's tokens by the model's own tokenizer (the records keep the text), and its decoder."""
+    from ..models import load_model
+
+    _, tok = load_model(model)
+    ids = [tok(r["completion"], add_special_tokens=False)["input_ids"] for r in records]
+    return ids, lambda t: tok.decode(t, skip_special_tokens=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tokeneff.analysis.budget", description=__doc__.splitlines()[0])
+    p.add_argument("evaluation", help="the JSON that `tokeneff evaluate --out` wrote, at a large max_new_tokens")
+    p.add_argument("--model", required=True, help="the model evaluated (for its tokenizer)")
+    p.add_argument("--cap", type=int, required=True, help="the max_new_tokens the evaluation ran with")
+    args = p.parse_args(argv)
+    try:
+        try:
+            records = json.loads(Path(args.evaluation).read_text())["records"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TokeneffError(f"{args.evaluation}: not an evaluation file ({clip(str(e), 200)})") from None
+        ids, decode = completion_ids(records, args.model)
+        table = budget_table(records, ids, decode, args.cap)
+    except TokeneffError as e:
+        print(f"tokeneff: error: {e}", file=sys.stderr)
+        return 2
+    print(table.to_markdown(index=False, floatfmt=("g", "g", ".1f", "g", ".1f")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
