@@ -10,11 +10,8 @@ from pathlib import Path
 import tokeneff
 
 ROOT = Path(tokeneff.__file__).parent
-# Known, inside functions only (a lazy import each way): models.load_model resolves "<model>+sft" through warmstart,
-# and warmstart loads its base model through models; checks.check_cache asks warmstart whether a warm start is still to
-# be built, and warmstart checks its inputs with checks. Debts: the Run redesign removes them.
-KNOWN_LAZY_CYCLES = {("tokeneff.models", "tokeneff.warmstart"), ("tokeneff.checks", "tokeneff.warmstart"),
-                     ("tokeneff.checks", "tokeneff.models", "tokeneff.warmstart")}
+# None: warm-start names are resolved above models (warmstart.model_folder), so models and checks never ask warmstart.
+KNOWN_LAZY_CYCLES: set[tuple[str, ...]] = set()
 
 
 def _modules() -> dict[str, Path]:

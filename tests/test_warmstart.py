@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tokeneff import warmstart as ws
-from tokeneff.config import ConfigError
+from tokeneff.config import ConfigError, TokeneffError
 from tokeneff.models import load_model, tiny_random
 from tokeneff.rollout import build_prompt
 from tokeneff.tasks import SVAMP, extract_answer
@@ -139,7 +139,7 @@ def test_sft_model_name_loads_the_warm_start(built, monkeypatch):
                         lambda base, suffix="+sft": ws.make_warmstart_config({**TINY, "model": base}))
     monkeypatch.setattr(ws, "_train_and_save", lambda *a, **k: pytest.fail("rebuilt"))
     assert ws.resolve("tiny-random+sft") == path
-    model, tok = load_model("tiny-random+sft")
+    model, tok = load_model(ws.model_folder("tiny-random+sft"))
     assert tok.padding_side == "left" and tok.chat_template and tok.pad_token_id is not None
     ids = tok(build_prompt(tok, [{"role": "user", "content": "1 + 1?"}]), return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=3, do_sample=False)
@@ -243,20 +243,41 @@ def test_non_finite_weights_are_never_cached(cache, monkeypatch):
     assert not target.exists() and not [p for p in target.parent.glob(f".{target.name}-*") if p.is_dir()]
 
 
-def test_unwritable_cache_is_one_line_for_warmstart_and_sft_names(tmp_path, monkeypatch, capsys):
+def test_unwritable_cache_is_one_line_for_warmstart(tmp_path, monkeypatch, capsys):
     from tokeneff.cli import main
 
     (tmp_path / "file").write_text("not a folder")
     monkeypatch.setenv("TOKENEFF_CACHE", str(tmp_path / "file" / "cache"))
     for argv in (["warmstart", "--model", "tiny-random", "max_examples=4"],
-                 ["train", "--model", "tiny-random+sft", "--task", "multiplication", "--steps", "1", "--out",
-                  str(tmp_path / "run")],
-                 ["train", "--model", "tiny-random+sftmul", "--task", "multiplication", "--steps", "1", "--out",
-                  str(tmp_path / "run")]):
+                 ["warmstart", "--model", "tiny-random+sftmul", "max_examples=4"]):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "is a file, not a folder" in err and "TOKENEFF_CACHE" in err, err
-    assert not (tmp_path / "run").exists()
+
+
+def test_loading_never_trains_a_warm_start_not_built_is_one_line_naming_the_command(cache, tmp_path, monkeypatch,
+                                                                                   capsys):
+    from tokeneff.cli import main
+
+    monkeypatch.setattr(ws, "_train_and_save", lambda *a, **k: pytest.fail("loading trained a warm start"))
+    for name in ("tiny-random+sft", "tiny-random+sftepoch", "tiny-random+sftmul"):
+        for argv in (["train", "--model", name, "--task", "multiplication", "--steps", "1", "--out",
+                      str(tmp_path / "run")],
+                     ["evaluate", "--model", name, "--task", "multiplication", "--out", str(tmp_path / "e.json")]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and "not built yet" in err, err
+            assert f"tokeneff warmstart --model {name}" in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "e.json").exists()
+    with pytest.raises(TokeneffError, match="is a warm start"):
+        load_model("tiny-random+sft")  # below the name: only folders and plain names
+
+
+def test_a_warm_start_name_given_to_the_warmstart_command_builds_that_recipe():
+    cfg = ws.make_warmstart_config({"model": "smollm2-135m+sftmul", "max_examples": "10"})
+    assert cfg == dataclasses.replace(ws.default_config("smollm2-135m", "+sftmul"), max_examples=10)
+    assert ws.make_warmstart_config({"model": "smollm2-135m+sftepoch"}) == ws.default_config("smollm2-135m",
+                                                                                              "+sftepoch")
 
 
 def test_multiplication_warm_start_trains_on_worked_answers_of_training_products_only():

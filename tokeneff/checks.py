@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .config import WARM_STARTS, TokeneffError
+from .config import TokeneffError
+from .models import cache_dir
+from .rundir import check_writable
 
 
 def check_precision(mixed_precision: str) -> None:
@@ -44,7 +46,7 @@ def _safetensors_problem(file: Path) -> str | None:
 
 def check_model_path(name: str) -> None:
     """A local model folder must look loadable: config.json and complete safetensors weights."""
-    if name in ("smollm2-135m", "tiny-random") or name.endswith(tuple(WARM_STARTS)):
+    if name in ("smollm2-135m", "tiny-random"):
         return check_cache(name)
     p = Path(name).expanduser()
     if not p.exists():
@@ -80,24 +82,8 @@ def check_model_path(name: str) -> None:
 
 
 def check_cache(name: str) -> None:
-    """The embedded model is converted once into the cache folder: it must be writable when that is still due."""
-    from .models import cache_dir
-    from .rundir import check_writable
-    from .warmstart import split_name
-
-    parts = split_name(name)
-    if parts:  # a warm start (<base>+sft, ...: config.WARM_STARTS) is built into the cache on first use
-        from .warmstart import cache_path, default_config, is_complete
-
-        target = cache_path(default_config(*parts))
-        if is_complete(target):
-            return None
-        try:
-            check_writable(target.parent, "cache")
-        except TokeneffError as e:
-            raise TokeneffError(f"{e} (TOKENEFF_CACHE={os.environ.get('TOKENEFF_CACHE', '')!r}; model={name!r} is "
-                                "built once into it: point TOKENEFF_CACHE to a writable folder)") from None
-        return None
+    """The embedded model is converted once into the cache folder: it must be writable when that is still due.
+    (Warm starts are built only by `tokeneff warmstart`, which checks the cache itself.)"""
     if name != "smollm2-135m" or (cache_dir() / "smollm2-135m" / "model.safetensors").is_file():
         return None
     try:

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", metavar="key=value")
 
     w = sub.add_parser("warmstart", help="supervised warm start: LoRA SFT on MAWPS + ASDiv-A, merged and cached")
-    w.add_argument("--model", help="base model (default smollm2-135m); load the result as <model>+sft")
+    w.add_argument("--model", help="base model (default smollm2-135m), or a warm-start name to build its recipe, "
+                                   "e.g. smollm2-135m+sftmul")
     w.add_argument("overrides", nargs="*", metavar="key=value",
                    help="recipe field, e.g. max_examples=64 lr=2e-4 (see tokeneff.warmstart.WarmStartConfig)")
 

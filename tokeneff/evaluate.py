@@ -14,6 +14,7 @@ from .config import TokeneffError, make_config, show
 from .rollout import build_prompt, decode, encode_prompts, sample
 from .tasks import Problem, Task, extract_answer, is_correct, make_task
 from .utils import set_threads, write_json
+from .warmstart import model_folder
 
 
 def evaluate_model(model, tokenizer, task: Task, problems: list[Problem], batch_size: int,
@@ -55,10 +56,11 @@ def evaluate(task: str = "svamp", model: str = "smollm2-135m", adapter: str | No
         raise TokeneffError(f"task {cfg.task!r}: its {split} split is empty")
     problems = problems[:limit] if limit else problems
     adapter_dir = _adapter_dir(adapter, cfg.model) if adapter else None
-    check_model_path(cfg.model)
+    folder = model_folder(cfg.model)  # a warm start: built before (loading never trains)
+    check_model_path(folder)
     if not torch.cuda.is_available():
         set_threads(cfg.threads)
-    lm, tok = load_model(cfg.model)
+    lm, tok = load_model(folder)
     torch.manual_seed(cfg.seed)  # after loading: a first load's conversion consumes the RNG (train.py)
     if adapter_dir:
         from peft import PeftModel

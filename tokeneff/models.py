@@ -35,14 +35,13 @@ def cache_dir() -> Path:
 def load_model(name: str, dtype: torch.dtype = torch.float32, vocab_size: int | None = None):
     """Return (model, tokenizer). Tokenizers are set to left padding for batched generation.
 
-    `<base>+sft` (e.g. smollm2-135m+sft: SVAMP), `<base>+sftepoch` and `<base>+sftmul` (config.WARM_STARTS) are
-    the base's supervised warm starts (`warmstart.py`), built on first use.
+    Warm-start names (`<base>+sft` and the other config.WARM_STARTS suffixes) are resolved to their built folder
+    first, by `warmstart.model_folder`: loading never trains.
     """
     if name.endswith(tuple(WARM_STARTS)):
-        from .warmstart import resolve  # lazy: warmstart loads the base through this module
-
-        model, tok = _load_pretrained(str(resolve(name)), dtype)
-    elif name == "smollm2-135m":
+        raise TokeneffError(f"model={show(name)} is a warm start: load tokeneff.warmstart.model_folder({name!r}), its "
+                            "built folder")
+    if name == "smollm2-135m":
         model, tok = _load_smollm2(dtype)
     elif name == "tiny-random":
         model, tok = tiny_random(vocab_size=vocab_size)

@@ -51,6 +51,7 @@ from .rundir import (
 )
 from .tasks import Problem, make_task
 from .utils import memory_mb, seed_everything, set_threads, write_json
+from .warmstart import model_folder
 
 TIMING_KEYS = ("step_seconds", "rollout_seconds", "peak_memory_mb")  # metrics.jsonl keys that vary run to run
 
@@ -217,7 +218,7 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
             if progress and main:
                 say(f"{out} finished at step {final['steps_done']}: nothing to resume")
             return final
-    check_model_path(cfg.model)
+    check_model_path(model_folder(cfg.model))  # a warm start must be built (never here), a local folder whole
     accel.wait_for_everyone()
     lock = RunLock(out).acquire() if main else None  # one process per run directory
     written: dict[str, bool] = {}
@@ -327,7 +328,7 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
         test_problems = test_problems[: cfg.eval_limit]
 
     dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" and torch.cuda.is_available() else torch.float32
-    model, tok = load_model(cfg.model, dtype=dtype)
+    model, tok = load_model(model_folder(cfg.model), dtype=dtype)
     check_lora_targets(model, cfg.lora_target_list(), cfg.model)
     check_context(model, tok, task, train_problems + test_problems, cfg)
     # Seeded after loading: a first load converts the model (random init from_config) and would consume the RNG,

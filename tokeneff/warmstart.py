@@ -42,7 +42,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .checks import check_lora_targets, check_model_path
 from .config import WARM_STARTS, ConfigError, LoraSettings, TokeneffError, coerce
+from .models import cache_dir, load_model
 from .tasks.answer import is_correct
 from .tasks.base import format_number
 
@@ -115,8 +117,14 @@ FIELD_NAMES = tuple(f.name for f in fields(WarmStartConfig))
 
 
 def make_warmstart_config(overrides: dict[str, Any] | None = None) -> WarmStartConfig:
-    """Defaults <- overrides (strings from the CLI are converted to each field's type); validated."""
-    values = {}
+    """Defaults <- overrides (strings from the CLI are converted to each field's type); validated. A warm-start
+    name as the model (`model=smollm2-135m+sftmul`) starts from that name's recipe (config.WARM_STARTS)."""
+    overrides = dict(overrides or {})
+    parts = split_name(str(overrides.get("model", "")))
+    values: dict[str, Any] = {}
+    if parts:
+        overrides["model"], suffix = parts
+        values = dict(WARM_STARTS[suffix][0])
     for key, raw in (overrides or {}).items():
         key = key.strip().replace("-", "_")
         if key not in FIELD_NAMES:
@@ -327,7 +335,6 @@ def recipe_hash(cfg: WarmStartConfig) -> str:
 
 
 def cache_path(cfg: WarmStartConfig) -> Path:
-    from .models import cache_dir
 
     name = re.sub(r"[^A-Za-z0-9_.+-]+", "--", cfg.model.strip().strip("/"))[-80:]
     return cache_dir() / "warmstart" / f"{name}-{recipe_hash(cfg)}"
@@ -344,7 +351,6 @@ def build_warm_start(cfg: WarmStartConfig | None = None, progress: bool = True) 
     """
     from filelock import FileLock
 
-    from .checks import check_model_path
     from .rundir import check_writable, writing
 
     cfg = (cfg or WarmStartConfig()).validate()
@@ -379,13 +385,27 @@ def build_warm_start(cfg: WarmStartConfig | None = None, progress: bool = True) 
     return target
 
 
-def resolve(name: str) -> Path:
-    """`<base>+sft` (and the other config.WARM_STARTS suffixes) -> the warm start's folder, built if missing."""
+def resolve(name: str, build: bool = False) -> Path:
+    """`<base>+sft` (and the other config.WARM_STARTS suffixes) -> the warm start's folder. Loading never trains:
+    without `build`, a warm start not built yet is a one-line error naming the command that builds it."""
     parts = split_name(name)
     if parts is None:
         raise ConfigError(f"model={name!r}: a warm-start name is <base> followed by one of "
                           f"{', '.join(WARM_STARTS)}, e.g. smollm2-135m+sft")
-    return build_warm_start(default_config(*parts))
+    cfg = default_config(*parts)
+    if build:
+        return build_warm_start(cfg)
+    target = cache_path(cfg)
+    if not is_complete(target):
+        raise TokeneffError(f"model={name!r}: this warm start is not built yet (recipe {recipe_hash(cfg)} in "
+                            f"{str(target.parent)!r}): build it once with `tokeneff warmstart --model {name}` "
+                            "(tens of minutes on a CPU; README, \"Warm starts\")")
+    return target
+
+
+def model_folder(name: str) -> str:
+    """What `models.load_model` takes: a warm-start name becomes its built folder; any other name passes through."""
+    return str(resolve(name)) if is_warm_start_name(name) else name
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -397,15 +417,11 @@ def _train_and_save(cfg: WarmStartConfig, out: Path, progress: bool) -> None:
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from .models import load_model
-
     start = time.perf_counter()
     rows, counts = training_examples(cfg)
     if not rows:
         raise ConfigError(f"max_examples={cfg.max_examples!r}: no training examples left")
     model, tok = load_model(cfg.model, dtype=torch.float32)
-    from .checks import check_lora_targets
-
     check_lora_targets(model, cfg.lora_target_list(), cfg.model)
     tok.padding_side = "right"
     steps = math.ceil(len(rows) / cfg.batch_size) * cfg.epochs

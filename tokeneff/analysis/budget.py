@@ -44,8 +44,9 @@ def budget_table(records: list[dict], ids: list[list[int]], decode, cap: int,
 def completion_ids(records: list[dict], model: str) -> tuple[list[list[int]], object]:
     """Each completion's tokens by the model's own tokenizer (the records keep the text), and its decoder."""
     from ..models import load_model
+    from ..warmstart import model_folder
 
-    _, tok = load_model(model)
+    _, tok = load_model(model_folder(model))
     ids = [tok(r["completion"], add_special_tokens=False)["input_ids"] for r in records]
     return ids, lambda t: tok.decode(t, skip_special_tokens=True)
 

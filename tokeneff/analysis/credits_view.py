@@ -13,6 +13,7 @@ from ..models import load_model
 from ..rollout import build_prompt, decode, encode_prompts, sample
 from ..tasks import make_task
 from ..utils import set_threads
+from ..warmstart import model_folder
 
 
 def credited_tokens(task: str = "multiplication", profile: str = "embedded", num_groups: int = 3,
@@ -22,7 +23,7 @@ def credited_tokens(task: str = "multiplication", profile: str = "embedded", num
     t = make_task(cfg)
     if not torch.cuda.is_available():
         set_threads(cfg.threads)  # runs in the notebook's process: 2 spinning threads collapse beside other work
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(model_folder(cfg.model))
     torch.manual_seed(cfg.seed)
     problems = t.problems("train")
     random.Random(cfg.seed).shuffle(problems)

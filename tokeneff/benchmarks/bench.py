@@ -21,6 +21,7 @@ import torch
 
 from ..config import ALGOS, TokeneffError
 from ..utils import memory_mb, set_threads
+from ..warmstart import model_folder
 from .benchio import QWEN2_1_5B, device_name, run_in_subprocess, save_result
 from .versus_trl import print_versus, versus_trl
 
@@ -43,7 +44,7 @@ def _model(spec: dict[str, Any]):
         return model, tok
     if spec["model"] == "tiny-random":
         return tiny_random(vocab_size=spec.get("vocab_size"), hidden=256, layers=4)
-    return load_model(spec["model"])
+    return load_model(model_folder(spec["model"]))
 
 
 def _synthetic_group(G: int, L: int, vocab: int, rng: random.Random) -> tuple[list[list[int]], list[float]]:

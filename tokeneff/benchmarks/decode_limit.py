@@ -72,10 +72,11 @@ def decode_step_seconds(model, batch: int, context: int, steps: int = 12) -> flo
 def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: int = 96, threads: int = 1,
                  out: str | None = None) -> list[dict[str, Any]]:
     from ..models import load_model
+    from ..warmstart import model_folder
     from .benchio import device_name
 
     set_threads(threads)
-    model, _ = load_model(model_name)
+    model, _ = load_model(model_folder(model_name))
     model.eval()
     shapes = linear_shapes(model)
     cfg = model.config

@@ -27,6 +27,7 @@ import torch
 
 from ..config import ALGOS, TokeneffError
 from ..utils import memory_mb
+from ..warmstart import model_folder
 from .benchio import device_name, run_in_subprocess, save_random_shape, save_result
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -74,7 +75,7 @@ def weights_only(spec: dict[str, Any]) -> dict[str, Any]:
 
     from ..models import load_model
 
-    model, _ = load_model(spec["model"], dtype=_dtype())
+    model, _ = load_model(model_folder(spec["model"]), dtype=_dtype())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     get_peft_model(model.to(device), LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
     return dict(side="weights", peak_memory_mb=memory_mb(peak=True))
@@ -110,7 +111,7 @@ def trl_side(spec: dict[str, Any]) -> dict[str, Any]:
     task = _svamp_task()
     problems = task.problems("train")[: spec["steps"]]
     data = Dataset.from_list([dict(prompt=task.messages(p), answer=p.answer) for p in problems])
-    model, tok = load_model(spec["model"], dtype=_dtype())
+    model, tok = load_model(model_folder(spec["model"]), dtype=_dtype())
     times: list[float] = []
 
     class StepTimer(TrainerCallback):
