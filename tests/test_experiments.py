@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -172,3 +173,20 @@ def test_p_sweep_writes_its_per_problem_outcomes(tmp_path):
     # the sweep table's accuracies are these outcomes' means
     for v, acc in zip(res["sweep"].variant, res["sweep"].accuracy, strict=True):
         assert acc.startswith(f"{100 * t[t.variant == v].correct.mean():.1f}%")
+
+
+def test_every_notebook_parameters_cell_parses_without_a_papermill_warning(caplog):
+    """papermill reads each line of the `parameters` cell (for `papermill --help-notebook` and type hints); a line it
+    cannot parse prints a warning on every run."""
+    from papermill.translators import PythonTranslator
+
+    for nb_path in sorted(Path(__file__).resolve().parents[1].glob("notebooks/*.ipynb")):
+        cells = [c for c in json.loads(nb_path.read_text())["cells"]
+                 if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(cells) == 1, nb_path.name
+        source = "".join(cells[0]["source"])
+        caplog.clear()
+        params = PythonTranslator.inspect({"source": source})
+        assigned = [ln.split("=")[0].strip() for ln in source.splitlines() if ln and not ln[0].isspace()
+                    and "=" in ln.split("#")[0]]
+        assert not caplog.records and [p.name for p in params] == assigned, (nb_path.name, caplog.text)
