@@ -1,4 +1,4 @@
-"""A run does not depend on what was cached or run before it (issue 20, section 3).
+"""A run does not depend on what was cached or run before it.
 
 The bug: training seeded the global RNG before loading the model; a first load of smollm2-135m converts the GGUF
 through `AutoModelForCausalLM.from_config`, whose random initialisation consumed that RNG, so a cold cache changed

@@ -24,7 +24,7 @@ from tokeneff.config import ConfigError
 
 TINY = dict(model="tiny-random", max_new_tokens=8, group_size=4, prompts_per_step=4, eval_batch_size=4,
             digits_a=1, digits_b=1, eval_limit=4, lr=1e-2)
-TIMING = ("step_seconds", "rollout_seconds", "peak_memory_mb", "eval_seconds")
+TIMING = ("step_seconds", "rollout_seconds", "peak_memory_mb")
 
 
 def _runs(root, workers):

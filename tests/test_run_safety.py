@@ -1,4 +1,4 @@
-"""Nothing outside a run folder is ever touched (issue 23): links inside a run folder, a failing run beside a
+"""Nothing outside a run folder is ever touched: links inside a run folder, a failing run beside a
 sibling, an interrupt before the first checkpoint, a grid stopped by SIGTERM, a full disk at each write."""
 
 import json

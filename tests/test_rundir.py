@@ -156,7 +156,7 @@ def _ckpt(folder: Path, step: int, complete: bool = True) -> None:
     ({"checkpoint.prev": 2, "checkpoint.tmp": 3}, 3, None),  # killed between the two renames
     ({"checkpoint": -3, "checkpoint.prev": 2}, 2, "incomplete or corrupt"),  # corrupt current: fall back
     ({"checkpoint": -3}, None, "no complete checkpoint"),
-    ({"checkpoint": 2, "checkpoint.old": -1}, 2, None),  # leftover of the old format (issue 11's repro)
+    ({"checkpoint": 2, "checkpoint.old": -1}, 2, None),  # leftover of the old format
 ])
 def test_recovery_picks_the_newest_complete_checkpoint(tmp_path, capsys, layout, expect_step, expect_message):
     for name, step in layout.items():

@@ -1,7 +1,8 @@
 """What an algorithm returns: the (completion, position) pairs that carry loss, each with its advantage.
 
-All three algorithms share rollout, loss and training loop; they differ only in `select`, which maps one
-sampled group (completion token ids and rewards) to `Credits`. The loss of a group is
+All three algorithms share rollout, loss and training loop; they differ in `select`, which maps one sampled group
+(completion token ids and rewards) to `Credits`, and T-SPMO also in how groups are sampled (`tspmo.ReplaySampler`,
+a group sampler). The loss of a group is
     L = - sum_j weight_j * A_j * ratio_j  (+ beta * sum_j weight_j * KL_j)
 where ratio_j = pi(y | ctx) / sg(pi(y | ctx)) for the token at (seq_j, pos_j); so `weight` carries each
 algorithm's normalisation (1 / (G |T_i|) for (S-)GRPO, 1 / #pairs for T-SPMO). `step_credits` gathers a step's
