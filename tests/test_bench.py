@@ -63,18 +63,14 @@ def test_versus_trl_same_settings(tmp_path):
     assert len(trl_ours["step_seconds"]) == 2
 
 
-def test_synthetic_rewards_reach_train_and_are_undone():
-    import importlib
-
-    from tokeneff.benchmarks.versus_trl import synthetic_reward, synthetic_rewards
+def test_the_synthetic_task_rewards_every_other_completion_and_leaves_svamp_alone():
+    from tokeneff.benchmarks.versus_trl import synthetic_reward, synthetic_task
     from tokeneff.config import make_config
+    from tokeneff.tasks import make_task
 
-    train_mod = importlib.import_module("tokeneff.train")  # the module (the package exports a `train` function)
-    cfg = make_config("embedded")
-    with synthetic_rewards():
-        task = train_mod.make_task(cfg)
-        assert task.reward(prompts=[None] * 4, completions=["a"] * 4, answer=[1.0] * 4) == [0.0, 1.0, 0.0, 1.0]
-    assert train_mod.make_task(cfg).reward is not synthetic_reward
+    task = synthetic_task()
+    assert task.reward(prompts=[None] * 4, completions=["a"] * 4, answer=[1.0] * 4) == [0.0, 1.0, 0.0, 1.0]
+    assert make_task(make_config("embedded")).reward is not synthetic_reward
     assert synthetic_reward([None] * 3, ["x", "y", "z"]) == [0.0, 1.0, 0.0]
 
 

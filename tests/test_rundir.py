@@ -95,15 +95,20 @@ def test_overwrite_refuses_a_run_holding_a_foreign_file(tmp_path, capsys):
     assert "nothing was deleted" in err and _tree(run) == before
 
 
-def test_overwrite_deletes_only_run_files_of_old_and_new_runs(tmp_path):
-    for marker in (True, False):  # runs written before the format marker existed are runs too
-        run = tmp_path / f"run{marker}"
-        _fake_run(run, marker=marker)
-        (run / ".metrics.jsonl.abc123").write_text("half")  # a temp file left by a kill
-        (run / "adapter.tmp").mkdir()
-        assert rundir.check_out(dict(out=str(run), algo="sgrpo"), resume=False, overwrite=True) == "run"
-        rundir.clear_run(run)
-        assert list(run.iterdir()) == []
+def test_overwrite_deletes_only_run_files_and_older_runs_are_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    _fake_run(run)
+    (run / ".metrics.jsonl.abc123").write_text("half")  # a temp file left by a kill
+    (run / "adapter.tmp").mkdir()
+    assert rundir.check_out(dict(out=str(run), algo="sgrpo"), resume=False, overwrite=True) == "run"
+    rundir.clear_run(run)
+    assert list(run.iterdir()) == []
+    older = tmp_path / "older"  # written before the format marker existed: refused, never deleted
+    _fake_run(older, marker=False)
+    before = _tree(older)
+    for flag in ("--resume", "--overwrite"):
+        _refused(capsys, TRAIN + ["--out", str(older), flag], "written by an older tokeneff (before run format 1)")
+    assert _tree(older) == before
     legacy_without_metrics = tmp_path / "x"
     legacy_without_metrics.mkdir()
     (legacy_without_metrics / "config.json").write_text('{"algo": "sgrpo", "task": "svamp", "model": "m", "steps": 1}')
@@ -156,7 +161,7 @@ def _ckpt(folder: Path, step: int, complete: bool = True) -> None:
     ({"checkpoint.prev": 2, "checkpoint.tmp": 3}, 3, None),  # killed between the two renames
     ({"checkpoint": -3, "checkpoint.prev": 2}, 2, "incomplete or corrupt"),  # corrupt current: fall back
     ({"checkpoint": -3}, None, "no complete checkpoint"),
-    ({"checkpoint": 2, "checkpoint.old": -1}, 2, None),  # leftover of the old format
+    ({"checkpoint.prev": 2}, 2, "checkpoint/ is missing: using checkpoint.prev/ (step 2)"),
 ])
 def test_recovery_picks_the_newest_complete_checkpoint(tmp_path, capsys, layout, expect_step, expect_message):
     for name, step in layout.items():

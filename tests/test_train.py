@@ -38,14 +38,14 @@ class FirstDigitTask(Task):
 
 
 @pytest.fixture
-def toy_task(monkeypatch):
-    monkeypatch.setattr(train_mod, "make_task", lambda cfg: FirstDigitTask(num_shots=0))
+def toy_task():
+    return FirstDigitTask(num_shots=0)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "sgrpo", "tspmo"])
 def test_tiny_run_writes_metrics_adapter_and_changes_lora(tiny_cfg, tmp_path, toy_task, algo):
     cfg = tiny_cfg(algo=algo, steps=3, lr=0.05, lora_dropout=0.0, group_size=8, prompts_per_step=4)
-    final = train(cfg, progress=False)
+    final = train(cfg, progress=False, custom_task=toy_task)
     run = tmp_path / "run"
     rows = _metrics(run)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
@@ -65,7 +65,7 @@ def test_tiny_run_writes_metrics_adapter_and_changes_lora(tiny_cfg, tmp_path, to
 def test_training_raises_reward(tiny_cfg, toy_task, algo):
     cfg = tiny_cfg(algo=algo, steps=30, group_size=8, prompts_per_step=4, max_new_tokens=4, lr=0.03,
                    beta=0.0, lora_dropout=0.0, eval_limit=1, save_every=100)
-    train(cfg, progress=False)
+    train(cfg, progress=False, custom_task=toy_task)
     rewards = [r["reward_mean"] for r in _metrics(__import__("pathlib").Path(cfg.out))[1:]]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.3, (first, last)
@@ -188,7 +188,7 @@ def test_concurrent_resume_is_refused_naming_the_holder(tmp_path, capsys):
 def test_sigkill_then_resume_matches_uninterrupted(tiny_cfg, tmp_path):
     """A real crash: the CLI is SIGKILLed after its step-3 checkpoint; --resume must end where a clean run ends."""
     args = ["--model", "tiny-random", "--task", "multiplication", "--algo", "sgrpo", "--steps", "6", "digits_a=1",
-            "digits_b=1", "group_size=4", "prompts_per_step=2", "max_new_tokens=8", "eval_limit=4",
+            "digits_b=1", "group_size=4", "prompts_per_step=2", "eval_limit=4",
             "eval_batch_size=4", "save_every=3", "lr=0.01", "max_new_tokens=24"]
     cmd = [sys.executable, "-m", "tokeneff.cli", "train"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -268,10 +268,9 @@ def test_group_sampler_prefix_reaches_the_rollout_and_the_reward(tiny_cfg, monke
     monkeypatch.setattr(train_mod, "group_sampler", recording_sampler)
     monkeypatch.setattr(train_mod, "sample", lambda m, t, ctxs, *a, **k: contexts.append(ctxs) or real_sample(
         m, t, ctxs, *a, **k))
-    monkeypatch.setattr(train_mod, "make_task", lambda cfg: Recording(num_shots=0))
     cfg = tiny_cfg(algo="tspmo", replay="on", replay_fraction=1.0, steps=4, group_size=8, max_new_tokens=6,
                    save_every=100)
-    train(cfg, progress=False)
+    train(cfg, progress=False, custom_task=Recording(num_shots=0))
     tok, n, G = char_tokenizer(), cfg.prompts_per_step, cfg.group_size
     assert len(picks) == len(contexts) * n == len(texts) * n == 4 * n
     replayed = 0

@@ -312,3 +312,44 @@ def test_multiplication_warm_start_trains_on_worked_answers_of_training_products
         "SmolLM2-135M-Instruct", "SmolLM2-135M + SFT warm start", "SmolLM2-135M + SFT warm start (whole epoch)",
         "SmolLM2-135M + SFT warm start (worked multiplication)"]
     assert model_label("Qwen/Qwen2-1.5B+sft") == "Qwen/Qwen2-1.5B + SFT warm start"
+
+
+def test_a_stopped_build_resumes_from_its_last_trainer_checkpoint_and_ends_as_an_unstopped_one(cache, monkeypatch,
+                                                                                               capsys):
+    """The whole SVAMP epoch takes hours on one thread: a build stopped by Ctrl-C, a kill or the end of a session
+    continues from its last trainer checkpoint instead of starting over."""
+    from safetensors.torch import load_file
+    from transformers import Trainer
+
+    monkeypatch.setattr(ws, "SAVE_STEPS", 1)
+    cfg = ws.make_warmstart_config({**TINY, "seed": 21, "lr": 9e-3})  # its own cache entry, otherwise the same
+    real, calls = Trainer.training_step, []
+
+    def stopped_at_step_3(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "training_step", stopped_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        ws.build_warm_start(cfg, progress=False)
+    assert not ws.is_complete(ws.cache_path(cfg))
+    assert [p.name for p in ws.progress_dir(cfg).glob("checkpoint-*")] == ["checkpoint-2"]  # the last one only
+    resumed_steps = []
+    monkeypatch.setattr(Trainer, "training_step", lambda self, *a, **k: resumed_steps.append(1) or real(self, *a, **k))
+    path = ws.build_warm_start(cfg, progress=True)
+    assert len(resumed_steps) == 2  # steps 3 and 4 only: 1 and 2 came from the checkpoint
+    info = json.loads((path / "warmstart.json").read_text())
+    assert info["resumed_from"] == "checkpoint-2" and info["optimizer_steps"] == 4
+    assert "resuming the warm start from" in capsys.readouterr().out
+    assert not ws.progress_dir(cfg).exists()  # done: the checkpoints are gone
+    # and it ends where an unstopped build of the same recipe ends
+    monkeypatch.setattr(ws, "progress_dir", lambda c: ws.cache_path(cfg).parent / ".again.progress")
+    monkeypatch.setattr(Trainer, "training_step", real)
+    again = ws._train_and_save  # build the same recipe afresh into a folder of its own
+    fresh = ws.cache_path(cfg).parent / "fresh"
+    fresh.mkdir()
+    again(cfg, fresh, False)
+    a, b = load_file(path / "model.safetensors"), load_file(fresh / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -42,7 +42,7 @@ def load_checkpoint(out: Path, policy, optimizer, rank: int, world: int) -> dict
     ck = out / CKPT
     man = json.loads((ck / MANIFEST).read_text()) if (ck / MANIFEST).is_file() else None
     if man is None:
-        return _load_legacy(ck, policy, optimizer, world) if (ck / "state.json").is_file() else None
+        return None
     n = man.get("num_processes", 1)
     if n != world:
         raise TokeneffError(f"out={str(out)!r}: its checkpoint (step {man['step']}) was written by {n} processes, "
@@ -52,20 +52,8 @@ def load_checkpoint(out: Path, policy, optimizer, rank: int, world: int) -> dict
     return {**torch.load(ck / f"rank{rank}.pt", weights_only=True), "step": shared["step"], "evals": shared["evals"]}
 
 
-def _load_legacy(ck: Path, policy, optimizer, world: int) -> dict[str, Any]:
-    """A checkpoint from before manifests (one process wrote everything; RNGs in rng.pt, the rest in JSON)."""
-    if world != 1:
-        raise TokeneffError(f"{str(ck)!r} predates per-process checkpoints: resume it with one process")
-    _restore_shared(ck, policy, optimizer)
-    rng = torch.load(ck / "rng.pt", weights_only=True)
-    state = json.loads((ck / "state.json").read_text())
-    s = state["select_rng"]
-    return {**state, "select_rng": (s[0], tuple(s[1]), s[2]), "torch_rng": rng["torch"],
-            "cuda_rng": rng.get("cuda", []), "python_rng": None}
-
-
 def _restore_shared(ck: Path, policy, optimizer) -> None:
-    """The parts every format shares: the LoRA adapter and the optimiser state."""
+    """The parts every rank shares: the LoRA adapter and the optimiser state."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 

@@ -1,8 +1,9 @@
 """The run directory: what --overwrite may delete, one process per run, checkpoints that survive a kill.
 
-A run directory is recognised by its `config.json`: the resolved config plus `tokeneff_run_format` (runs written
-before the field existed are recognised by a config.json of tokeneff's fields next to a metrics.jsonl).
-`--overwrite` deletes only such a directory, and only when everything in it is something a run writes.
+A run directory is recognised by its `config.json`: the resolved config plus `tokeneff_run_format`. Runs written
+before the field existed (a config.json of tokeneff's fields next to a metrics.jsonl, checkpoints without
+manifests) are recognised only to be refused in one line. `--overwrite` deletes only a run directory, and only when
+everything in it is something a run writes.
 
 Checkpoints: `checkpoint/` (latest) and `checkpoint.prev/` (the one before) are complete, each with a
 `manifest.json` (every file's size and SHA-256, plus the step) written last. A save writes `checkpoint.tmp/`,
@@ -34,11 +35,10 @@ from .utils import atomic_write_bytes, write_json
 RUN_FORMAT = 1
 FORMAT_KEY = "tokeneff_run_format"
 LOCK_NAME = ".tokeneff.lock"
-CKPT, PREV, TMP, LEGACY_OLD = "checkpoint", "checkpoint.prev", "checkpoint.tmp", "checkpoint.old"
+CKPT, PREV, TMP = "checkpoint", "checkpoint.prev", "checkpoint.tmp"
 MANIFEST = "manifest.json"
 # What a run writes (anything else in a folder means it is not only a run, and --overwrite leaves it alone).
-RUN_NAMES = {"config.json", "metrics.jsonl", "final.json", "adapter", "adapter.tmp", CKPT, PREV, TMP, LEGACY_OLD,
-             LOCK_NAME}
+RUN_NAMES = {"config.json", "metrics.jsonl", "final.json", "adapter", "adapter.tmp", CKPT, PREV, TMP, LOCK_NAME}
 RUN_PATTERNS = (re.compile(r"eval_step\d+\.json"),
                 # atomic_write_bytes' temp files, left by a kill during a write
                 re.compile(r"\.(config\.json|metrics\.jsonl|final\.json|eval_step\d+\.json)\..+"))
@@ -70,12 +70,14 @@ def _read_json(path: Path) -> Any:
 def run_config(out: Path) -> dict[str, Any] | None:
     """The run's config.json if `out` is a tokeneff run directory, else None."""
     cfg = _read_json(out / "config.json")
-    if not isinstance(cfg, dict):
-        return None
-    if isinstance(cfg.get(FORMAT_KEY), int):
-        return cfg
-    legacy = {"algo", "task", "model", "steps"} <= cfg.keys() and all(k in FIELD_NAMES for k in cfg)
-    return cfg if legacy and (out / "metrics.jsonl").is_file() else None
+    return cfg if isinstance(cfg, dict) and isinstance(cfg.get(FORMAT_KEY), int) else None
+
+
+def _is_older_run(out: Path) -> bool:
+    """A run written before the format field existed: tokeneff's fields in config.json, next to a metrics.jsonl."""
+    cfg = _read_json(out / "config.json")
+    return (isinstance(cfg, dict) and {"algo", "task", "model", "steps"} <= cfg.keys()
+            and all(k in FIELD_NAMES for k in cfg) and (out / "metrics.jsonl").is_file())
 
 
 def is_run_entry(name: str) -> bool:
@@ -90,7 +92,7 @@ def _is_model_folder(out: Path) -> bool:
 
 
 def classify(out: Path) -> str:
-    """missing | file | empty | run | model | foreign"""
+    """missing | file | empty | run | older (a run before format 1) | model | foreign"""
     if not out.exists():
         return "file" if out.is_symlink() else "missing"
     if not out.is_dir():
@@ -99,10 +101,12 @@ def classify(out: Path) -> str:
         return "empty"
     if run_config(out) is not None:
         return "run"
+    if _is_older_run(out):
+        return "older"
     return "model" if _is_model_folder(out) else "foreign"
 
 
-RUN_FOLDERS = {"adapter", "adapter.tmp", CKPT, PREV, TMP, LEGACY_OLD}
+RUN_FOLDERS = {"adapter", "adapter.tmp", CKPT, PREV, TMP}
 
 
 def linked_entries(out: Path) -> list[str]:
@@ -227,6 +231,9 @@ def check_out(cfg_dict: dict[str, Any], resume: bool, overwrite: bool) -> str:
         check_no_links(out, out_s)
     if kind == "file":
         raise TokeneffError(f"out={out_s!r} exists and is not a directory")
+    if kind == "older":
+        raise TokeneffError(f"out={out_s!r} was written by an older tokeneff (before run format {RUN_FORMAT}), which "
+                            "this one neither resumes nor overwrites: use another --out")
     if kind == "model":
         raise TokeneffError(f"out={out_s!r} is a model folder (config.json, weights or tokenizer), not a tokeneff run: "
                             "use another --out")
@@ -428,16 +435,6 @@ def verify(folder: Path) -> tuple[dict[str, Any] | None, str]:
     return man, ""
 
 
-def _legacy(folder: Path) -> dict[str, Any] | None:
-    """A checkpoint written before manifests existed (state.json, rng.pt, optimizer.pt, adapter/)."""
-    st = _read_json(folder / "state.json")
-    need = ("rng.pt", "optimizer.pt", "adapter/adapter_model.safetensors")
-    if isinstance(st, dict) and isinstance(st.get("step"), int) and all((folder / n).is_file() for n in need) \
-            and not (folder / MANIFEST).exists():
-        return dict(step=st["step"], legacy=True, num_processes=1)
-    return None
-
-
 def _rmtree(path: Path) -> None:
     """Delete a file or a folder file by file, never following a link: a link is removed, never what it points
     to. The walk holds each folder open (O_NOFOLLOW) and removes names relative to it, so a folder swapped for a
@@ -488,18 +485,14 @@ def recover_checkpoints(out: Path) -> dict[str, Any] | None:
     for name in (CKPT, PREV, TMP):
         if (out / name).exists():
             found[name] = verify(out / name)
-    if CKPT in found and found[CKPT][0] is None:
-        legacy = _legacy(out / CKPT)
-        if legacy:
-            found[CKPT] = (legacy, "")
-    if (out / LEGACY_OLD).exists():
-        found[LEGACY_OLD] = (_legacy(out / LEGACY_OLD), "leftover")
     complete = {n: m for n, (m, _) in found.items() if m is not None}
     best = max(complete, key=lambda n: (complete[n]["step"], n == CKPT), default=None)
     if CKPT in found and found[CKPT][0] is None:
         alt = (f"using {best}/ (step {complete[best]['step']}) instead" if best
                else "removed it; no complete checkpoint is left")
         say(f"{out / CKPT}/ is incomplete or corrupt ({found[CKPT][1]}): {alt}")
+    elif CKPT not in found and best == PREV:  # (missing while .tmp is complete: a kill mid-swap, finished below)
+        say(f"{out / CKPT}/ is missing: using {best}/ (step {complete[best]['step']}) instead")
     if best == TMP:  # killed during a swap: finish it
         _rmtree(out / PREV)
         if CKPT in complete:
@@ -507,13 +500,12 @@ def recover_checkpoints(out: Path) -> dict[str, Any] | None:
         else:
             _rmtree(out / CKPT)
         os.replace(out / TMP, out / CKPT)
-    elif best in (PREV, LEGACY_OLD):
+    elif best == PREV:
         _rmtree(out / CKPT)
         os.replace(out / best, out / CKPT)
     elif best is None:
         _rmtree(out / CKPT)  # corrupt, and nothing to fall back to
-    for name in (TMP, LEGACY_OLD):
-        _rmtree(out / name)
+    _rmtree(out / TMP)
     if (out / PREV).exists() and verify(out / PREV)[0] is None:
         _rmtree(out / PREV)
     fsync_path(out)

@@ -11,46 +11,27 @@ adapter-free reference) -> one AdamW update of the LoRA weights. The loop knows 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .algorithms import ALGORITHMS, GroupSampler, StepCredits, group_sampler, step_credits
-from .checkpoint import load_checkpoint, save_checkpoint
 from .checks import check_context, check_lora_targets, check_model_path, check_precision
 from .config import TokeneffError, TrainConfig, make_config
 from .evaluate import evaluate_model
 from .loss import SelectiveLogProbs, policy_loss
 from .mechanisms import step_mechanisms
 from .rollout import Rollout, build_prompt, decode, encode_prompts, sample
-from .rundir import (
-    CKPT,
-    FORMAT_KEY,
-    MANIFEST,
-    RUN_FORMAT,
-    MetricsLog,
-    RunLock,
-    _rmtree,
-    check_out,
-    clear_run,
-    disk_error,
-    recover_checkpoints,
-    say,
-    write_failure,
-    writing,
-)
-from .tasks import Problem, make_task
-from .utils import memory_mb, seed_everything, set_threads, write_json
+from .run import Run
+from .tasks import Problem, Task, make_task
+from .utils import memory_mb, seed_everything, set_threads
 from .warmstart import model_folder
 
 TIMING_KEYS = ("step_seconds", "rollout_seconds", "peak_memory_mb")  # metrics.jsonl keys that vary run to run
@@ -92,8 +73,7 @@ class LoopState:
         self.step, self.evals, self.data_pos, self.bad_in_row = s["step"], s["evals"], s["data_pos"], s["bad_in_row"]
         self.select_rng.setstate(s["select_rng"])
         self.sampler.load_state_dict(s)  # it reads its own keys
-        if s.get("python_rng") is not None:
-            random.setstate(s["python_rng"])
+        random.setstate(s["python_rng"])
         torch.set_rng_state(s["torch_rng"])
         if s["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(s["cuda_rng"])
@@ -189,12 +169,13 @@ def reduce_sums(accel, sums: dict[str, float]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------
 
 def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, **overrides) -> dict[str, Any]:
+          progress: bool = True, custom_task: Task | None = None, **overrides) -> dict[str, Any]:
     """Train a LoRA adapter with `config.algo`; returns the final summary (also written to final.json).
 
     resume: continue the run in `config.out` from its newest complete checkpoint (a finished run returns its
     final.json at once; a new or empty folder starts at step 0). overwrite: delete the run in `config.out` first
-    (only a tokeneff run directory holding nothing else; see rundir.py).
+    (only a tokeneff run directory holding nothing else; see rundir.py). custom_task: a `Task` to train and
+    evaluate on instead of `tasks.make_task(config)` (one with another reward, say).
     """
     from accelerate import Accelerator
 
@@ -204,131 +185,27 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
         config = make_config(config.profile, overrides={**config.to_dict(), **overrides})
     cfg = config.validate()
     check_precision(cfg.mixed_precision)
-
     accel = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     if accel.device.type == "cpu":
         set_threads(cfg.threads)
-    main = accel.is_main_process
-    out = Path(cfg.out)
-    kind = check_out(cfg.to_dict(), resume, overwrite)  # read-only: before anything is loaded or written
-    if resume and kind == "run" and (out / "final.json").is_file():
-        final = _read_final(out)
-        if final and final["steps_done"] >= cfg.steps and final.get("algo") == cfg.algo:
-            _check_finished_run(out, final, cfg)
-            if progress and main:
-                say(f"{out} finished at step {final['steps_done']}: nothing to resume")
-            return final
-    check_model_path(model_folder(cfg.model))  # a warm start must be built (never here), a local folder whole
-    accel.wait_for_everyone()
-    lock = RunLock(out).acquire() if main else None  # one process per run directory
-    written: dict[str, bool] = {}
-    try:
-        if main:
-            kind = check_out(cfg.to_dict(), resume, overwrite)  # again, now that no other process can change it
-        return _train_locked(cfg, accel, out, kind, resume, overwrite, progress, written)
-    except KeyboardInterrupt:
-        if main:
-            _interrupted(out, written.get("config", False), fresh=kind in ("missing", "empty") or overwrite)
-        raise
-    except Exception as e:
-        kept = _kept_after_stop(out, written.get("config", False), fresh=kind in ("missing", "empty") or overwrite) \
-            if main else ""
-        if isinstance(e, TokeneffError) and kept:
-            raise TokeneffError(f"{e}; {kept}") from None
-        raise
-    finally:
-        if lock is not None:  # folders this call created are removed again if the run never started
-            lock.release(remove_created=not (out / "config.json").is_file())
-
-
-def _interrupted(out: Path, started: bool, fresh: bool) -> None:
-    """The message after Ctrl-C or SIGTERM (what is kept: `_kept_after_stop`)."""
-    if not started:  # interrupted while loading (a warm-start build, say): nothing in `out` changed
-        print(f"\ninterrupted before the run started: nothing was written in {out}; run the same command again",
-              flush=True)
-        return
-    kept = _kept_after_stop(out, started, fresh)
-    if _checkpoint_step(out) is not None:
-        print(f"\ninterrupted: {kept}", flush=True)
-    elif fresh:
-        print(f"\ninterrupted before the first checkpoint: {kept}; run the same command again to start over",
-              flush=True)
-    else:
-        print(f"\ninterrupted before the first checkpoint of {out}: run the same command again (with --resume) to "
-              "start at step 0", flush=True)
-
-
-def _checkpoint_step(out: Path) -> int | str | None:
-    """The step of the complete checkpoint in `out` ("?" when its manifest cannot be read), None when there is none."""
-    man = out / CKPT / MANIFEST
-    if not man.is_file():
-        return None
-    try:
-        return json.loads(man.read_text())["step"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "?"
-
-
-def _kept_after_stop(out: Path, started: bool, fresh: bool) -> str:
-    """What a run that stopped early (interrupt or error) leaves, said in a few words. A run that this call started
-    afresh and that has no checkpoint yet is cleared, so the same command simply starts again."""
-    if not started:
-        return ""  # nothing in `out` changed
-    step = _checkpoint_step(out)
-    if step is not None:
-        return f"the checkpoint of step {step} is kept in {out}/{CKPT}: add --resume to continue from it"
-    if fresh:
-        with contextlib.suppress(OSError):
-            clear_run(out)
-        return f"nothing was kept in {out}"
-    return f"{out} has no checkpoint yet: --resume starts it at step 0"
-
-
-def _read_final(out: Path) -> dict[str, Any] | None:
-    """final.json, or None (with a message) when it is damaged: the run then finishes again from its checkpoint."""
-    try:
-        final = json.loads((out / "final.json").read_text())
-    except (OSError, ValueError):
-        final = None
-    if isinstance(final, dict) and isinstance(final.get("steps_done"), int) and not isinstance(final["steps_done"],
-                                                                                               bool):
+    run = Run(cfg, accel, resume, overwrite, progress)
+    final = run.finished()
+    if final is not None:
         return final
-    say(f"{out}/final.json is damaged (cut off or not a run's summary): finishing the run again from its checkpoint")
-    return None
+    check_model_path(model_folder(cfg.model))  # a warm start must be built (never here), a local folder whole
+    with run:
+        return _train(cfg, accel, run, custom_task or make_task(cfg), progress)
 
 
-# A finished run's results were measured with these: returning them for other values would mislabel them.
-RESULT_KEYS = ("eval_limit", "eval_max_new_tokens", "eval_every", "eval_at_start", "eval_split")
-
-
-def _check_finished_run(out: Path, final: dict[str, Any], cfg: TrainConfig) -> None:
-    if final["steps_done"] > cfg.steps:
-        raise TokeneffError(f"out={str(out)!r} finished at step {final['steps_done']}; steps={cfg.steps} asks for "
-                            "fewer, which its results cannot show: use another --out")
-    old = json.loads((out / "config.json").read_text())
-    for k in RESULT_KEYS:
-        if k in old and old[k] != getattr(cfg, k):
-            raise TokeneffError(f"out={str(out)!r} finished with {k}={old[k]!r} (its results were measured so); "
-                                f"{k}={getattr(cfg, k)!r} now would mislabel them: use another --out")
-
-
-def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, overwrite: bool,
-                  progress: bool, written: dict[str, bool]) -> dict[str, Any]:
+def _train(cfg: TrainConfig, accel, run: Run, task: Task, progress: bool) -> dict[str, Any]:
+    """The loop: load, then `train_step` after `train_step`, evaluating, logging and saving on the way."""
     from peft import get_peft_model
 
     from .models import load_model
 
     main, rank, world = accel.is_main_process, accel.process_index, accel.num_processes
-    task = make_task(cfg)
-    train_problems, test_problems = task.problems("train"), task.problems(cfg.eval_split)
-    for split, probs in (("train", train_problems), (cfg.eval_split, test_problems)):
-        if not probs:
-            raise TokeneffError(f"task {cfg.task!r}: its {split} split is empty")
-    if cfg.eval_limit:
-        test_problems = test_problems[: cfg.eval_limit]
-
-    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" and torch.cuda.is_available() else torch.float32
-    model, tok = load_model(model_folder(cfg.model), dtype=dtype)
+    train_problems, test_problems = _problems(task, cfg)
+    model, tok = load_model(model_folder(cfg.model), dtype=_dtype(cfg))
     check_lora_targets(model, cfg.lora_target_list(), cfg.model)
     check_context(model, tok, task, train_problems + test_problems, cfg)
     # Seeded after loading: a first load converts the model (random init from_config) and would consume the RNG,
@@ -337,135 +214,48 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    # Only now, with task and model loaded without error, does anything in the run directory change.
-    if main:
-        with writing(f"{out} (preparing the run folder)"):
-            if overwrite and kind == "run":
-                clear_run(out)
-            if resume and kind == "run":
-                recover_checkpoints(out)
-        with writing(f"{out}/config.json"):
-            write_json(out / "config.json", {**cfg.to_dict(), FORMAT_KEY: RUN_FORMAT})
-        written["config"] = True
-    accel.wait_for_everyone()
+    run.prepare()
     policy = get_peft_model(model, cfg.peft_config())
     policy_lp = SelectiveLogProbs(policy, cfg.lm_head_tile, temperature=cfg.temperature)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     policy_lp, optimizer = accel.prepare(policy_lp, optimizer)
     policy = accel.unwrap_model(policy_lp).model
-
     order = list(range(len(train_problems)))
     random.Random(cfg.seed).shuffle(order)
     state = LoopState(order, data_pos=rank * cfg.prompts_per_step, select_rng=random.Random(cfg.seed + 1),
                       sampler=group_sampler(cfg))
-    saved = load_checkpoint(out, policy, optimizer, rank, world) if resume else None
+    saved = run.restore(policy, optimizer)
     if saved:
         state.load_state_dict(saved)
-    if resume and main:
-        if saved:
-            say(f"resuming from step {state.step} ({out / CKPT})")
-        elif kind == "run" or progress:
-            say(f"no checkpoint in {out}: starting at step 0")
-    with writing(f"{out}/metrics.jsonl"):
-        log = MetricsLog(out / "metrics.jsonl", state.step + 1 if saved else 0, main)
 
-    def run_eval() -> float:
+    def evaluate_now() -> float:
         t = time.perf_counter()
         res = evaluate_model(policy, tok, task, test_problems, cfg.eval_batch_size,
                              cfg.eval_max_new_tokens or cfg.max_new_tokens, progress and main, cfg.rollout_backend)
         state.evals.append(dict(step=state.step, accuracy=res["accuracy"], n=res["n"],
                                 seconds=time.perf_counter() - t))
-        if main:
-            with writing(f"{out}/eval_step{state.step}.json"):
-                write_json(out / f"eval_step{state.step}.json", res)
+        run.record_eval(state.step, res)
         return res["accuracy"]
 
-    def save() -> None:
-        save_checkpoint(out, accel, policy, optimizer, state.step, state.evals, state.state_dict())
-
     if state.step == 0 and not state.evals and cfg.eval_at_start:
-        acc = run_eval()
-        with writing(f"{out}/metrics.jsonl"):
-            log.write(dict(step=0, eval_accuracy=acc))
-
+        run.log(dict(step=0, eval_accuracy=evaluate_now()))
     policy_lp.train()
     bar = tqdm(total=cfg.steps, initial=state.step, desc=f"{cfg.algo} {cfg.task}", disable=not (progress and main))
-    stop = StopAfterStep(enabled=world == 1)
-    try:
-        with stop:
-            while state.step < cfg.steps:
-                t0 = time.perf_counter()
-                groups = pick_groups(cfg, train_problems, tok, task, state)
-                roll, rewards, credits, rollout_s = sample_and_score(cfg, policy, tok, task, groups, state)
-                loss, kl = backward(cfg, accel, policy_lp, roll, credits)
-                grad_norm = accel.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-                finite = math.isfinite(loss) and (grad_norm is None or torch.isfinite(grad_norm).item())
-                if finite:
-                    optimizer.step()
-                    if not all(torch.isfinite(p).all() for p in params):  # what would reach the sampler next
-                        raise TokeneffError(f"step {state.step + 1}: the update made LoRA weights non-finite "
-                                            f"(lr={cfg.lr:g}, weight_decay={cfg.weight_decay:g}: too large?): "
-                                            "stopping")
-                optimizer.zero_grad(set_to_none=True)
-                state.bad_in_row = 0 if finite else state.bad_in_row + 1
-                state.data_pos += (world - 1) * cfg.prompts_per_step  # ranks take interleaved prompts
-                state.step += 1
-
-                # metrics: counts summed over ranks by name, rewards gathered
-                n_tokens = sum(len(x) for x in roll.completions)
-                s = reduce_sums(accel, dict(zero_std=credits.zero_std_groups, groups=len(groups), loss=loss, kl=kl,
-                                            tokens_in_loss=len(credits), tokens_total=n_tokens,
-                                            tokens_in_signal_groups=credits.signal_tokens))
-                r = accel.gather(torch.tensor(rewards, device=accel.device))
-                row = dict(step=state.step, reward_mean=float(r.mean()), reward_std=float(r.std()),
-                           frac_groups_zero_std=s["zero_std"] / s["groups"], loss=s["loss"] / world,
-                           kl=s["kl"] / world, tokens_in_loss=int(s["tokens_in_loss"]),
-                           tokens_total=int(s["tokens_total"]),
-                           frac_tokens_in_loss=s["tokens_in_loss"] / max(s["tokens_total"], 1),
-                           tokens_in_signal_groups=int(s["tokens_in_signal_groups"]),
-                           completion_len_mean=n_tokens / len(roll.completions),
-                           clipped_ratio=sum(roll.truncated) / len(roll.truncated),
-                           grad_norm=float(grad_norm) if grad_norm is not None else None, skipped=not finite,
-                           **state.sampler.metrics(), rollout_seconds=rollout_s,
-                           **step_mechanisms([len(g.prefix) for g in groups], rewards, credits, cfg.group_size,
-                                             cfg.max_new_tokens))
-                if not finite:
-                    tqdm.write(f"step {state.step}: non-finite loss, update skipped ({state.bad_in_row} in a row)")
-                    if state.bad_in_row >= cfg.max_bad_steps:
-                        raise TokeneffError(f"{state.bad_in_row} non-finite losses in a row: stopping (lower lr?)")
-                row["step_seconds"] = time.perf_counter() - t0
-                row["peak_memory_mb"] = memory_mb(peak=True, device=accel.device)
-                if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == cfg.steps:
-                    row["eval_accuracy"] = run_eval()
-                log.write(row)
-                bar.update()
-                bar.set_postfix(reward=f"{row['reward_mean']:.2f}", tok=f"{row['frac_tokens_in_loss']:.0%}")
-                stopping = stop.requested  # read once: a signal arriving now waits for the next step
-                if state.step % cfg.save_every == 0 or state.step == cfg.steps or stopping:
-                    save()
-                if stopping and state.step < cfg.steps:
-                    tqdm.write(f"stopped after step {state.step}")
-                    raise Stopped(stopping)
-    except KeyboardInterrupt:
-        if main and world == 1:
-            recover_checkpoints(out)  # a second interrupt may have landed inside a save (train() says the rest)
-        raise
-    except Exception as e:  # noqa: BLE001 - only write failures are mapped, the rest re-raised
-        if isinstance(e, TokeneffError) or write_failure(e) is None:
-            raise
-        raise disk_error(e, f"{out} after step {state.step}") from None
-    finally:
-        bar.close()
-
-    if main:
-        with writing(f"{out}/final.json"):  # adapter/ and final.json are replaced together: final.json goes first
-            (out / "final.json").unlink(missing_ok=True)
-        with writing(f"{out}/adapter"):
-            _rmtree(out / "adapter.tmp")  # never through a link
-            policy.save_pretrained(out / "adapter.tmp")
-            _rmtree(out / "adapter")
-            os.replace(out / "adapter.tmp", out / "adapter")
+    with run.training(lambda: state.step), StopAfterStep(enabled=world == 1) as stop, bar:
+        while state.step < cfg.steps:
+            row = train_step(cfg, accel, policy, policy_lp, optimizer, params, tok, task, train_problems, state)
+            if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == cfg.steps:
+                row["eval_accuracy"] = evaluate_now()
+            run.log(row)
+            bar.update()
+            bar.set_postfix(reward=f"{row['reward_mean']:.2f}", tok=f"{row['frac_tokens_in_loss']:.0%}")
+            stopping = stop.requested  # read once: a signal arriving now waits for the next step
+            if state.step % cfg.save_every == 0 or state.step == cfg.steps or stopping:
+                run.save(policy, optimizer, state.step, state.evals, state.state_dict())
+            if stopping and state.step < cfg.steps:
+                tqdm.write(f"stopped after step {state.step}")
+                raise Stopped(stopping)
     # Data-parallel ranks must end with the same adapter: record a checksum per rank.
     checksum = torch.stack([p.detach().double().abs().sum() for p in params]).sum().reshape(1).to(accel.device)
     evals = state.evals
@@ -473,11 +263,73 @@ def _train_locked(cfg: TrainConfig, accel, out: Path, kind: str, resume: bool, o
                  steps_done=state.step, algo=cfg.algo, task=cfg.task, model=cfg.model, profile=cfg.profile,
                  seed=cfg.seed, evals=evals, base_accuracy=evals[0]["accuracy"] if evals else None,
                  final_accuracy=evals[-1]["accuracy"] if evals else None)
-    if main:
-        with writing(f"{out}/final.json"):
-            write_json(out / "final.json", final)
-    accel.wait_for_everyone()
+    run.finish(policy, final)
     return final
+
+
+def _problems(task: Task, cfg: TrainConfig) -> tuple[list[Problem], list[Problem]]:
+    """The training problems and the evaluation's (the first eval_limit of its split)."""
+    train_problems, test_problems = task.problems("train"), task.problems(cfg.eval_split)
+    for split, probs in (("train", train_problems), (cfg.eval_split, test_problems)):
+        if not probs:
+            raise TokeneffError(f"task {cfg.task!r}: its {split} split is empty")
+    return train_problems, test_problems[: cfg.eval_limit] if cfg.eval_limit else test_problems
+
+
+def _dtype(cfg: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.mixed_precision == "bf16" and torch.cuda.is_available() else torch.float32
+
+
+def train_step(cfg: TrainConfig, accel, policy, policy_lp, optimizer, params, tok, task, problems: list[Problem],
+               state: LoopState) -> dict[str, Any]:
+    """One policy update: pick groups, sample and score, backward on the credited tokens, one AdamW step (skipped
+    when the loss or gradient is not finite). Returns the step's metrics row."""
+    t0 = time.perf_counter()
+    groups = pick_groups(cfg, problems, tok, task, state)
+    roll, rewards, credits, rollout_s = sample_and_score(cfg, policy, tok, task, groups, state)
+    loss, kl = backward(cfg, accel, policy_lp, roll, credits)
+    grad_norm = accel.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+    finite = math.isfinite(loss) and (grad_norm is None or torch.isfinite(grad_norm).item())
+    if finite:
+        optimizer.step()
+        if not all(torch.isfinite(p).all() for p in params):  # what would reach the sampler next
+            raise TokeneffError(f"step {state.step + 1}: the update made LoRA weights non-finite (lr={cfg.lr:g}, "
+                                f"weight_decay={cfg.weight_decay:g}: too large?): stopping")
+    optimizer.zero_grad(set_to_none=True)
+    state.bad_in_row = 0 if finite else state.bad_in_row + 1
+    state.data_pos += (accel.num_processes - 1) * cfg.prompts_per_step  # ranks take interleaved prompts
+    state.step += 1
+    row = step_metrics(cfg, accel, state, groups, roll, rewards, credits, loss, kl, grad_norm, finite, rollout_s)
+    if not finite:
+        tqdm.write(f"step {state.step}: non-finite loss, update skipped ({state.bad_in_row} in a row)")
+        if state.bad_in_row >= cfg.max_bad_steps:
+            raise TokeneffError(f"{state.bad_in_row} non-finite losses in a row: stopping (lower lr?)")
+    row["step_seconds"] = time.perf_counter() - t0
+    row["peak_memory_mb"] = memory_mb(peak=True, device=accel.device)
+    return row
+
+
+def step_metrics(cfg: TrainConfig, accel, state: LoopState, groups: list[Group], roll: Rollout,
+                 rewards: list[float], credits: StepCredits, loss: float, kl: float, grad_norm, finite: bool,
+                 rollout_seconds: float) -> dict[str, Any]:
+    """The step's row of metrics.jsonl: counts summed over data-parallel ranks by name, rewards gathered."""
+    world = accel.num_processes
+    n_tokens = sum(len(x) for x in roll.completions)
+    s = reduce_sums(accel, dict(zero_std=credits.zero_std_groups, groups=len(groups), loss=loss, kl=kl,
+                                tokens_in_loss=len(credits), tokens_total=n_tokens,
+                                tokens_in_signal_groups=credits.signal_tokens))
+    reward = accel.gather(torch.tensor(rewards, device=accel.device))
+    return dict(step=state.step, reward_mean=float(reward.mean()), reward_std=float(reward.std()),
+                frac_groups_zero_std=s["zero_std"] / s["groups"], loss=s["loss"] / world, kl=s["kl"] / world,
+                tokens_in_loss=int(s["tokens_in_loss"]), tokens_total=int(s["tokens_total"]),
+                frac_tokens_in_loss=s["tokens_in_loss"] / max(s["tokens_total"], 1),
+                tokens_in_signal_groups=int(s["tokens_in_signal_groups"]),
+                completion_len_mean=n_tokens / len(roll.completions),
+                clipped_ratio=sum(roll.truncated) / len(roll.truncated),
+                grad_norm=float(grad_norm) if grad_norm is not None else None, skipped=not finite,
+                **state.sampler.metrics(), rollout_seconds=rollout_seconds,
+                **step_mechanisms([len(g.prefix) for g in groups], rewards, credits, cfg.group_size,
+                                  cfg.max_new_tokens))
 
 
 class Stopped(KeyboardInterrupt):

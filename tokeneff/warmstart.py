@@ -49,6 +49,8 @@ from .tasks.answer import is_correct
 from .tasks.base import format_number
 
 MUL_ONLY = ("digits_a", "digits_b", "answer_format")
+SAVE_STEPS = 10
+"""optimizer steps between a build's trainer checkpoints (LoRA weights, optimiser, scheduler, RNGs: a few MB)"""
 BUILDER_VERSION = 1
 """bump when the way examples or training are built changes: it is part of the recipe hash"""
 
@@ -334,6 +336,12 @@ def recipe_hash(cfg: WarmStartConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def progress_dir(cfg: WarmStartConfig) -> Path:
+    """Where a build keeps its trainer checkpoints until it is done (a stopped build resumes from them)."""
+    target = cache_path(cfg)
+    return target.parent / f".{target.name}.progress"
+
+
 def cache_path(cfg: WarmStartConfig) -> Path:
 
     name = re.sub(r"[^A-Za-z0-9_.+-]+", "--", cfg.model.strip().strip("/"))[-80:]
@@ -415,6 +423,7 @@ def _train_and_save(cfg: WarmStartConfig, out: Path, progress: bool) -> None:
     import datasets
     import torch
     from transformers import PrinterCallback
+    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
     start = time.perf_counter()
@@ -425,14 +434,20 @@ def _train_and_save(cfg: WarmStartConfig, out: Path, progress: bool) -> None:
     check_lora_targets(model, cfg.lora_target_list(), cfg.model)
     tok.padding_side = "right"
     steps = math.ceil(len(rows) / cfg.batch_size) * cfg.epochs
+    # Trainer checkpoints in a folder of their own beside the cache entry: a build stopped by Ctrl-C, a kill or the
+    # end of a session resumes from its last one (the whole SVAMP epoch takes hours on one CPU thread).
+    ckpts = progress_dir(cfg)
+    last = get_last_checkpoint(str(ckpts)) if ckpts.is_dir() else None
+    done_before = int(Path(last).name.rsplit("-", 1)[-1]) if last else 0  # checkpoint-<optimizer step>
     args = SFTConfig(
-        output_dir=str(out / "_trainer"), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
+        output_dir=str(ckpts), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1, lr_scheduler_type="linear",
         warmup_steps=0, weight_decay=0.0, seed=cfg.seed, data_seed=cfg.seed,
         bf16=False, fp16=False, activation_checkpointing=False,  # fp32 (TRL defaults: bf16, checkpointing)
         completion_only_loss=True,  # loss on the assistant's answer only (prompt/completion dataset)
         max_length=None,  # no truncation: the longest example is a few hundred tokens
-        logging_steps=max(1, steps // 20), logging_first_step=True, save_strategy="no", report_to="none",
+        logging_steps=max(1, steps // 20), logging_first_step=True, save_strategy="steps", save_steps=SAVE_STEPS,
+        save_total_limit=1, report_to="none",
         push_to_hub=False, disable_tqdm=not progress, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
@@ -442,16 +457,18 @@ def _train_and_save(cfg: WarmStartConfig, out: Path, progress: bool) -> None:
                              processing_class=tok, peft_config=peft_config)
         if not progress:
             trainer.remove_callback(PrinterCallback)  # the per-log-step lines printed when tqdm is off
-        result = trainer.train()
+        if last and progress:
+            print(f"resuming the warm start from {last}", flush=True)
+        result = trainer.train(resume_from_checkpoint=last)
         merged = trainer.model.merge_and_unload()
         if not all(torch.isfinite(p).all() for p in merged.parameters()):  # never cached: later runs would reuse it
+            shutil.rmtree(ckpts, ignore_errors=True)  # nor resumed
             raise ConfigError(f"the warm start's weights are not finite after training (lr={cfg.lr:g}: too large?): "
                               "nothing was cached")
         merged.save_pretrained(out, safe_serialization=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     tok.padding_side = "left"
     tok.save_pretrained(out)
-    shutil.rmtree(out / "_trainer", ignore_errors=True)
     info = {
         "label": f"{cfg.model} + SFT warm start",
         "recipe_hash": recipe_hash(cfg),
@@ -463,11 +480,14 @@ def _train_and_save(cfg: WarmStartConfig, out: Path, progress: bool) -> None:
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
         "loss_log": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+        "resumed_from": Path(last).name if last else None,
         "wall_seconds": round(time.perf_counter() - start, 2),
         "train_seconds": round(result.metrics["train_runtime"], 2),
-        "train_seconds_per_example": round(result.metrics["train_runtime"] / (len(rows) * cfg.epochs), 4),
+        "train_seconds_per_example": round(result.metrics["train_runtime"] / max(1, min(
+            len(rows) * cfg.epochs, (trainer.state.global_step - done_before) * cfg.batch_size)), 4),
     }
     (out / "warmstart.json").write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(ckpts, ignore_errors=True)  # built: build_warm_start renames `out` into place next
     os.chmod(out, 0o755)  # mkdtemp made it private; the cache is an ordinary folder
 
 

@@ -14,8 +14,6 @@ other completion of a group rewarded, as in `tokeneff bench`'s synthetic groups)
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import sys
 import tempfile
@@ -46,23 +44,11 @@ def synthetic_reward(prompts: list, completions: list, **columns) -> list[float]
     return [float(i % 2) for i in range(len(completions))]
 
 
-@contextlib.contextmanager
-def synthetic_rewards():
-    """Within this block, `tokeneff.train.train` rewards completions with `synthetic_reward` (evaluation, which
-    checks answers, is unchanged)."""
-    train_mod = importlib.import_module("tokeneff.train")  # the module: the package exports a `train` function
-    make_task = train_mod.make_task
-
-    def with_synthetic_reward(cfg):
-        task = make_task(cfg)
-        task.reward = synthetic_reward
-        return task
-
-    train_mod.make_task = with_synthetic_reward
-    try:
-        yield
-    finally:
-        train_mod.make_task = make_task
+def synthetic_task():
+    """SVAMP whose training reward is `synthetic_reward` (evaluation, which checks answers, is unchanged)."""
+    task = _svamp_task()
+    task.reward = synthetic_reward
+    return task
 
 
 def _dtype() -> torch.dtype:
@@ -84,9 +70,9 @@ def weights_only(spec: dict[str, Any]) -> dict[str, Any]:
 def tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
     from ..train import train
 
-    rewards = synthetic_rewards() if spec.get("reward") == "synthetic" else contextlib.nullcontext()
-    with tempfile.TemporaryDirectory() as tmp, rewards:
-        train(profile="embedded", model=spec["model"], task="svamp", algo=spec["algo"], steps=spec["steps"],
+    with tempfile.TemporaryDirectory() as tmp:
+        train(custom_task=synthetic_task() if spec.get("reward") == "synthetic" else None,
+              profile="embedded", model=spec["model"], task="svamp", algo=spec["algo"], steps=spec["steps"],
               group_size=spec["group_size"], prompts_per_step=1, max_new_tokens=spec["max_new_tokens"],
               beta=0.0, log_kl=False, lora_r=16, lora_alpha=32, lora_targets=",".join(LORA_TARGETS),
               lr=1e-5, eval_at_start=False, eval_limit=1, save_every=spec["steps"], out=tmp,
@@ -100,7 +86,8 @@ def tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
                 completion_len_mean=[r["completion_len_mean"] for r in rows], peak_memory_mb=memory_mb(peak=True))
 
 
-def trl_side(spec: dict[str, Any]) -> dict[str, Any]:
+def trl_side(spec: dict[str, Any], trainer_cls=None) -> dict[str, Any]:
+    """TRL's GRPOTrainer (or `trainer_cls`, a subclass taking the same arguments) for spec["steps"] steps."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -133,9 +120,10 @@ def trl_side(spec: dict[str, Any]) -> dict[str, Any]:
                                                                                           False),
                           disable_tqdm=True)
         reward = synthetic_reward if spec.get("reward") == "synthetic" else task.reward
-        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
-                              processing_class=tok, peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                                                           target_modules=LORA_TARGETS),
+        trainer_cls = trainer_cls or GRPOTrainer
+        trainer = trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
+                              peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                     target_modules=LORA_TARGETS),
                               callbacks=[StepTimer()])
         trainer.train()
     lens = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
@@ -147,8 +135,6 @@ def trl_tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
     `trl_side` (S-GRPO's alpha, P, k: the embedded profile's, as in the `tokeneff-sgrpo` row)."""
     import functools
 
-    import trl
-
     from ..config import make_config
     from ..trl_trainers import SGRPOTrainer, TSPMOTrainer
 
@@ -156,13 +142,7 @@ def trl_tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = make_config("embedded")
     cls = (functools.partial(SGRPOTrainer, sgrpo_alpha=cfg.sgrpo_alpha, sgrpo_p=cfg.sgrpo_p, sgrpo_k=cfg.sgrpo_k)
            if algo == "sgrpo" else TSPMOTrainer)
-    original = trl.GRPOTrainer
-    trl.GRPOTrainer = cls  # trl_side does `from trl import GRPOTrainer` when it runs
-    try:
-        row = trl_side(spec)
-    finally:
-        trl.GRPOTrainer = original
-    return dict(row, side=f"trl-{algo}")
+    return dict(trl_side(spec, trainer_cls=cls), side=f"trl-{algo}")
 
 
 SIDES = {"weights": weights_only, "tokeneff": tokeneff_side, "trl": trl_side, "trl-tokeneff": trl_tokeneff_side}
