@@ -45,3 +45,16 @@ def test_bad_profile_and_config_file(tmp_path):
     assert make_config(file=str(f)).steps == 7
     with pytest.raises(ConfigError, match="does not exist"):
         make_config(file=str(tmp_path / "nope.yaml"))
+
+
+def test_every_config_field_says_how_it_meets_a_rerun():
+    """A new TrainConfig field must be classified once (config.FIELD_RULES): may a resume change it, were a finished
+    run's results measured with it, does greedy evaluation depend on it."""
+    from tokeneff.config import EVAL_KEYS, FIELD_NAMES, FIELD_RULES, RESULT_KEYS, RESUMABLE_KEYS
+
+    assert sorted(FIELD_RULES) == sorted(FIELD_NAMES)
+    assert all(v == "-" or set(v) <= set("rme") for v in FIELD_RULES.values())
+    assert "steps" in RESUMABLE_KEYS and "lr" not in RESUMABLE_KEYS and "algo" not in RESUMABLE_KEYS
+    assert "eval_split" in RESULT_KEYS and "eval_split" not in RESUMABLE_KEYS  # another split is another result
+    assert {"model", "task", "max_new_tokens", "eval_max_new_tokens", "eval_split"} <= set(EVAL_KEYS)
+    assert "lr" not in EVAL_KEYS and "seed" not in EVAL_KEYS  # the base model's greedy evaluation ignores them

@@ -290,6 +290,24 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 
+# How each field meets a rerun, decided here once per field (tests/test_config.py: every field is listed):
+#   r  may change on --resume (the schedule, where files go, speed): not what the updates do
+#   m  a finished run's results were measured with it: returning them for another value is refused
+#   e  greedy evaluation's outcomes depend on it: the base model's evaluation is cached per these
+#   -  none: it changes what training does, so a resume must keep it
+FIELD_RULES: dict[str, str] = dict(
+    lora_r="-", lora_alpha="-", lora_dropout="-", lora_targets="-", algo="-", task="e", model="e", profile="-",
+    steps="r", seed="-", out="r", threads="r", svamp_dir="e", extra_train="-", digits_a="e", digits_b="e",
+    num_shots="e", answer_format="e", group_size="-", prompts_per_step="-", max_new_tokens="e", temperature="-",
+    top_p="-", rollout_backend="e", sgrpo_alpha="-", sgrpo_p="-", sgrpo_k="-", beta="-", log_kl="-", adv_eps="-",
+    replay="-", replay_fraction="-", replay_buffer_size="-", lr="-", weight_decay="-", max_grad_norm="-",
+    micro_batch_size="-", gradient_checkpointing="-", mixed_precision="-", lm_head_tile="-", eval_every="rm",
+    eval_at_start="rm", eval_limit="rme", eval_split="me", eval_batch_size="r", eval_max_new_tokens="rme",
+    save_every="r", max_bad_steps="r")
+RESUMABLE_KEYS = tuple(k for k, v in FIELD_RULES.items() if "r" in v)
+RESULT_KEYS = tuple(k for k, v in FIELD_RULES.items() if "m" in v)
+EVAL_KEYS = tuple(k for k, v in FIELD_RULES.items() if "e" in v)
+
 
 def _coerce(name: str, raw: Any) -> Any:
     return coerce(name, raw, getattr(TrainConfig, name, None))

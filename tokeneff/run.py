@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TokeneffError, TrainConfig
+from .config import RESULT_KEYS, TokeneffError, TrainConfig
 from .rundir import (
     CKPT,
     FORMAT_KEY,
@@ -34,9 +34,6 @@ from .rundir import (
     writing,
 )
 from .utils import write_json
-
-# A finished run's results were measured with these: returning them for other values would mislabel them.
-RESULT_KEYS = ("eval_limit", "eval_max_new_tokens", "eval_every", "eval_at_start", "eval_split")
 
 
 class Run:

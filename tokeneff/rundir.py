@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import FIELD_NAMES, TokeneffError, clip, show
+from .config import FIELD_NAMES, RESUMABLE_KEYS, TokeneffError, clip, show
 from .utils import atomic_write_bytes, write_json
 
 RUN_FORMAT = 1
@@ -42,9 +42,6 @@ RUN_NAMES = {"config.json", "metrics.jsonl", "final.json", "adapter", "adapter.t
 RUN_PATTERNS = (re.compile(r"eval_step\d+\.json"),
                 # atomic_write_bytes' temp files, left by a kill during a write
                 re.compile(r"\.(config\.json|metrics\.jsonl|final\.json|eval_step\d+\.json)\..+"))
-# Keys that do not change the training trajectory: they may differ on --resume.
-RESUMABLE_KEYS = ("steps", "out", "save_every", "eval_every", "eval_batch_size", "eval_limit", "eval_max_new_tokens",
-                  "eval_at_start", "threads", "max_bad_steps")
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json",
                "tokenizer_config.json", "generation_config.json")
 

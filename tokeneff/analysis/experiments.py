@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, TrainConfig, make_config, show
+from ..config import EVAL_KEYS, ConfigError, TrainConfig, make_config, show
 from ..evaluate import evaluate
 from ..train import train
 from ..utils import atomic_write_bytes, environment, write_json
@@ -73,10 +73,6 @@ def smoke_scale(params: dict[str, Any]) -> dict[str, Any]:
     if "extra" in params:
         out["extra"] = dict(params["extra"], **SMOKE)
     return out
-
-
-EVAL_KEYS = ("task", "model", "svamp_dir", "digits_a", "digits_b", "num_shots", "max_new_tokens", "eval_limit",
-             "eval_max_new_tokens", "rollout_backend", "answer_format", "eval_split")
 
 
 def default_workers() -> int:
