@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 NB      := 01_svamp 02_multiplication 03_ablation_full_vs_selective 04_memory_and_speed 05_trl 06_worked_multiplication
 
-.PHONY: setup reproduce reproduce-full reproduce-full-svamp reproduce-full-mul reproduce-full-mulworked test test-slow smoke lab bench bench-all bench-gpu gpu-session lint clean summary \
+.PHONY: pilot-svamp-budget setup reproduce reproduce-full reproduce-full-svamp reproduce-full-mul reproduce-full-mulworked test test-slow smoke lab bench bench-all bench-gpu gpu-session lint clean summary \
         mutation
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -37,7 +37,12 @@ reproduce: setup
 # reproduce): SVAMP from the SFT warm start (built first, cached) with more updates and seeds; multiplication with
 # 5 seeds and T-SPMO without replay (the runs make reproduce made are reused) and S-GRPO's P sweep. Each half is
 # a target of its own; the summary gives each half's wall time.
-FULL_SVAMP := -p results_name embedded-full -p model smollm2-135m+sft -y "seeds: [0, 1]" -p steps 40 -p eval_every 10
+# SVAMP: from the whole-epoch warm start, 4 seeds, with a token budget chosen on the validation split
+# (make pilot-svamp-budget; results/pilots/README.md). Its runs live in results/embedded-full/runs like worked
+# multiplication's, so a later session continues the grid. SVAMP_TOKENS is set once the pilot has chosen it.
+SVAMP_TOKENS ?=
+FULL_SVAMP := -p results_name embedded-full -p runs_dir ../results/embedded-full/runs -p model smollm2-135m+sftepoch \
+              -y "seeds: [0, 1, 2, 3]" -p steps 40 -p eval_every 20 -p max_completion_length $(SVAMP_TOKENS)
 FULL_MUL   := -p results_name embedded-full -y "seeds: [0, 1, 2, 3, 4]"
 FULL_DIR   := results/embedded-full
 reproduce-full: reproduce-full-mulworked reproduce-full-svamp reproduce-full-mul
@@ -57,9 +62,11 @@ reproduce-full-mulworked: setup
 	$(PY) -m tokeneff.analysis.summary --name embedded-full --part mulworked --wall-seconds $$(( $$(date +%s) - start ))
 
 reproduce-full-svamp: setup
+	@[ -n "$(SVAMP_TOKENS)" ] || { echo "SVAMP_TOKENS is not chosen yet: run make pilot-svamp-budget and pick the cap on \
+	validation (results/pilots/README.md), then make reproduce-full-svamp SVAMP_TOKENS=<cap>"; exit 2; }
 	@mkdir -p $(FULL_DIR)/notebooks
 	@start=$$(date +%s); \
-	$(VENV)/bin/tokeneff warmstart --model smollm2-135m && \
+	$(VENV)/bin/tokeneff warmstart --model smollm2-135m+sftepoch && \
 	$(VENV)/bin/papermill --cwd notebooks -p profile embedded $(FULL_SVAMP) notebooks/01_svamp.ipynb \
 	  $(FULL_DIR)/notebooks/01_svamp.ipynb && \
 	$(PY) -m tokeneff.analysis.summary --name embedded-full --part svamp --wall-seconds $$(( $$(date +%s) - start ))
@@ -74,6 +81,15 @@ reproduce-full-mul: setup
 	  notebooks/03_ablation_full_vs_selective.ipynb $(FULL_DIR)/notebooks/03_ablation_full_vs_selective.ipynb && \
 	$(PY) -m tokeneff.analysis.summary --name embedded-full --part multiplication \
 	  --wall-seconds $$(( $$(date +%s) - start ))
+
+# Pilot on the validation split (never the test problems): SVAMP's token budget for the whole-epoch warm start.
+# One greedy evaluation at 200 new tokens gives every smaller cap's truncation and accuracy (analysis/budget.py).
+pilot-svamp-budget: setup
+	$(VENV)/bin/tokeneff warmstart --model smollm2-135m+sftepoch
+	$(VENV)/bin/tokeneff evaluate --task svamp --model smollm2-135m+sftepoch --split val \
+	  --out results/pilots/svamp_sftepoch_val_200.json max_new_tokens=200
+	$(PY) -m tokeneff.analysis.budget results/pilots/svamp_sftepoch_val_200.json \
+	  | tee results/pilots/svamp_sftepoch_val_budget.md
 
 summary: setup
 	$(PY) -m tokeneff.analysis.summary --name $(PROFILE)

@@ -6,7 +6,7 @@ of answers L truncates and the accuracy it leaves (the answer read from the firs
 would read it).
 Used on the validation split only (README, "How settings were chosen"):
 
-    python -m tokeneff.analysis.budget results/pilots/svamp_sftepoch_val_200.json --model smollm2-135m+sftepoch
+    python -m tokeneff.analysis.budget results/pilots/svamp_sftepoch_val_200.json
 """
 
 from __future__ import annotations
@@ -54,16 +54,21 @@ def completion_ids(records: list[dict], model: str) -> tuple[list[list[int]], ob
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tokeneff.analysis.budget", description=__doc__.splitlines()[0])
     p.add_argument("evaluation", help="the JSON that `tokeneff evaluate --out` wrote, at a large max_new_tokens")
-    p.add_argument("--model", required=True, help="the model evaluated (for its tokenizer)")
-    p.add_argument("--cap", type=int, required=True, help="the max_new_tokens the evaluation ran with")
+    p.add_argument("--model", help="the model evaluated, for its tokenizer (default: the file's)")
+    p.add_argument("--cap", type=int, help="the max_new_tokens the evaluation ran with (default: the file's)")
     args = p.parse_args(argv)
     try:
         try:
-            records = json.loads(Path(args.evaluation).read_text())["records"]
+            result = json.loads(Path(args.evaluation).read_text())
+            records = result["records"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise TokeneffError(f"{args.evaluation}: not an evaluation file ({clip(str(e), 200)})") from None
-        ids, decode = completion_ids(records, args.model)
-        table = budget_table(records, ids, decode, args.cap)
+        model, cap = args.model or result.get("model"), args.cap or result.get("max_new_tokens")
+        if not model or not cap:
+            raise TokeneffError(f"{args.evaluation} does not say its {'model' if not model else 'cap'}: pass "
+                                f"{'--model' if not model else '--cap'}")
+        ids, decode = completion_ids(records, model)
+        table = budget_table(records, ids, decode, cap)
     except TokeneffError as e:
         print(f"tokeneff: error: {e}", file=sys.stderr)
         return 2
