@@ -490,3 +490,65 @@ def test_weights_made_non_finite_by_an_update_stop_the_run(tmp_path, capsys, mon
 def test_evaluate_in_fp16_on_a_cpu_is_refused(tmp_path, capsys):
     _refused(capsys, EVAL + ["--out", tmp_path / "e.json", "mixed_precision=fp16"], "needs a CUDA GPU")
     assert not (tmp_path / "e.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a second round of hostile cases
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_special_and_damaged_files_never_hang_or_read_as_missing(finished, tmp_path, capsys):
+    # a FIFO where config.json belongs: refused before anything reads it (a read would block forever)
+    (tmp_path / "f").mkdir()
+    os.mkfifo(tmp_path / "f" / "config.json")
+    for flag in ([], ["--resume"], ["--overwrite"]):
+        _refused(capsys, ["train", *TINY, "--steps", 1, "--out", tmp_path / "f", *flag],
+                 "'config.json' is not a regular file")
+    # evaluate --out a FIFO: refused, never replaced by a file
+    os.mkfifo(tmp_path / "fifo.json")
+    _refused(capsys, ["evaluate", "--model", "tiny-random", "--task", "multiplication", "--out",
+                      tmp_path / "fifo.json"], "is not a regular file")
+    assert not (tmp_path / "fifo.json").is_file()
+    # a run whose config.json is damaged is named as such, and left alone
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "config.json").write_text('{"algo": "grpo", "ta')
+    before = _tree(run)
+    _refused(capsys, ["train", *TINY, "--steps", 3, "--out", run, "--resume"], "its config.json is damaged")
+    assert _tree(run) == before
+
+
+def test_resume_with_every_checkpoint_damaged_is_refused_and_deletes_nothing(finished, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    for ck in ("checkpoint", "checkpoint.prev"):
+        opt = run / ck / "optimizer.pt"
+        opt.write_bytes(opt.read_bytes()[:100])
+    before = _tree(run)
+    line = _refused(capsys, ["train", *TINY, "--steps", 3, "--out", run, "--resume"],
+                    "no complete checkpoint to resume from")
+    assert "checkpoint/: optimizer.pt has 100 bytes" in line and "checkpoint.prev/:" in line
+    assert _tree(run) == before  # the metrics, the evaluations and the damaged checkpoints are all still there
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("beta: 0\nbeta: 0.5\n")
+    (tmp_path / "c.json").write_text('{"beta": 0, "beta": 0.5}')
+    (tmp_path / "m.yaml").write_text("base: &b {beta: 0}\nother:\n  <<: *b\n  beta: 1\n")  # merged keys: overridable
+    for f in ("c.yaml", "c.json"):
+        _refused(capsys, ["train", "--config", tmp_path / f], "gives beta twice")
+    from tokeneff.config import load_config_file
+
+    assert load_config_file(str(tmp_path / "m.yaml"))["other"] == {"beta": 1}
+
+
+def test_option_values_are_bounded_and_grid_variants_cannot_set_what_the_grid_sets(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--steps", "9" * 100_000])
+    err = capsys.readouterr().err
+    assert len(err) < 1000 and "Traceback" not in err, err[:300]
+    from tokeneff.analysis.experiments import run_grid
+    from tokeneff.config import ConfigError
+
+    with pytest.raises(ConfigError, match="seed= in variant 'a' is set by the grid itself"):
+        run_grid("x", "multiplication", {"a": {"seed": 3}}, [0], 1, root=str(tmp_path), model="tiny-random")
+    assert list(tmp_path.iterdir()) == []

@@ -1,6 +1,7 @@
 """results/summary.md: verdicts recomputed from the stored intervals, and wall times kept per part of a tier."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -106,3 +107,19 @@ def test_a_task_without_outcomes_is_not_audited(tmp_path):
     s = json.loads((tmp_path / "a" / "multiplication_summary.json").read_text())
     (tmp_path / "a" / "multiplication_summary.json").write_text(json.dumps(dict(s, audit="runs lost")))
     assert "| **not auditable (runs lost)** |" in build(tmp_path / "a")
+
+
+def test_results_files_of_the_wrong_kind_are_damaged_not_missing(tmp_path, capsys):
+    """A FIFO or a folder in place of a results file must not read as "not run": the verdicts would silently change."""
+    folder = tmp_path / "embedded"
+    _summary(folder, 0.01, 0.09)
+    (folder / "multiplication_outcomes.csv").unlink()
+    os.mkfifo(folder / "multiplication_outcomes.csv")
+    assert main(["--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "multiplication_outcomes.csv' is damaged (ValueError: not a regular" in err
+    (folder / "multiplication_outcomes.csv").unlink()
+    (folder / "multiplication_summary.json").unlink()
+    (folder / "multiplication_summary.json").mkdir()
+    assert main(["--results", str(tmp_path), "--no-rebuild"]) == 2
+    assert "multiplication_summary.json' is damaged" in capsys.readouterr().err

@@ -12,8 +12,8 @@ from .config import ALGOS, PROFILES, TASKS, TokeneffError, clip, make_config, pa
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's own errors: one line, exit 2
-        self.exit(2, f"tokeneff: error: {message}\n")
+    def error(self, message: str):  # argparse's own errors: one bounded line, exit 2
+        self.exit(2, f"tokeneff: error: {clip(' '.join(message.split()), 500)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokeneff: error: {clip(' '.join(str(e).split()), 2000)}", file=sys.stderr)  # one bounded line
         return 2
     except KeyboardInterrupt:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting: no traceback from atexit hooks
         return 130
     except Exception as e:  # noqa: BLE001 - a failed read or write the paths above did not name: still one line
         if not (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):

@@ -380,10 +380,45 @@ def make_config(profile: str = "embedded", file: str | None = None,
     return cfg.validate()
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON objects: a key given twice is a mistake (which one was meant?), not last-wins."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _yaml_unique(text: str) -> Any:
+    """yaml.safe_load, refusing a mapping that gives a key twice (PyYAML keeps the last silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        # the mapping's own keys (a key merged in with `<<` may be overridden: that is what merging is for)
+        keys = [loader.construct_object(k, deep=deep) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"]
+        for i, k in enumerate(keys):
+            if k in keys[:i]:
+                raise _DuplicateKey(str(k))
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_config_file(path: str) -> dict[str, Any]:
     p = Path(path).expanduser()
     if p.is_dir():
         raise ConfigError(f"config file {path!r} is a folder: name a YAML or JSON file")
+    if p.exists() and not p.is_file():
+        raise ConfigError(f"config file {path!r} is not a regular file (a FIFO or device?): name a YAML or JSON file")
     if not p.is_file():
         raise ConfigError(f"config file {path!r} does not exist")
     try:
@@ -393,14 +428,11 @@ def load_config_file(path: str) -> dict[str, Any]:
     if "\x00" in text:
         raise ConfigError(f"config file {path!r} is not a text file (expected YAML or JSON)")
     try:
-        if p.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys) if p.suffix == ".json" else _yaml_unique(text)
+    except _DuplicateKey as e:
+        raise ConfigError(f"config file {path!r} gives {clip(str(e), 100)} twice: give each key once") from None
     except Exception as e:  # noqa: BLE001 - any parse error is the user's file
-        raise ConfigError(f"config file {path!r} could not be parsed: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file {path!r} could not be parsed: {clip(str(e).splitlines()[0], 200)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -103,7 +103,7 @@ class Run:
                 if self.overwrite and self.kind == "run":
                     clear_run(out)
                 if self.resume and self.kind == "run":
-                    recover_checkpoints(out)
+                    recover_checkpoints(out, strict=True)
             with writing(f"{out}/config.json"):
                 write_json(out / "config.json", {**self.cfg.to_dict(), FORMAT_KEY: RUN_FORMAT})
             self.started = True

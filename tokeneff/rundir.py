@@ -58,7 +58,10 @@ def say(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 def _read_json(path: Path) -> Any:
+    """A regular file's JSON, else None (a FIFO in its place would block the read forever)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
@@ -180,6 +183,8 @@ def check_out_file(out: str, what: str = "out") -> Path:
     if not p.name or out.endswith(("/", os.sep)):
         raise TokeneffError(f"{what}={out!r}: name a file, e.g. eval.json")
     check_writable(p.parent, what, out)
+    if p.exists() and not p.is_file():
+        raise TokeneffError(f"{what}={out!r} exists and is not a regular file (a FIFO or device?): name a JSON file")
     if p.exists() and not os.access(p, os.W_OK):
         raise TokeneffError(f"{what}={out!r}: the file is not writable")
     return p
@@ -223,9 +228,9 @@ def check_out(cfg_dict: dict[str, Any], resume: bool, overwrite: bool) -> str:
     if resume and overwrite:
         raise TokeneffError("--resume and --overwrite exclude each other: --resume continues the run in --out, "
                             "--overwrite replaces it")
-    kind = classify(out)
-    if kind in ("empty", "run"):
+    if out.is_dir():  # before anything in it is read: links and run files of the wrong kind (a FIFO would block)
         check_no_links(out, out_s)
+    kind = classify(out)
     if kind == "file":
         raise TokeneffError(f"out={out_s!r} exists and is not a directory")
     if kind == "older":
@@ -234,6 +239,10 @@ def check_out(cfg_dict: dict[str, Any], resume: bool, overwrite: bool) -> str:
     if kind == "model":
         raise TokeneffError(f"out={out_s!r} is a model folder (config.json, weights or tokenizer), not a tokeneff run: "
                             "use another --out")
+    if kind == "foreign" and (out / "config.json").is_file() and any(is_run_entry(p.name) and p.name != "config.json"
+                                                                     for p in out.iterdir() if p.name != LOCK_NAME):
+        raise TokeneffError(f"out={out_s!r} looks like a tokeneff run, but its config.json is damaged or not a run's "
+                            "config: nothing was changed; use another --out")
     if kind == "foreign":
         names = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
@@ -475,14 +484,20 @@ def _rmtree(path: Path) -> None:
         os.close(parent_fd)
 
 
-def recover_checkpoints(out: Path) -> dict[str, Any] | None:
+def recover_checkpoints(out: Path, strict: bool = False) -> dict[str, Any] | None:
     """Called at start under the lock: make `checkpoint/` the newest complete checkpoint (finishing a swap a kill
-    interrupted, or falling back to the previous one), delete leftovers; return its manifest or None."""
+    interrupted, or falling back to the previous one), delete leftovers; return its manifest or None. strict (a
+    resume): when checkpoint/ or checkpoint.prev/ exist but none is complete (damaged from outside: a kill always
+    leaves one whole), refuse in one line and delete nothing, rather than start the run over."""
     found: dict[str, tuple[dict[str, Any] | None, str]] = {}
     for name in (CKPT, PREV, TMP):
         if (out / name).exists():
             found[name] = verify(out / name)
     complete = {n: m for n, (m, _) in found.items() if m is not None}
+    if strict and not complete and ({CKPT, PREV} & found.keys()):
+        why = "; ".join(f"{n}/: {found[n][1]}" for n in (CKPT, PREV) if n in found)
+        raise TokeneffError(f"out={str(out)!r}: no complete checkpoint to resume from ({why}): nothing was deleted; "
+                            "--overwrite starts the run again")
     best = max(complete, key=lambda n: (complete[n]["step"], n == CKPT), default=None)
     if CKPT in found and found[CKPT][0] is None:
         alt = (f"using {best}/ (step {complete[best]['step']}) instead" if best

@@ -187,6 +187,13 @@ def run_grid(experiment: str, task: str, variants: dict[str, dict[str, Any]], se
     if len(set(seeds)) != len(seeds):
         dup = next(x for x in seeds if list(seeds).count(x) > 1)
         raise ConfigError(f"seeds={show(list(seeds))}: seed {dup} appears more than once (each seed is one run)")
+    grid_keys = {"task", "steps", "seed", "out", "eval_at_start"}  # the grid sets these for every run
+    for variant, over in variants.items():
+        clash = sorted(grid_keys & (set(over) | set(common)))
+        if clash:
+            where = f"variant {variant!r}" if clash[0] in over else "the common settings"
+            raise ConfigError(f"{experiment}: {clash[0]}= in {where} is set by the grid itself (task, steps, seeds, "
+                              "runs folder): pass it to run_grid instead")
     configs = [make_config(profile, overrides=dict(common, task=task, steps=steps, seed=seed, eval_at_start=False,
                                                    out=str(run_dir(root, profile, experiment, variant, seed)), **over))
                for variant, over in variants.items() for seed in seeds]

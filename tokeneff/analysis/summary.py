@@ -33,6 +33,16 @@ class Damaged(Exception):
         super().__init__(f"{str(f)!r} is damaged ({why}): regenerate it (rerun its notebook) or remove it")
 
 
+def _here(f: Path) -> bool:
+    """Whether a results file is there; one that exists but is not a regular file (a folder, a FIFO) is damaged,
+    never taken for missing: the verdicts would silently read "not run"."""
+    if f.is_symlink() or f.exists():
+        if not f.is_file():
+            raise Damaged(f, ValueError("not a regular file: a folder, FIFO or broken link"))
+        return True
+    return False
+
+
 def _load(f: Path):
     """A results JSON file (a JSON object), or Damaged."""
     try:
@@ -61,16 +71,19 @@ def rebuild(folder: Path, figures: bool = True) -> list[str]:
     done = []
     for name in EXPERIMENTS:
         f, o = folder / f"{name}_summary.json", folder / f"{name}_outcomes.csv"
-        if not (f.is_file() and o.is_file()):
+        if not (_here(f) and _here(o)):
             continue
         s = _load(f)
         missing = [k for k in ("task", "arms", "seeds", "problems", "base", "label", "paper_base") if k not in s]
         if missing:
             raise Damaged(f, KeyError(missing[0]))
         task = s["task"]
-        table = pd.read_csv(o)
         variants, seeds = list(s["arms"]), s["seeds"]
-        ids, base_vec, final = arms_from_table(table, variants, seeds)
+        try:
+            table = pd.read_csv(o)
+            ids, base_vec, final = arms_from_table(table, variants, seeds)
+        except (OSError, UnicodeDecodeError, pd.errors.ParserError, *DAMAGE) as e:
+            raise Damaged(o, e) from None
         if len(ids) != s["problems"]:
             raise ValueError(f"{o}: {len(ids)} problems for the base model, the summary says {s['problems']}")
         cut = arms_from_table(table, variants, seeds, "truncated")
@@ -123,7 +136,7 @@ def record_wall_time(folder: Path, part: str, seconds: int) -> None:
     import platform
 
     f = folder / "wall_times.json"
-    times = _load(f) if f.is_file() else {}
+    times = _load(f) if _here(f) else {}
     times[part] = dict(seconds=seconds, finished=datetime.datetime.now().isoformat(timespec="seconds"),
                        machine=f"{platform.machine()}, {os.cpu_count()} cores")
     atomic_write_bytes(f, (json.dumps(times, indent=1) + "\n").encode())
@@ -150,7 +163,7 @@ def build(folder: Path) -> str:
              "those runs are the same runs, so agreement between the tiers is not an independent confirmation.",
              ""]
     f = folder / "wall_times.json"
-    times = _load(f) if f.is_file() else {}  # record_wall_time's, per part
+    times = _load(f) if _here(f) else {}  # record_wall_time's, per part
     try:
         for part, t in times.items():
             what = ("the run that produced this folder (its notebooks; setting up .venv not included)"
@@ -166,12 +179,12 @@ def build(folder: Path) -> str:
 
     for name in EXPERIMENTS:  # each experiment's own record: a tier's experiments may run on different days
         f = folder / f"{name}_environment.json"
-        if f.is_file():
+        if _here(f):
             try:
                 lines += [f"Environment that produced `{name}`: {describe_environment(_load(f))}."]
             except DAMAGE as e:
                 raise Damaged(f, e) from None
-        elif (folder / f"{name}_summary.json").is_file():
+        elif _here(folder / f"{name}_summary.json"):
             lines += [f"Environment that produced `{name}`: not recorded (it predates "
                       "`<experiment>_environment.json`)."]
     lines.append("")
@@ -180,16 +193,16 @@ def build(folder: Path) -> str:
     found = False
     for name in EXPERIMENTS:
         f = folder / f"{name}_summary.json"
-        if f.is_file():
+        if _here(f):
             found = True
             try:
-                lines += _accuracy_rows(_load(f), (folder / f"{name}_outcomes.csv").is_file())
+                lines += _accuracy_rows(_load(f), _here(folder / f"{name}_outcomes.csv"))
             except DAMAGE as e:
                 raise Damaged(f, e) from None
         else:
             lines.append(f"| {name} | — | not run | — | — | — |")
     f = folder / "ablation_summary.json"
-    if f.is_file():
+    if _here(f):
         from .experiments import TOKEN_SHARE
 
         s = _load(f)
