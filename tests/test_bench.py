@@ -37,6 +37,7 @@ def test_bench_ladder_writes_every_variant(tmp_path):
     assert data["suite"] == "t"
     roll = data["rollout"]
     assert roll["tokeneff_sample_tokens_per_s"] > 0 and roll["hf_generate_static_tokens_per_s"] > 0
+    assert roll["static_sample_tokens_per_s"] > 0
     assert len(pd.read_csv(tmp_path / "bench_cpu_tiny-random_t.csv")) == len(rows)
 
 
@@ -104,7 +105,8 @@ def test_bench_keeps_what_it_measured_when_a_configuration_fails(tmp_path, monke
     data = json.loads((tmp_path / "bench_cpu_tiny-random.json").read_text())
     assert data["steps"] == [] and data["device"] == "GPU" and data["complete"] is False
     assert {k for k in data["rollout"] if k.endswith("_per_s")} == {"hf_generate_tokens_per_s",
-                                                                   "tokeneff_sample_tokens_per_s"}
+                                                                   "tokeneff_sample_tokens_per_s",
+                                                                   "static_sample_tokens_per_s"}
     monkeypatch.setattr(bench, "_in_subprocess", _fail_on(0, roll))
     run_bench(completion_lens=(4,), out=str(tmp_path))
     data = json.loads((tmp_path / "bench_cpu_tiny-random.json").read_text())
@@ -137,3 +139,19 @@ def test_one_memory_reader_for_training_and_benchmarks():
     now, peak = memory_mb(device=cpu), memory_mb(peak=True, device=cpu)
     # MiB of this process's resident set (torch loaded); ru_maxrss lags VmRSS by a page or so
     assert 10 < now < 1e6 and peak > now - 1
+
+
+def test_decode_limit_puts_the_backends_side_by_side(tmp_path):
+    from tokeneff.benchmarks.decode_limit import decode_limit
+
+    rows = decode_limit("tiny-random", batches=(4,), context=8, out=str(tmp_path), backends=("tokeneff", "static"),
+                        eval_limit=3)
+    steps, evals = rows[:2], rows[2:]
+    assert [(r["batch"], r["backend"]) for r in steps] == [(4, "tokeneff"), (4, "static")]
+    assert all(r["floor_ms"] > 0 and r["fraction_of_limit"] == r["floor_ms"] / r["step_ms"] for r in steps)
+    assert [(r["backend"], r["task"], r["n"], r["flips_vs"]) for r in evals] == [
+        ("tokeneff", "multiplication", 3, "tokeneff"), ("static", "multiplication", 3, "tokeneff")]
+    assert evals[1]["flips"] == len(evals[1]["differ"]) == 0 and evals[1]["accuracy"] == evals[0]["accuracy"]
+    assert json.loads((tmp_path / "decode_limit_cpu_tiny-random.json").read_text()) == rows
+    with pytest.raises(TokeneffError, match="backend 'vllm': must be one of tokeneff, static"):
+        decode_limit("tiny-random", backends=("vllm",))

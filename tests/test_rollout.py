@@ -1,3 +1,4 @@
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -104,3 +105,108 @@ def test_non_finite_logits_are_one_line_not_a_torch_traceback():
     with pytest.raises(TokeneffError, match="not finite"):
         pick_next(torch.full((2, 5), float("nan")))
     assert pick_next(torch.tensor([[0.0, 50.0, 0.0]])).tolist() == [1]
+
+
+def _model_where_rows_stop_at_different_steps():
+    """The tiny model with EOS set to a token that greedy decoding emits in two of the three contexts, at different
+    steps, and not in the third: with G = 3, six of nine rows stop, the static loop's batch halves once."""
+    model, tok = tiny_random(seed=1)
+    model.eval()
+    free = sample(model, tok, CONTEXTS, 1, 10, greedy=True).completions
+    first = [{t: row.index(t) for t in set(row[1:9])} for row in free]
+    eos = next(t for t in sorted(set().union(*first)) if sum(t in f for f in first) == 2
+               and len({f[t] for f in first if t in f}) == 2)
+    model.generation_config.eos_token_id = eos
+    tok.eos_token_id = eos
+    return model, tok
+
+
+def test_static_backend_greedy_matches_tokeneff_and_halves_its_batch():
+    model, tok = _model_where_rows_stop_at_different_steps()
+    want = sample(model, tok, CONTEXTS, 3, 10, greedy=True)
+    sizes = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: sizes.append(o.shape[0]))
+    got = sample(model, tok, CONTEXTS, 3, 10, greedy=True, backend="static")
+    hook.remove()
+    assert got.completions == want.completions and got.truncated == want.truncated
+    assert torch.equal(got.completion_ids, want.completion_ids)
+    assert sorted(len(c) for c in got.completions) == [3] * 3 + [6] * 3 + [10] * 3 and sum(got.truncated) == 3
+    # one prefill of the 3 contexts; then the forwards of tokens 1 to 9: all 9 rows while more than half run (3 stop
+    # at token 3), the 3 running rows only once 6 have stopped (at token 6)
+    assert sizes[0] == 3 and sizes[1:] == [9] * 5 + [3] * 4, sizes
+
+
+def test_static_backend_sampled_logprobs_equal_the_training_forward(monkeypatch):
+    """With LoRA merged for sampling, the sampler's log pi(token) at every sampled token equals what the loss
+    (SelectiveLogProbs on the unmerged adapter) computes, and sampling leaves the trained weights untouched."""
+    from peft import LoraConfig, get_peft_model
+
+    import tokeneff.rollout as rollout
+    from tokeneff.loss import SelectiveLogProbs
+
+    model, tok = tiny_random(seed=1)
+    torch.manual_seed(0)  # LoRA's A is drawn from the global generator
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)  # B starts at zero: make the adapter change the model
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    temperature, G = 0.8, 4
+    torch.manual_seed(1)
+    free = sample(policy, tok, CONTEXTS, G, 8, temperature, backend="static").completions
+    # four frequent tokens end a completion: rows stop at various steps, most before the end
+    eos = [t for t, _ in Counter(t for row in free for t in row[1:6]).most_common(4)]
+    policy.generation_config.eos_token_id = eos
+    tok.eos_token_id = eos[0]
+    steps = []
+    real_pick = rollout.pick_next
+    monkeypatch.setattr(rollout, "pick_next", lambda logits, **kw: steps.append(logits) or real_pick(logits, **kw))
+    torch.manual_seed(2)
+    roll = sample(policy, tok, CONTEXTS, G, 8, temperature, backend="static", merge_lora=True)
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+    comps = roll.completions
+    assert 1 < len({len(c) for c in comps}) and any(c[-1] in eos for c in comps)
+    # the sampler's rows at each step: all, then the running ones whenever they are at most half of the batch
+    sampler_lp, batch = {}, list(range(len(comps)))
+    for t, logits in enumerate(steps):
+        assert len(logits) == len(batch)
+        lp = torch.log_softmax(logits.float() / temperature, -1)
+        for i, r in enumerate(batch):
+            if t < len(comps[r]):
+                sampler_lp[r, t] = lp[i, comps[r][t]]
+        running = [r for r in batch if len(comps[r]) > t + 1]
+        batch = running if 2 * len(running) <= len(batch) else batch
+    assert len(steps[-1]) < len(comps), "the batch should have halved at least once"
+    cells = sorted(sampler_lp)
+    policy.eval()
+    with torch.no_grad():
+        train_lp = SelectiveLogProbs(policy, temperature=temperature)(
+            roll.context_ids, roll.context_mask, roll.completion_ids, roll.completion_mask,
+            torch.arange(len(comps)) // G, torch.tensor([r for r, _ in cells]), torch.tensor([t for _, t in cells]))
+    assert len(cells) == sum(len(c) for c in comps)
+    torch.testing.assert_close(torch.stack([sampler_lp[c] for c in cells]), train_lp, rtol=0, atol=1e-4)
+
+
+def test_rollout_options_are_checked():
+    cfg = make_config("embedded", overrides=dict(rollout_backend="static", rollout_compile="true",
+                                                 rollout_merge_lora="yes"))
+    assert cfg.rollout_options() == dict(backend="static", compile=True, merge_lora=True)
+    for over, msg in ((dict(rollout_compile="maybe"), "rollout_compile='maybe': expected bool"),
+                      (dict(rollout_compile=True), "rollout_compile=True: applies to rollout_backend=static only"),
+                      (dict(rollout_backend="hf", rollout_merge_lora=1),
+                       "rollout_merge_lora=True: applies to rollout_backend=static only")):
+        with pytest.raises(ConfigError, match=msg.replace("(", r"\(")) as e:
+            make_config("embedded", overrides=over)
+        assert "\n" not in str(e.value)
+    bad = dataclasses.replace(cfg, rollout_compile="yes")  # built in code, not parsed: still refused
+    with pytest.raises(ConfigError, match="rollout_compile='yes': must be true or false"):
+        bad.validate()
+
+
+@pytest.mark.slow
+def test_compiled_static_step_decodes_as_the_eager_one():
+    model, tok = _model_where_rows_stop_at_different_steps()
+    want = sample(model, tok, CONTEXTS, 3, 10, greedy=True, backend="static").completions
+    torch._dynamo.utils.counters.clear()
+    assert sample(model, tok, CONTEXTS, 3, 10, greedy=True, backend="static", compile=True).completions == want
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "the step should have run compiled"

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-limit", action="store_true",
                    help="only: one decode step of --model (default here: smollm2-135m) against this machine's "
                         "measured GEMM rate on the step's shapes, 1 thread")
+    b.add_argument("--backends", default="tokeneff",
+                   help="--decode-limit: rollout backends side by side, comma-separated, from "
+                        "tokeneff,static,static+compile,hf,hf-static")
+    b.add_argument("--eval-limit", type=int, default=0,
+                   help="--decode-limit: also time a greedy evaluation of this many test problems per backend")
+    b.add_argument("--task", choices=TASKS, default="multiplication", help="--decode-limit --eval-limit: the task")
     b.add_argument("--name", default="", help="suffix of the output files, e.g. growth")
     b.add_argument("--out", default="results/benchmarks")
     return p
@@ -142,9 +148,18 @@ def main(argv: list[str] | None = None) -> int:
                 from .benchmarks.decode_limit import decode_limit
 
                 model = "smollm2-135m" if args.model == "tiny-random" else args.model
-                for r in decode_limit(model, out=args.out):
-                    print(f"{r['model']} batch {r['batch']}: decode step {r['step_ms']:.0f} ms, machine floor "
-                          f"{r['floor_ms']:.0f} ms -> {r['fraction_of_limit']:.0%} of the limit "
+                if args.eval_limit < 0:
+                    raise TokeneffError(f"--eval-limit {args.eval_limit}: must not be negative")
+                backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+                for r in decode_limit(model, out=args.out, backends=backends, eval_limit=args.eval_limit,
+                                      eval_task=args.task):
+                    if r.get("kind") == "eval":
+                        print(f"{r['model']} {r['backend']:<15} greedy evaluation of {r['n']} {r['task']} problems: "
+                              f"{r['eval_seconds']:.1f} s, accuracy {r['accuracy']:.3f}, {r['flips']} completions "
+                              f"differ from {r['flips_vs']}")
+                        continue
+                    print(f"{r['model']} {r['backend']:<15} batch {r['batch']}: decode step {r['step_ms']:.0f} ms, "
+                          f"machine floor {r['floor_ms']:.0f} ms -> {r['fraction_of_limit']:.0%} of the limit "
                           f"({r['achieved_gflops']:.1f} GFLOP/s, {r['tokens_per_s']:.0f} tokens/s)")
             else:
                 from .benchmarks.bench import bench_cli

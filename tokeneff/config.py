@@ -50,7 +50,7 @@ def clip(text: str, limit: int = MAX_SHOWN) -> str:
 ALGOS = tuple(ALGORITHMS)  # the one list of algorithm names is algorithms.ALGORITHMS
 TASKS = ("svamp", "multiplication")
 PROFILES = ("embedded", "paper")
-BACKENDS = ("tokeneff", "hf", "hf-static")  # rollout backends (rollout.sample)
+BACKENDS = ("tokeneff", "hf", "hf-static", "static")  # rollout backends (rollout.sample)
 ANSWER_FORMATS = ("short", "worked")  # multiplication answers (tasks/multiplication.py)
 EVAL_SPLITS = ("test", "val")
 # Warm starts (warmstart.py) by model-name suffix: `<base><suffix>` loads the base's warm start built with this recipe
@@ -148,8 +148,15 @@ class TrainConfig(LoraSettings):
     temperature: float = 1.0
     top_p: float = 1.0
     rollout_backend: str = "tokeneff"
-    """tokeneff (prompt KV shared by its group, finished rows leave the batch) | hf (transformers generate,
-    shared prompt KV) | hf-static (generate with a static cache: compiled, CUDA graphs on a GPU)"""
+    """tokeneff (prompt KV shared by its group, finished rows leave the batch) | static (the same on a preallocated
+    KV cache and mask; finished rows leave when the running ones halve) | hf (transformers generate, shared prompt
+    KV) | hf-static (generate with a static cache: compiled, CUDA graphs on a GPU)"""
+    rollout_compile: bool = False
+    """static backend: its decode step under torch.compile (inductor; CUDA graphs on a GPU). Compiling costs minutes
+    and did not speed up a 1-thread CPU step (README, "Memory and speed")"""
+    rollout_merge_lora: bool = False
+    """static backend: sample with the LoRA update merged into a copy of the adapted weights (one matrix product per
+    layer instead of three; the originals are put back untouched). On this CPU: 3% off a step for ~0.2 s per rollout"""
 
     # --- algorithm ---
     sgrpo_alpha: int = 25
@@ -212,6 +219,11 @@ class TrainConfig(LoraSettings):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {', '.join(allowed)}")
+        for name in ("rollout_compile", "rollout_merge_lora"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+            if getattr(self, name) and self.rollout_backend != "static":
+                raise bad(name, f"applies to rollout_backend=static only (it is {self.rollout_backend!r})")
         if not isinstance(self.model, str) or not self.model.strip():
             raise bad("model", "must be a built-in name, a hub id or a local path")
         positive = ("steps", "group_size", "prompts_per_step", "max_new_tokens", "sgrpo_k",
@@ -267,6 +279,10 @@ class TrainConfig(LoraSettings):
         """T-SPMO's replay is on for this run (the rule lives in algorithms/tspmo.py: `replay_on`)."""
         return replay_on(self)
 
+    def rollout_options(self) -> dict[str, Any]:
+        """`rollout.sample`'s backend keywords."""
+        return dict(backend=self.rollout_backend, compile=self.rollout_compile, merge_lora=self.rollout_merge_lora)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -299,11 +315,11 @@ FIELD_RULES: dict[str, str] = dict(
     lora_r="-", lora_alpha="-", lora_dropout="-", lora_targets="-", algo="-", task="e", model="e", profile="-",
     steps="r", seed="-", out="r", threads="r", svamp_dir="e", extra_train="-", digits_a="e", digits_b="e",
     num_shots="e", answer_format="e", group_size="-", prompts_per_step="-", max_new_tokens="e", temperature="-",
-    top_p="-", rollout_backend="e", sgrpo_alpha="-", sgrpo_p="-", sgrpo_k="-", beta="-", log_kl="-", adv_eps="-",
-    replay="-", replay_fraction="-", replay_buffer_size="-", lr="-", weight_decay="-", max_grad_norm="-",
-    micro_batch_size="-", gradient_checkpointing="-", mixed_precision="-", lm_head_tile="-", eval_every="rm",
-    eval_at_start="rm", eval_limit="rme", eval_split="me", eval_batch_size="r", eval_max_new_tokens="rme",
-    save_every="r", max_bad_steps="r")
+    top_p="-", rollout_backend="e", rollout_compile="e", rollout_merge_lora="-", sgrpo_alpha="-", sgrpo_p="-",
+    sgrpo_k="-", beta="-", log_kl="-", adv_eps="-", replay="-", replay_fraction="-", replay_buffer_size="-", lr="-",
+    weight_decay="-", max_grad_norm="-", micro_batch_size="-", gradient_checkpointing="-", mixed_precision="-",
+    lm_head_tile="-", eval_every="rm", eval_at_start="rm", eval_limit="rme", eval_split="me", eval_batch_size="r",
+    eval_max_new_tokens="rme", save_every="r", max_bad_steps="r")
 RESUMABLE_KEYS = tuple(k for k, v in FIELD_RULES.items() if "r" in v)
 RESULT_KEYS = tuple(k for k, v in FIELD_RULES.items() if "m" in v)
 EVAL_KEYS = tuple(k for k, v in FIELD_RULES.items() if "e" in v)

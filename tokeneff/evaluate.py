@@ -18,15 +18,15 @@ from .warmstart import model_folder
 
 
 def evaluate_model(model, tokenizer, task: Task, problems: list[Problem], batch_size: int,
-                   max_new_tokens: int, progress: bool = True, backend: str = "tokeneff") -> dict[str, Any]:
+                   max_new_tokens: int, progress: bool = True, **rollout) -> dict[str, Any]:
+    """Greedy completions of `problems` in batches; `rollout`: `sample`'s backend keywords (cfg.rollout_options())."""
     records = []  # `sample` runs the model in eval mode and restores its mode
     bar = tqdm(range(0, len(problems), batch_size), desc=f"eval {task.name}", disable=not progress,
                leave=False)
     for start in bar:
         batch = problems[start: start + batch_size]
         prompts = [build_prompt(tokenizer, task.messages(p)) for p in batch]
-        roll = sample(model, tokenizer, encode_prompts(tokenizer, prompts), 1, max_new_tokens, greedy=True,
-                      backend=backend)
+        roll = sample(model, tokenizer, encode_prompts(tokenizer, prompts), 1, max_new_tokens, greedy=True, **rollout)
         for p, prompt, comp, cut in zip(batch, prompts, roll.completions, roll.truncated, strict=True):
             text = decode(tokenizer, comp)
             records.append(dict(id=p.id, prompt=prompt, completion=text, extracted=extract_answer(text),
@@ -80,7 +80,7 @@ def evaluate(task: str = "svamp", model: str = "smollm2-135m", adapter: str | No
     if torch.cuda.is_available():
         lm = lm.to("cuda")
     result = evaluate_model(lm, tok, t, problems, cfg.eval_batch_size,
-                            cfg.eval_max_new_tokens or cfg.max_new_tokens, progress, cfg.rollout_backend)
+                            cfg.eval_max_new_tokens or cfg.max_new_tokens, progress, **cfg.rollout_options())
     result.update(model=cfg.model, adapter=adapter, split=split, profile=cfg.profile, num_shots=cfg.num_shots,
                   max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens)
     if out:

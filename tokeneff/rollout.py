@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -107,11 +109,9 @@ def _share_prefix(model, cache, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, m
     return suffix_ids, full, (full.cumsum(-1) - 1).clamp(min=0)[:, shared:]
 
 
-def decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int, max_new_tokens: int,
-                eos: set[int], **pick) -> list[list[int]]:
-    """Token-by-token sampling with a KV cache. Each context is prefilled once and its cache copied to its G
-    rows; a row that emits EOS leaves the batch (its cache rows are dropped), so the step's cost follows the
-    rows still running rather than the longest one, which `generate` pays for every row."""
+def prefill_groups(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int):
+    """Prefill each context once (the prefix all contexts share only once) and repeat its cache to its G rows.
+    Returns the first token's logits, the DynamicCache and the attention mask, all with U * G rows."""
     from transformers import DynamicCache
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -121,7 +121,15 @@ def decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_sample
                 logits_to_keep=1)
     logits = out.logits[:, -1].repeat_interleave(num_samples, 0)
     cache.batch_repeat_interleave(num_samples)
-    mask = ctx_mask.repeat_interleave(num_samples, 0)
+    return logits, cache, ctx_mask.repeat_interleave(num_samples, 0)
+
+
+def decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int, max_new_tokens: int,
+                eos: set[int], **pick) -> list[list[int]]:
+    """Token-by-token sampling with a KV cache. Each context is prefilled once and its cache copied to its G
+    rows; a row that emits EOS leaves the batch (its cache rows are dropped), so the step's cost follows the
+    rows still running rather than the longest one, which `generate` pays for every row."""
+    logits, cache, mask = prefill_groups(model, ctx_ids, ctx_mask, num_samples)
     live = torch.arange(mask.shape[0], device=mask.device)  # original row of each row still in the batch
     next_pos = mask.sum(-1)
     eos_ids = torch.tensor(sorted(eos), device=mask.device)
@@ -144,6 +152,85 @@ def decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_sample
     return gen
 
 
+def static_decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int,
+                       max_new_tokens: int, eos: set[int], compile: bool = False, **pick) -> list[list[int]]:
+    """decode_loop on preallocated tensors: the KV cache (a transformers StaticCache) and the attention mask are
+    sized context + max_new_tokens once, and each step writes one column in place instead of concatenating.
+    Finished rows stay in the batch until the running ones are at most half of it; then the batch shrinks to
+    them. Halving bounds the shapes a compiled step sees to log2(rows) and costs no more than shrinking at every
+    EOS on a CPU (README, "Memory and speed"). Rows run on past their EOS; `sample` cuts each at its first."""
+    from transformers import StaticCache
+
+    logits, grown, ctx_mask = prefill_groups(model, ctx_ids, ctx_mask, num_samples)
+    rows, width = ctx_mask.shape
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache = StaticCache(config=base.config, max_cache_len=width + max_new_tokens - 1)
+    for layer, src in zip(cache.layers, grown.layers, strict=True):
+        layer.lazy_initialization(src.keys, src.values)
+        layer.keys[:, :, :width], layer.values[:, :, :width] = src.keys, src.values
+        layer.cumulative_length.fill_(width)
+    del grown
+    mask = ctx_mask.new_zeros(rows, width + max_new_tokens - 1)
+    mask[:, :width] = ctx_mask
+    ctx_len = ctx_mask.sum(-1)
+    live = torch.arange(rows, device=mask.device)  # original row of each row in the batch
+    done = torch.zeros(rows, dtype=torch.bool, device=mask.device)
+    eos_ids = torch.tensor(sorted(eos), device=mask.device)
+    gen = torch.zeros((rows, max_new_tokens), dtype=torch.long, device=mask.device)
+    forward = compiled_forward(model) if compile else model
+    for t in range(max_new_tokens):
+        tok = pick_next(logits, **pick)
+        gen[live, t] = tok
+        done |= torch.isin(tok, eos_ids)
+        running = len(done) - int(done.sum())
+        if t == max_new_tokens - 1 or running == 0:
+            break
+        if 2 * running <= len(done):
+            idx = (~done).nonzero().squeeze(1)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+            live, tok, mask, ctx_len, done = live[idx], tok[idx], mask[idx], ctx_len[idx], done[idx]
+        mask[:, width + t] = 1
+        logits = forward(input_ids=tok[:, None], attention_mask=mask, position_ids=(ctx_len + t)[:, None],
+                         past_key_values=cache, use_cache=True).logits[:, -1]
+    return gen.tolist()
+
+
+@contextlib.contextmanager
+def merged_lora(model):
+    """Sample with each LoRA layer's weight W + scale * B @ A in place of W and the adapter switched off: one
+    matrix product per layer instead of three. The original weights are put back untouched (not un-merged by
+    subtraction, which would round them), so training continues on exactly the weights it had."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers or not hasattr(model, "disable_adapter") or any(m.merged or m.lora_variant for m in layers):
+        yield
+        return
+    originals = [m.base_layer.weight for m in layers]
+    try:
+        for m, w in zip(layers, originals, strict=True):
+            delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
+            m.base_layer.weight = torch.nn.Parameter(w + delta, requires_grad=False)
+        with model.disable_adapter():
+            yield
+    finally:
+        for m, w in zip(layers, originals, strict=True):
+            m.base_layer.weight = w
+
+
+def compiled_forward(model):
+    """`model`'s forward under torch.compile (inductor; CUDA graphs on a GPU), compiled once per model class and
+    mode and reused by later rollouts: the compiled function holds no model, so none is kept alive by it."""
+    mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
+    return functools.partial(_compiled(type(model), mode), model)
+
+
+@functools.cache
+def _compiled(cls: type, mode: str | None):
+    return torch.compile(cls.forward, mode=mode)
+
+
 def hf_generate(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int,
                 max_new_tokens: int, eos: set[int], temperature: float = 1.0, top_p: float = 1.0,
                 greedy: bool = False, static: bool = False) -> list[list[int]]:
@@ -163,14 +250,30 @@ def hf_generate(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor,
     return out[:, ids.shape[1]:].tolist()
 
 
+def generate_rows(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int,
+                  max_new_tokens: int, eos: set[int], backend: str = "tokeneff", compile: bool = False,
+                  merge_lora: bool = False, **pick) -> list[list[int]]:
+    """The backend's generated rows, each possibly running on past its first EOS (`eos` empty: full length)."""
+    if backend == "tokeneff":
+        return decode_loop(model, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, **pick)
+    if backend == "static":
+        with merged_lora(model) if merge_lora else contextlib.nullcontext():
+            return static_decode_loop(model, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, compile, **pick)
+    return hf_generate(model, tokenizer, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos,
+                       static=backend == "hf-static", **pick)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_new_tokens: int,
-           temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, backend: str = "tokeneff") -> Rollout:
+           temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, backend: str = "tokeneff",
+           compile: bool = False, merge_lora: bool = False) -> Rollout:
     """Generate `num_samples` completions for each context (token ids); rows are context-major.
 
-    Backends: tokeneff, our loop (prompt KV shared by its group, finished rows leave the batch); hf, transformers
-    `generate` seeded with the shared prompt KV; hf-static, `generate` with a static KV cache (compiled forward
-    and CUDA graphs on a GPU; prompts repeated, since a static cache cannot be seeded from another cache).
+    Backends: tokeneff, our loop (prompt KV shared by its group, finished rows leave the batch); static, the same
+    on a preallocated cache and mask (`compile`: its decode step under torch.compile; `merge_lora`: the adapter
+    merged into a sampling copy of the adapted weights); hf, transformers `generate` seeded with the shared prompt
+    KV; hf-static, `generate` with a static KV cache (compiled forward and CUDA graphs on a GPU; prompts
+    repeated, since a static cache cannot be seeded from another cache).
     """
     if backend not in BACKENDS:
         raise TokeneffError(f"rollout_backend={backend!r}: must be one of {', '.join(BACKENDS)}")
@@ -184,11 +287,8 @@ def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_ne
     was_training = model.training
     model.eval()
     try:
-        if backend == "tokeneff":
-            gen = decode_loop(model, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, **pick)
-        else:
-            gen = hf_generate(model, tokenizer, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos,
-                              static=backend == "hf-static", **pick)
+        gen = generate_rows(model, tokenizer, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, backend, compile,
+                            merge_lora, **pick)
     finally:
         model.train(was_training)
     completions, truncated = [], []

@@ -105,7 +105,7 @@ def sample_and_score(cfg: TrainConfig, policy, tok, task, groups: list[Group],
     G = cfg.group_size
     t0 = time.perf_counter()
     roll = sample(policy, tok, [g.prompt_ids + g.prefix for g in groups], G, cfg.max_new_tokens,
-                  cfg.temperature, cfg.top_p, backend=cfg.rollout_backend)
+                  cfg.temperature, cfg.top_p, **cfg.rollout_options())
     rollout_s = time.perf_counter() - t0
     texts = [decode(tok, groups[j // G].prefix + c) for j, c in enumerate(roll.completions)]
     rewards = task.reward(prompts=[None] * len(texts), completions=texts,
@@ -232,7 +232,7 @@ def _train(cfg: TrainConfig, accel, run: Run, task: Task, progress: bool) -> dic
     def evaluate_now() -> float:
         t = time.perf_counter()
         res = evaluate_model(policy, tok, task, test_problems, cfg.eval_batch_size,
-                             cfg.eval_max_new_tokens or cfg.max_new_tokens, progress and main, cfg.rollout_backend)
+                             cfg.eval_max_new_tokens or cfg.max_new_tokens, progress and main, **cfg.rollout_options())
         state.evals.append(dict(step=state.step, accuracy=res["accuracy"], n=res["n"],
                                 seconds=time.perf_counter() - t))
         run.record_eval(state.step, res)

@@ -31,7 +31,7 @@ def credited_tokens(task: str = "multiplication", profile: str = "embedded", num
     for p in problems[:max_tries]:
         ctx = encode_prompts(tok, [build_prompt(tok, t.messages(p))])
         roll = sample(model, tok, ctx, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                      backend=cfg.rollout_backend)
+                      **cfg.rollout_options())
         rewards = t.reward(prompts=[None] * cfg.group_size, completions=[decode(tok, c) for c in roll.completions],
                            answer=[p.answer] * cfg.group_size)
         if max(rewards) == min(rewards):

@@ -124,9 +124,9 @@ def one(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def rollout_throughput(spec: dict[str, Any]) -> dict[str, Any]:
-    """Tokens/s of `sample` (our loop: prompt KV shared by the group) vs HF generate on repeated prompts, eager
-    and with a static cache. Fixed-length completions, so the loop's gain from dropping finished rows is not in
-    these numbers (it shows in whole steps, `--vs-trl`)."""
+    """Tokens/s of `sample` (our loop: prompt KV shared by the group; also on a preallocated cache, `static`) vs
+    HF generate on repeated prompts, eager and with a static cache. Fixed-length completions, so the loop's gain
+    from dropping finished rows is not in these numbers (it shows in whole steps, `--vs-trl`)."""
     from ..rollout import left_pad, sample
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,12 +145,12 @@ def rollout_throughput(spec: dict[str, Any]) -> dict[str, Any]:
                        do_sample=True, top_k=0, pad_token_id=0, **kw)
         return B * G * L
 
-    def ours() -> int:  # stops a row at the tokenizer's EOS (rare with random weights): count what it made
-        return sum(len(c) for c in sample(model, tok, prompts, G, L).completions)
+    def ours(backend: str = "tokeneff") -> int:  # stops a row at the tokenizer's EOS (rare with random weights)
+        return sum(len(c) for c in sample(model, tok, prompts, G, L, backend=backend).completions)
 
     # static: a fixed-shape KV cache, which transformers compiles (CUDA graphs) on a GPU; its first call compiles.
     # `tokeneff bench` runs it in a process of its own, so that a compilation cut short leaves the others measured.
-    backends = dict(hf_generate=hf, tokeneff_sample=ours,
+    backends = dict(hf_generate=hf, tokeneff_sample=ours, static_sample=lambda: ours("static"),
                     hf_generate_static=lambda: hf(cache_implementation="static"))
     out = {}
     for name in spec.get("backends", list(backends)):
@@ -217,7 +217,7 @@ def run_bench(model: str = "tiny-random", shape: str | None = None, completion_l
         spec = dict(model=model, shape=shape, vocab_size=vocab_size, completion_len=int(completion_lens[0]),
                     group_size=int(group_sizes[0]), prompt_len=prompt_len, kind="rollout",
                     prompts=8 if shape else 2)  # GPU: 8 prompts x G=8 = 64 rows; CPU: 16 rows, under 2 min
-        for backends in (["hf_generate", "tokeneff_sample"], ["hf_generate_static"]):
+        for backends in (["hf_generate", "tokeneff_sample", "static_sample"], ["hf_generate_static"]):
             rollout_row = dict(rollout_row or {}, **_in_subprocess(dict(spec, backends=backends)))
             rollout_row.pop("backends")
             save(complete=False)

@@ -3,14 +3,14 @@
 One decode step of a causal LM at batch B is, apart from attention over the cache, one matrix product per
 linear layer: [B, in] x [in, out]. Its floor on this machine is the sum over the step's linear layers of
     2 * B * in * out / (the GEMM rate this machine reaches on exactly that shape, on the same threads),
-plus attention (2 * 2 * B * context * hidden per layer) at the best of those rates. We time the real step (the
-model's forward with a KV cache, as in rollout.decode_loop) and report floor / measured: the fraction of the
-machine's matrix-product speed that the rollout reaches. Both sides run on the threads the runs use (1).
+plus attention (2 * 2 * B * context * hidden per layer) at the best of those rates. We time the real step of
+each rollout backend (its own loop: forward with a KV cache, sampling, bookkeeping) and report floor / measured:
+the fraction of the machine's matrix-product speed that the rollout reaches. Both sides run on the threads the
+runs use (1). With `eval_limit`, also a greedy evaluation per backend: its time and its flips against the first.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections import Counter
 from pathlib import Path
@@ -44,39 +44,55 @@ def linear_shapes(model) -> Counter:
     return shapes
 
 
+BACKEND_SPECS = ("tokeneff", "static", "static+compile", "hf", "hf-static")
+"""what `--backends` may name: a rollout backend, or static with its decode step compiled"""
+
+
+def _backend(spec: str) -> dict[str, Any]:
+    from ..config import TokeneffError
+
+    if spec not in BACKEND_SPECS:
+        raise TokeneffError(f"backend {spec!r}: must be one of {', '.join(BACKEND_SPECS)}")
+    name, _, extra = spec.partition("+")
+    return dict(backend=name, compile=extra == "compile")
+
+
 @torch.no_grad()
-def decode_step_seconds(model, batch: int, context: int, steps: int = 12) -> float:
-    """Median wall time of one cached decode step at `batch` rows after a `context`-token prefill, as our decode
-    loop runs it: forward with attention mask and positions, last-position logits, a sampled token per row."""
-    from transformers import DynamicCache
+def decode_step_seconds(model, tokenizer, batch: int, context: int, backend: str = "tokeneff", steps: int = 12,
+                        repeats: int = 2) -> float:
+    """Wall time of one decode step at `batch` rows after a `context`-token prefill, through the backend's own
+    loop (forward, sampling, bookkeeping): runs of 4 and 4 + `steps` new tokens with no EOS, best of `repeats`
+    each, and their difference per token, so the prefill cancels (and a compiled step's first call is dropped)."""
+    from ..rollout import generate_rows, left_pad
 
-    from ..rollout import pick_next
-
-    cache = DynamicCache(config=model.config)
+    g = torch.Generator().manual_seed(0)
     vocab = min(model.config.vocab_size, 1000)
-    ids = torch.randint(10, vocab, (batch, context))
-    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    tok = torch.randint(10, vocab, (batch,))
-    times = []
-    for i in range(steps):
-        pos = torch.full((batch, 1), context + i)
-        mask = torch.ones(batch, context + i + 1, dtype=torch.long)
-        t0 = time.perf_counter()
-        logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
-                       use_cache=True).logits[:, -1]
-        tok = pick_next(logits).clamp(max=vocab - 1)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:])
+    ids, mask = left_pad(torch.randint(10, vocab, (batch, context), generator=g).tolist(), 0)
+    best = {}
+    for n in (4, 4 + steps):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            generate_rows(model, tokenizer, ids, mask, 1, n, set(), **_backend(backend))
+            times.append(time.perf_counter() - t0)
+        best[n] = min(times)
+    return (best[4 + steps] - best[4]) / steps
 
 
 def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: int = 96, threads: int = 1,
-                 out: str | None = None) -> list[dict[str, Any]]:
+                 out: str | None = None, backends=("tokeneff",), eval_limit: int = 0,
+                 eval_task: str = "multiplication") -> list[dict[str, Any]]:
+    """One row per (batch, backend): the decode step against this machine's floor; with `eval_limit`, one row per
+    backend: the greedy evaluation of that many `eval_task` test problems (embedded profile), its wall time and
+    its completions that differ from the first backend's (greedy flips)."""
     from ..models import load_model
     from ..warmstart import model_folder
     from .benchio import device_name
 
+    for b in backends:
+        _backend(b)  # a misspelt name fails before anything is measured
     set_threads(threads)
-    model, _ = load_model(model_folder(model_name))
+    model, tok = load_model(model_folder(model_name))
     model.eval()
     shapes = linear_shapes(model)
     cfg = model.config
@@ -87,13 +103,44 @@ def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: in
         attn_flops = 4 * b * context * cfg.hidden_size * cfg.num_hidden_layers
         floor += attn_flops / max(rates.values())
         flops = sum(n * 2 * b * s[0] * s[1] for s, n in shapes.items()) + attn_flops
-        measured = decode_step_seconds(model, b, context)
-        rows.append(dict(device=device_name(), model=model_name, threads=threads, batch=b, context=context,
-                         step_ms=1000 * measured, floor_ms=1000 * floor, fraction_of_limit=floor / measured,
-                         gflop_per_step=flops / 1e9, achieved_gflops=flops / measured / 1e9,
-                         gemm_gflops_by_shape={f"{b}x{k}x{n}": r / 1e9 for (k, n), r in rates.items()},
-                         tokens_per_s=b / measured))
+        for backend in backends:
+            measured = decode_step_seconds(model, tok, b, context, backend)
+            rows.append(dict(device=device_name(), model=model_name, threads=threads, backend=backend, batch=b,
+                             context=context, step_ms=1000 * measured, floor_ms=1000 * floor,
+                             fraction_of_limit=floor / measured, gflop_per_step=flops / 1e9,
+                             achieved_gflops=flops / measured / 1e9,
+                             gemm_gflops_by_shape={f"{b}x{k}x{n}": r / 1e9 for (k, n), r in rates.items()},
+                             tokens_per_s=b / measured))
+    if eval_limit:
+        rows += eval_times(model, tok, model_name, backends, eval_limit, eval_task)
     if out:
         tag = device_name().split()[0].lower()
         write_json(Path(out) / f"decode_limit_{tag}_{model_name.replace('/', '_')}.json", rows)
+    return rows
+
+
+def eval_times(model, tok, model_name: str, backends, limit: int, task: str) -> list[dict[str, Any]]:
+    """Greedy evaluation of the first `limit` (0: all) test problems per backend, as `tokeneff evaluate` runs it
+    (embedded profile), timed; each completion that differs from the first backend's is listed."""
+    from ..config import make_config
+    from ..evaluate import evaluate_model
+    from ..tasks import make_task
+    from .benchio import device_name
+
+    cfg = make_config("embedded", overrides=dict(task=task, model=model_name))
+    t = make_task(cfg)
+    problems = t.problems("test")[: limit or None]
+    rows, first = [], None
+    for backend in backends:
+        t0 = time.perf_counter()
+        res = evaluate_model(model, tok, t, problems, cfg.eval_batch_size, cfg.eval_max_new_tokens or
+                             cfg.max_new_tokens, progress=False, **_backend(backend))
+        seconds = time.perf_counter() - t0
+        records = res["records"]
+        first = first or (backend, records)
+        differ = [dict(id=a["id"], first=a["completion"], this=b["completion"])
+                  for a, b in zip(first[1], records, strict=True) if a["completion"] != b["completion"]]
+        rows.append(dict(device=device_name(), model=model_name, backend=backend, kind="eval", task=task,
+                         n=res["n"], eval_seconds=seconds, accuracy=res["accuracy"], flips_vs=first[0],
+                         flips=len(differ), differ=differ))
     return rows

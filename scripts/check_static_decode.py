@@ -1,0 +1,48 @@
+"""Does the static rollout backend decode as the default one does? (issue 21)
+
+Greedy completions of `rollout_backend=static` against `tokeneff` for the embedded model in float32, on every
+multiplication (200) and SVAMP (300) test problem, evaluated as `tokeneff evaluate` does (embedded profile). The two
+loops compute the same function on different shapes (a fixed-width cache, rows leaving by halves), so logits may
+differ in the last bits and a near-tie may flip; this counts the flips and lists each one. On an idle machine:
+
+    python scripts/check_static_decode.py            # ~10 min on one thread; --limit 10 for a smoke check
+
+Writes results/benchmarks/static_decode_check_<device>_<model>.json (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tokeneff.benchmarks.benchio import device_name
+from tokeneff.benchmarks.decode_limit import eval_times
+from tokeneff.models import load_model
+from tokeneff.utils import set_threads, write_json
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--limit", type=int, default=0, help="first N test problems of each task (0: all)")
+    p.add_argument("--out", default="results/benchmarks")
+    args = p.parse_args()
+    set_threads(0)  # one thread, as every run
+    model, tok = load_model(args.model)  # float32
+    model.eval()
+    rows = []
+    for task in ("multiplication", "svamp"):
+        rows += eval_times(model, tok, args.model, ("tokeneff", "static"), args.limit, task)
+        r = rows[-1]
+        print(f"{task}: {r['flips']} of {r['n']} greedy completions differ (static vs tokeneff); accuracy "
+              f"{rows[-2]['accuracy']:.3f} -> {r['accuracy']:.3f}; {rows[-2]['eval_seconds']:.0f} s -> "
+              f"{r['eval_seconds']:.0f} s", flush=True)
+    tag = device_name().split()[0].lower()
+    path = Path(args.out) / f"static_decode_check_{tag}_{args.model.replace('/', '_')}.json"
+    write_json(path, dict(model=args.model, limit=args.limit, total_flips=sum(r["flips"] for r in rows[1::2]),
+                          rows=rows))
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
