@@ -27,7 +27,10 @@ def one_line(capsys, argv, needle):
 
 
 def _train(tmp_path, *extra):
-    return ["train", *TINY, *extra, "--out", tmp_path / "run"]
+    """TINY with `extra`'s key=value in place of TINY's own (a key is given once)."""
+    keys = {str(e).split("=", 1)[0] for e in extra if "=" in str(e)}
+    base = [a for a in TINY if not (isinstance(a, str) and "=" in a and a.split("=", 1)[0] in keys)]
+    return ["train", *base, *extra, "--out", tmp_path / "run"]
 
 
 def _nothing_written(tmp_path):

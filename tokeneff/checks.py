@@ -26,6 +26,8 @@ def check_precision(mixed_precision: str) -> None:
 
 def _safetensors_problem(file: Path) -> str | None:
     """Why a .safetensors file cannot be complete, or None: its header declares where the last tensor ends."""
+    if not file.is_file():
+        return f"{file.name} is not a regular file (a folder or FIFO?)"  # a FIFO would block the read below
     size = file.stat().st_size
     try:
         with file.open("rb") as f:
@@ -56,6 +58,8 @@ def check_model_path(name: str) -> None:
                             "tokenizer)")
     if not any(p.iterdir()):
         raise TokeneffError(f"model={name!r}: the folder is empty")
+    if (p / "config.json").exists() and not (p / "config.json").is_file():
+        raise TokeneffError(f"model={name!r}: its config.json is not a regular file (a folder or FIFO?)")
     if not (p / "config.json").is_file():
         raise TokeneffError(f"model={name!r}: no config.json in the folder (not a Hugging Face model folder)")
     index = p / "model.safetensors.index.json"

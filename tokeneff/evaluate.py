@@ -119,6 +119,8 @@ def _adapter_dir(adapter: str, model: str) -> Path:
     p = Path(adapter).expanduser()
     if not (p / "adapter_config.json").is_file() and (p / "adapter" / "adapter_config.json").is_file():
         p = p / "adapter"
+    if (p / "adapter_config.json").exists() and not (p / "adapter_config.json").is_file():
+        raise TokeneffError(f"adapter={adapter!r}: its adapter_config.json is not a regular file (a folder or FIFO?)")
     if not (p / "adapter_config.json").is_file():
         raise TokeneffError(f"adapter={adapter!r}: no adapter_config.json there (a run's adapter/ folder)")
     run_cfg = _read_json(p.parent / "config.json")
