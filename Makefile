@@ -132,7 +132,7 @@ bench-gpu: setup
 # A short lent GPU session (no venv, no internet): wheels carried in .whl/, staged by priority within BUDGET_S
 # seconds, results packed into $$OUT/gpu_results.tar.gz after each stage. TINY=1: the same plumbing on a CPU.
 gpu-session:
-	bash tokeneff/gpu_session.sh
+	bash scripts/gpu_session.sh
 
 # Mutation testing ([tool.mutmut] in pyproject.toml; ~30 min on one core): the score and the surviving mutants.
 mutation: setup

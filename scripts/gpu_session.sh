@@ -8,8 +8,8 @@
 # device, runs' metrics, the log), so a run killed at any point still returns what it measured; the log is
 # tee'd to $OUT/gpu_session.log as it goes.
 #
-#   OUT=/some/empty/dir bash tokeneff/gpu_session.sh            # on the GPU machine (make gpu-session)
-#   OUT=/tmp/gpuout TINY=1 bash tokeneff/gpu_session.sh         # the same plumbing at toy size on a CPU
+#   OUT=/some/empty/dir bash scripts/gpu_session.sh            # on the GPU machine (make gpu-session)
+#   OUT=/tmp/gpuout TINY=1 bash scripts/gpu_session.sh         # the same plumbing at toy size on a CPU
 # Knobs (environment): BUDGET_S (GPU default 420 s: a-c fit, d-f run only if time is left), STAGES (default
 # bcdef), TRAIN_STEPS (10), VS_STEPS (3), CAP_B (260), VS_FLAGS (e.g. --no-trl-trainers --algos tspmo), NO_ENV
 # (1: skip stage a), PYTHON (python3), INSTALL/WHEELS/SITE (below), MODEL_DIR (the saved random model).
