@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 NB      := 01_svamp 02_multiplication 03_ablation_full_vs_selective 04_memory_and_speed 05_trl 06_worked_multiplication
 
-.PHONY: pilot-svamp-budget setup reproduce reproduce-full reproduce-full-svamp reproduce-full-mul reproduce-full-mulworked test test-slow smoke lab bench bench-all bench-gpu gpu-session lint clean summary \
+.PHONY: pilot-svamp-budget test-fast setup reproduce reproduce-full reproduce-full-svamp reproduce-full-mul reproduce-full-mulworked test test-slow smoke lab bench bench-all bench-gpu gpu-session lint clean summary \
         mutation
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -102,6 +102,12 @@ test: setup
 	  [ $$rc -eq 0 ] || exit $$rc; \
 	rm -rf runs/smoke; TOKENEFF_SMOKE=1 $(PY) -m pytest -q --nbval-lax -p no:cacheprovider notebooks; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "nbval: no notebooks collected"; exit 1; fi; exit $$rc
+
+# The specification tests (algorithms, loss, statistics, tasks, config, rollout, ...): the inner loop, ~1 min.
+FAST_TESTS := $(addprefix tests/test_,algorithms.py loss.py stats.py tasks.py answer.py config.py rollout.py \
+              mechanisms.py budget.py docs.py imports.py)
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not process" $(FAST_TESTS)
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow tests

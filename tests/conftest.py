@@ -31,3 +31,21 @@ def model_dir(tmp_path, capsys):
     tok.save_pretrained(d)
     capsys.readouterr()
     return d
+
+
+SPAWNS = ("subprocess", "Popen", "torchrun", "workers=2", "sys.executable")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`process`: tests that start other processes (the CLI in a subprocess, torchrun, grid workers): the slow part
+    of the suite, left out by `make test-fast`."""
+    import inspect
+
+    for item in items:
+        fn = getattr(item, "function", None)
+        try:
+            src = inspect.getsource(fn) if fn else ""
+        except (OSError, TypeError):
+            src = ""
+        if any(s in src for s in SPAWNS) or item.module.__name__.endswith(("test_killloop", "test_multiprocess")):
+            item.add_marker(pytest.mark.process)
