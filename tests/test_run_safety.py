@@ -552,3 +552,14 @@ def test_option_values_are_bounded_and_grid_variants_cannot_set_what_the_grid_se
     with pytest.raises(ConfigError, match="seed= in variant 'a' is set by the grid itself"):
         run_grid("x", "multiplication", {"a": {"seed": 3}}, [0], 1, root=str(tmp_path), model="tiny-random")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_the_command_loads_its_libraries_is_quiet(tmp_path):
+    """The first seconds of `tokeneff` import torch and transformers; a Ctrl-C then is one line, not a traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "tokeneff.cli", "train", *TINY, "--steps", "1", "--out",
+                             str(tmp_path / "r")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err + out, err
+    assert not (tmp_path / "r").exists()

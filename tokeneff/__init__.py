@@ -5,8 +5,29 @@
 
 __version__ = "0.1.0"  # as in pyproject.toml (tests/test_cli.py checks that they agree)
 
+import os as _os  # noqa: E402
+import signal as _signal  # noqa: E402
+import sys as _sys  # noqa: E402
+
+# The `tokeneff` command spends its first seconds importing torch and transformers, before its own Ctrl-C handling
+# exists: a Ctrl-C then ends it quietly (exit 130) instead of with a traceback from inside an import. Only for the
+# command: imported from a user's code or a notebook, an interrupt stays a KeyboardInterrupt.
+_command = _sys.argv[0:1] == ["-m"] or _os.path.basename(_sys.argv[0] if _sys.argv else "") == "tokeneff"
+
+
+def _quit_while_loading(*_) -> None:
+    _os.write(2, b"\ninterrupted while loading: nothing was done\n")
+    _os._exit(130)
+
+
+if _command:
+    _previous = _signal.signal(_signal.SIGINT, _quit_while_loading)
+
 from .config import ConfigError, TokeneffError, TrainConfig, make_config  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .train import train  # noqa: E402
+
+if _command:
+    _signal.signal(_signal.SIGINT, _previous)
 
 __all__ = ["TrainConfig", "make_config", "train", "evaluate", "TokeneffError", "ConfigError", "__version__"]
