@@ -3,7 +3,7 @@ recovery, mid step), resume each time: the run must end exactly where an uninter
 
 Each attempt is a forked child of this (already imported) process, so a restart costs the run's own start-up,
 not Python's imports. Kills come two ways: at a named phase of a checkpoint save (TOKENEFF_TEST_KILL_AT, see
-rundir.hook), and at random instants with every save phase widened by a pause (TOKENEFF_TEST_PAUSE).
+rundir._faults.hook), and at random instants with every save phase widened by a pause (TOKENEFF_TEST_PAUSE).
 """
 
 import json

@@ -121,14 +121,14 @@ def test_a_failing_run_never_removes_a_sibling_that_finished_meanwhile(tmp_path,
     at the instant it cleans up (the fault hook "release"), run B finishes into cr/new/b. Before the fix A removed
     cr/, B with it."""
     siblings = []
-    real_hook = rundir.hook
+    real_hook = rundir._faults.hook
 
     def hook(phase):
         if phase == "release" and not siblings:
             siblings.append(_train(tmp_path / "cr" / "new" / "b", 1))
         real_hook(phase)
 
-    monkeypatch.setattr(rundir, "hook", hook)
+    monkeypatch.setattr(rundir._faults, "hook", hook)
     (tmp_path / "cr").mkdir()
     (tmp_path / "cr" / "mine.txt").write_text("mine")  # cr/ existed: never the run's to remove
     code = _train(tmp_path / "cr" / "new" / "a", 1, "lora_targets=post_attention_layernorm")
@@ -140,7 +140,7 @@ def test_a_failing_run_never_removes_a_sibling_that_finished_meanwhile(tmp_path,
     assert not (tmp_path / "cr" / "new" / "a").exists()  # A's own folder, empty but for its lock: removed
     assert (tmp_path / "cr" / "mine.txt").read_text() == "mine"
     # alone, A removes every folder it made, up to the one that existed
-    monkeypatch.setattr(rundir, "hook", real_hook)
+    monkeypatch.setattr(rundir._faults, "hook", real_hook)
     assert _train(tmp_path / "cr" / "x" / "y" / "a", 1, "lora_targets=post_attention_layernorm") == 2
     assert not (tmp_path / "cr" / "x").exists() and (tmp_path / "cr").is_dir()
 

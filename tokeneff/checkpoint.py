@@ -1,7 +1,7 @@
 """Saving and loading a run's checkpoint: the shared parts (LoRA adapter, optimiser, step, evaluations) once, and
 each data-parallel rank's own loop state (`train.LoopState.state_dict()`: data position, RNGs, the group
 sampler's state) in `rank<r>.pt`. The directory protocol (checkpoint.tmp -> manifest -> swap, recovery after a
-kill) is `rundir.py`'s; this file only says what goes in.
+kill) is `rundir/`'s; this file only says what goes in.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .config import TokeneffError
-from .rundir import CKPT, MANIFEST, RUN_FORMAT, TMP, finish_save, fsync_path, hook, start_save, writing
+from .rundir import CKPT, MANIFEST, RUN_FORMAT, TMP, _faults, finish_save, fsync_path, start_save, writing
 from .utils import write_json
 
 
@@ -26,7 +26,7 @@ def save_checkpoint(out: Path, accel, policy, optimizer, step: int, evals: list[
             start_save(out)
         accel.wait_for_everyone()
         torch.save(rank_state, out / TMP / f"rank{accel.process_index}.pt")
-        hook("partial")
+        _faults.hook("partial")
         accel.wait_for_everyone()
         if main:
             policy.save_pretrained(out / TMP / "adapter")

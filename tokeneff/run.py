@@ -2,7 +2,7 @@
 so `train.py` holds the ML and this file the file handling: the checks before anything is loaded, the lock, clearing
 or recovering, config.json, restoring the checkpoint (with its messages), metrics rows, evaluations, checkpoints, the
 adapter and final.json, and what a stop (Ctrl-C, SIGTERM, an error) leaves behind and says. The directory's rules
-(what may be deleted, the checkpoint protocol, the metrics log) are `rundir.py`'s; what a checkpoint holds is
+(what may be deleted, the checkpoint protocol, the metrics log) are `rundir/`'s; what a checkpoint holds is
 `checkpoint.py`'s.
 """
 

@@ -5,7 +5,7 @@ completions each (one batch) -> reward -> the algorithm's `select` gives (comple
 weight) credits -> log-probs at the credited positions only -> policy-gradient loss (+ beta * KL to the
 adapter-free reference) -> one AdamW update of the LoRA weights. The loop knows no algorithm by name: it calls
 `algorithms.ALGORITHMS[cfg.algo]` and `algorithms.group_sampler(cfg)`; the loss normalisation is
-`algorithms.step_credits`'s. Checkpoint contents: checkpoint.py; the run directory's rules: rundir.py.
+`algorithms.step_credits`'s. Checkpoint contents: checkpoint.py; the run directory's rules: rundir/.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
 
     resume: continue the run in `config.out` from its newest complete checkpoint (a finished run returns its
     final.json at once; a new or empty folder starts at step 0). overwrite: delete the run in `config.out` first
-    (only a tokeneff run directory holding nothing else; see rundir.py). custom_task: a `Task` to train and
+    (only a tokeneff run directory holding nothing else; see rundir/). custom_task: a `Task` to train and
     evaluate on instead of `tasks.make_task(config)` (one with another reward, say).
     """
     from accelerate import Accelerator

@@ -217,7 +217,7 @@ def run_grid(experiment: str, task: str, variants: dict[str, dict[str, Any]], se
                     bar.update()
             except KeyboardInterrupt:
                 # Stop every run at once, as a kill would: each resumes bit-for-bit from its last checkpoint (every
-                # save_every steps) when the grid is run again. A kill at any instant is safe (rundir.py).
+                # save_every steps) when the grid is run again. A kill at any instant is safe (rundir/).
                 for proc in list(getattr(pool, "_processes", {}).values()):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(proc.pid, signal.SIGKILL)

@@ -1,36 +1,22 @@
-"""The run directory: what --overwrite may delete, one process per run, checkpoints that survive a kill.
-
-A run directory is recognised by its `config.json`: the resolved config plus `tokeneff_run_format`. Runs written
-before the field existed (a config.json of tokeneff's fields next to a metrics.jsonl, checkpoints without
-manifests) are recognised only to be refused in one line. `--overwrite` deletes only a run directory, and only when
-everything in it is something a run writes.
-
-Checkpoints: `checkpoint/` (latest) and `checkpoint.prev/` (the one before) are complete, each with a
-`manifest.json` (every file's size and SHA-256, plus the step) written last. A save writes `checkpoint.tmp/`,
-then removes `checkpoint.prev/`, renames `checkpoint/` to `checkpoint.prev/` and `checkpoint.tmp/` to
-`checkpoint/`. A kill at any instant leaves at least one complete checkpoint (or none before the first save);
-`recover_checkpoints` (run at start, under the lock) picks the newest complete one, finishes an interrupted
-swap and removes the leftovers.
+"""What a run directory holds and what may be done to it: its names, what kind of folder `--out` is, the checks
+before anything is loaded or written, overwrite safety, deletion that never follows a link, and failed writes
+mapped to one line.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import re
-import signal
 import stat
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .config import FIELD_NAMES, RESUMABLE_KEYS, TokeneffError, clip, show
-from .utils import atomic_write_bytes, write_json
+from ..config import FIELD_NAMES, RESUMABLE_KEYS, TokeneffError, clip, show
+from . import _faults
 
 RUN_FORMAT = 1
 FORMAT_KEY = "tokeneff_run_format"
@@ -279,168 +265,6 @@ def clear_run(out: Path) -> None:
         _rmtree(p)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# one process per run directory
-# ----------------------------------------------------------------------------------------------------------
-
-class RunLock:
-    """An OS lock (flock) on out/.tokeneff.lock, held while a process trains into `out`. The kernel releases it
-    when the process dies, so a killed run never leaves a stale lock."""
-
-    def __init__(self, out: Path):
-        self.out, self.fd = out, None
-        self.created: list[Path] = []
-        """the folders acquire() made, deepest first"""
-
-    def acquire(self) -> RunLock:
-        out = self.out
-        missing = []
-        p = out
-        while not p.exists() and not p.is_symlink() and p != p.parent:
-            missing.append(p)
-            p = p.parent
-        path = out / LOCK_NAME
-        try:
-            for d in reversed(missing):
-                try:
-                    d.mkdir()
-                    self.created.insert(0, d)
-                except FileExistsError:  # another run made it meanwhile: it is not ours to remove
-                    pass
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o666)
-        except OSError as e:
-            self.release(remove_created=True)
-            if e.errno == errno.ELOOP:
-                raise TokeneffError(f"out={show(str(out))}: {LOCK_NAME!r} is a symbolic link; tokeneff never writes "
-                                    "through a link inside a run folder: remove it") from None
-            raise TokeneffError(f"out={show(str(out))}: cannot open the run's lock {show(str(path))} "
-                                f"({e.strerror})") from None
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock
-            self.fd = fd
-            return self
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise TokeneffError(f"out={str(out)!r} is in use by process {holder} (lock {str(path)!r}): wait for it "
-                                "to finish or stop it") from None
-        try:  # the holder's PID, for the message above; a full disk only loses it
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError:
-            pass
-        self.fd = fd
-        return self
-
-    def release(self, remove_created: bool = False) -> None:
-        """Unlock; with remove_created (a run that failed before writing anything), also remove the folders
-        acquire() created, deepest first, each only while it holds nothing but this run's lock file: a folder that
-        holds anything else (another run created beside it meanwhile, say) stays, and so do the folders above it."""
-        if remove_created and self.created:
-            hook("release")
-            lock = self.out / LOCK_NAME
-            try:
-                if self.fd is not None and os.path.samestat(os.fstat(self.fd), os.lstat(lock)):
-                    lock.unlink()
-            except OSError:
-                pass
-            for d in self.created:
-                try:
-                    os.rmdir(d)  # never deletes anything but an empty folder
-                except OSError:
-                    break
-            self.created = []
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# checkpoints
-# ----------------------------------------------------------------------------------------------------------
-
-_hook_counts: dict[str, int] = {}
-
-
-def hook(phase: str) -> None:
-    """Test hooks, off unless set: TOKENEFF_TEST_PAUSE=seconds sleeps at every phase of a checkpoint save
-    (widening the windows a random kill can land in); TOKENEFF_TEST_KILL_AT=phase[:n] SIGKILLs this process
-    the n-th time (default 1st) it reaches `phase` (tests/test_killloop.py). Tests may also replace this function
-    to act at a phase (tests/test_run_safety.py: a sibling run finishing while a failing run cleans up)."""
-    pause = os.environ.get("TOKENEFF_TEST_PAUSE")
-    if pause:
-        time.sleep(float(pause))
-    kill_at = os.environ.get("TOKENEFF_TEST_KILL_AT")
-    if kill_at:
-        name, _, n = kill_at.partition(":")
-        if name == phase:
-            _hook_counts[phase] = _hook_counts.get(phase, 0) + 1
-            if _hook_counts[phase] == int(n or 1) and os.environ.get("RANK", "0") == "0":
-                os.kill(os.getpid(), signal.SIGKILL)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder: so that renames in it reach the disk)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def write_manifest(folder: Path, meta: dict[str, Any]) -> None:
-    """Every file's size and hash, then the manifest itself (atomically): a folder with a valid manifest whose
-    files all match is complete."""
-    files = {}
-    for p in _files(folder):
-        fsync_path(p)
-        files[p.relative_to(folder).as_posix()] = dict(size=p.stat().st_size, sha256=_sha256(p))
-    for d in {p.parent for p in _files(folder)} | {folder}:
-        fsync_path(d)
-    write_json(folder / MANIFEST, dict(meta, files=files))
-    fsync_path(folder)
-
-
-def verify(folder: Path) -> tuple[dict[str, Any] | None, str]:
-    """(manifest, "") if `folder` is a complete checkpoint, else (None, why)."""
-    if not folder.is_dir():
-        return None, "missing"
-    man = _read_json(folder / MANIFEST)
-    if not isinstance(man, dict) or not isinstance(man.get("files"), dict) or not isinstance(man.get("step"), int):
-        return None, "no complete manifest.json"
-    for rel, info in man["files"].items():
-        p = folder / rel
-        if not p.is_file():
-            return None, f"{rel} is missing"
-        if p.stat().st_size != info.get("size"):
-            return None, f"{rel} has {p.stat().st_size} bytes, the manifest says {info.get('size')}"
-        if _sha256(p) != info.get("sha256"):
-            return None, f"{rel} does not match its hash"
-    return man, ""
-
-
 def _rmtree(path: Path) -> None:
     """Delete a file or a folder file by file, never following a link: a link is removed, never what it points
     to. The walk holds each folder open (O_NOFOLLOW) and removes names relative to it, so a folder swapped for a
@@ -451,7 +275,7 @@ def _rmtree(path: Path) -> None:
     def removed(depth: int) -> None:
         if first[0] and depth > 0:  # the first thing removed inside the folder
             first[0] = False
-            hook("removing")
+            _faults.hook("removing")
 
     def remove_in(parent_fd: int, name: str, depth: int) -> None:
         try:
@@ -484,70 +308,6 @@ def _rmtree(path: Path) -> None:
         os.close(parent_fd)
 
 
-def recover_checkpoints(out: Path, strict: bool = False) -> dict[str, Any] | None:
-    """Called at start under the lock: make `checkpoint/` the newest complete checkpoint (finishing a swap a kill
-    interrupted, or falling back to the previous one), delete leftovers; return its manifest or None. strict (a
-    resume): when checkpoint/ or checkpoint.prev/ exist but none is complete (damaged from outside: a kill always
-    leaves one whole), refuse in one line and delete nothing, rather than start the run over."""
-    found: dict[str, tuple[dict[str, Any] | None, str]] = {}
-    for name in (CKPT, PREV, TMP):
-        if (out / name).exists():
-            found[name] = verify(out / name)
-    complete = {n: m for n, (m, _) in found.items() if m is not None}
-    if strict and not complete and ({CKPT, PREV} & found.keys()):
-        why = "; ".join(f"{n}/: {found[n][1]}" for n in (CKPT, PREV) if n in found)
-        raise TokeneffError(f"out={str(out)!r}: no complete checkpoint to resume from ({why}): nothing was deleted; "
-                            "--overwrite starts the run again")
-    best = max(complete, key=lambda n: (complete[n]["step"], n == CKPT), default=None)
-    if CKPT in found and found[CKPT][0] is None:
-        alt = (f"using {best}/ (step {complete[best]['step']}) instead" if best
-               else "removed it; no complete checkpoint is left")
-        say(f"{out / CKPT}/ is incomplete or corrupt ({found[CKPT][1]}): {alt}")
-    elif CKPT not in found and best == PREV:  # (missing while .tmp is complete: a kill mid-swap, finished below)
-        say(f"{out / CKPT}/ is missing: using {best}/ (step {complete[best]['step']}) instead")
-    if best == TMP:  # killed during a swap: finish it
-        _rmtree(out / PREV)
-        if CKPT in complete:
-            os.replace(out / CKPT, out / PREV)
-        else:
-            _rmtree(out / CKPT)
-        os.replace(out / TMP, out / CKPT)
-    elif best == PREV:
-        _rmtree(out / CKPT)
-        os.replace(out / best, out / CKPT)
-    elif best is None:
-        _rmtree(out / CKPT)  # corrupt, and nothing to fall back to
-    _rmtree(out / TMP)
-    if (out / PREV).exists() and verify(out / PREV)[0] is None:
-        _rmtree(out / PREV)
-    fsync_path(out)
-    return complete[best] if best else None
-
-
-def start_save(out: Path) -> Path:
-    """A fresh checkpoint.tmp/ (rank 0, before the ranks write their parts)."""
-    tmp = out / TMP
-    _rmtree(tmp)
-    (tmp / "adapter").mkdir(parents=True)
-    return tmp
-
-
-def finish_save(out: Path, meta: dict[str, Any]) -> None:
-    """Manifest last, then the swap. Invariant before and after: checkpoint/ (if any) is complete."""
-    tmp = out / TMP
-    hook("written")
-    write_manifest(tmp, meta)
-    hook("manifest")
-    _rmtree(out / PREV)
-    hook("prev-removed")
-    if (out / CKPT).exists():
-        os.replace(out / CKPT, out / PREV)
-        hook("moved")
-    os.replace(tmp, out / CKPT)
-    fsync_path(out)
-    hook("swapped")
-
-
 def write_failure(e: BaseException) -> str | None:
     """Why a write failed, if `e` is a write failure: OSError, safetensors' SafetensorError, torch.save's
     RuntimeError ("file write failed") and the like; None for anything else."""
@@ -577,64 +337,3 @@ def writing(what: str, error=disk_error):
         if write_failure(e) is None:
             raise
         raise error(e, what) from None
-
-
-class MetricsLog:
-    """metrics.jsonl, one JSON object per step. On (re)start, rows from `keep_below_step` on are dropped (the
-    checkpoint is older than them), and so are a torn last line (a kill or a full disk during a write) and
-    duplicate steps, each with a message."""
-
-    def __init__(self, path: Path, keep_below_step: int, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if not (enabled and path.is_file()):
-            return
-        lines = path.read_bytes().decode(errors="replace").split("\n")
-        kept, bad, torn, dup, seen = [], [], set(), 0, set()
-        last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
-        for i, ln in enumerate(lines):
-            if not ln.strip():
-                continue
-            try:
-                row = json.loads(ln)
-            except ValueError:
-                bad.append(i)
-                torn.add(i)
-                continue
-            try:
-                step = row["step"]
-                if isinstance(step, bool) or not isinstance(step, int):
-                    raise TypeError
-            except (TypeError, KeyError):  # valid JSON but not a row: the wrong type, no step, a step of 2.5
-                bad.append(i)
-                continue
-            if step >= keep_below_step:
-                continue
-            if step in seen:
-                dup += 1
-                continue
-            seen.add(step)
-            kept.append(ln)
-        if last in torn:  # a kill or a full disk during a write cuts off the last line only
-            say(f"{path}: dropped a torn last line (line {last + 1}, cut off by an interruption or a full disk)")
-        others = [str(i + 1) for i in bad if i != last or last not in torn]
-        if others:
-            say(f"{path}: dropped line(s) {', '.join(others)}: not a metrics row (not JSON, or no integer step)")
-        if dup:
-            say(f"{path}: dropped {dup} duplicate step row(s)")
-        text = "".join(ln + "\n" for ln in kept).encode()
-        if text != path.read_bytes():
-            atomic_write_bytes(path, text)
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        line = json.dumps(row) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o666)
-        with os.fdopen(fd, "a") as f:
-            if os.environ.get("TOKENEFF_TEST_KILL_AT", "").startswith("torn"):  # test: a kill mid-line
-                f.write(line[: len(line) // 2])
-                f.flush()
-                hook("torn")
-                line = line[len(line) // 2:]
-            f.write(line)
-            f.flush()
