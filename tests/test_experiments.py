@@ -190,3 +190,16 @@ def test_every_notebook_parameters_cell_parses_without_a_papermill_warning(caplo
         assigned = [ln.split("=")[0].strip() for ln in source.splitlines() if ln and not ln[0].isspace()
                     and "=" in ln.split("#")[0]]
         assert not caplog.records and [p.name for p in params] == assigned, (nb_path.name, caplog.text)
+
+
+def test_the_ablation_refuses_seeds_or_steps_other_than_the_runs_it_reuses(tmp_path):
+    from tokeneff.analysis.experiments import ablation
+
+    out = tmp_path / "results" / "embedded"
+    out.mkdir(parents=True)
+    (out / "multiplication_summary.json").write_text(json.dumps({"seeds": [0, 1], "steps": 30}))
+    for seeds, steps in (([0, 1], 40), ([0, 1, 2], 30), ([1, 0], 30)):
+        with pytest.raises(ConfigError, match=r"notebook 02 ran seeds=\[0, 1\], steps=30"):
+            ablation("multiplication", seeds, steps, [], runs_dir=str(tmp_path / "runs"),
+                     results_dir=str(tmp_path / "results"), model="tiny-random")
+    assert not (tmp_path / "runs").exists()  # refused before any run

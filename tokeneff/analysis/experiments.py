@@ -440,6 +440,21 @@ def share_verdict(shares: list[float], lo: float, hi: float) -> str:
     return "holds" if all(inside) else ("contradicted" if not any(inside) else "unresolved (seeds disagree)")
 
 
+def _check_reuse(summary: Path, seeds: list[int], steps: int) -> None:
+    """Notebook 03 reuses notebook 02's runs: other seeds or steps would train runs 02 never reported, or extend its
+    finished ones (a larger `steps` resumes them), so they must be 02's, as its summary records them."""
+    if not summary.is_file():
+        return  # 02 has not run here: the grid trains the runs as 02 would
+    try:
+        prior = json.loads(summary.read_text())
+        theirs = (list(prior["seeds"]), int(prior["steps"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{str(summary)!r} is damaged: rerun notebook 02, whose runs this notebook reuses") from None
+    if (list(seeds), steps) != theirs:
+        raise ConfigError(f"seeds={list(seeds)}, steps={steps}: notebook 02 ran seeds={theirs[0]}, steps={theirs[1]} "
+                          f"({str(summary)!r}) and this notebook reuses its runs: use the same, or rerun 02 first")
+
+
 def ablation(task: str, seeds: list[int], steps: int, p_values: list[float], profile: str = "embedded",
              runs_dir: str = "runs", results_dir: str = "results", results_name: str = "", workers: int = 0,
              n_boot: int = N_BOOT, **common) -> dict[str, Any]:
@@ -454,6 +469,7 @@ def ablation(task: str, seeds: list[int], steps: int, p_values: list[float], pro
     out = Path(results_dir) / (results_name or profile)
     label = scale_label(profile, cfg.model, len(seeds))
     variants = pick_variants(list(TOKEN_SHARE))  # the paper's three algorithms, the runs of notebook 02
+    _check_reuse(out / f"{task}_summary.json", seeds, steps)
     df = run_grid(task, task, variants, seeds, steps, profile, runs_dir, workers=workers, **common)
     shares = token_share(df)
     rows = []
