@@ -563,3 +563,42 @@ def test_ctrl_c_while_the_command_loads_its_libraries_is_quiet(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err + out, err
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a third round of hostile cases
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_names_never_become_paths_and_outputs_never_replace_special_files(tmp_path, capsys):
+    from tokeneff.analysis.experiments import run_grid
+    from tokeneff.analysis.summary import main as summary_main
+    from tokeneff.config import ConfigError
+
+    sentinel = _sentinel(tmp_path)
+    before = _tree(sentinel)
+    for exp, variants in (("../../outside", {"grpo": {}}), ("x", {"../../outside": {}}), ("x", {"a/b": {}})):
+        with pytest.raises(ConfigError, match="must be a plain name"):
+            run_grid(exp, "multiplication", variants, [0], 1, root=str(tmp_path / "runs"), model="tiny-random")
+    (tmp_path / "results" / "embedded").mkdir(parents=True)
+    assert summary_main(["--results", str(tmp_path / "results"), "--name", "../outside"]) == 2
+    os.mkfifo(tmp_path / "fifo.md")
+    assert summary_main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "fifo.md")]) == 2
+    err = capsys.readouterr().err
+    assert "must be a plain name" in err and "is not a regular file" in err and "Traceback" not in err
+    assert _tree(sentinel) == before and not (tmp_path / "runs").exists()
+    assert not (tmp_path / "fifo.md").is_file()
+
+
+def test_dotdot_after_a_link_repeated_options_and_unknown_models_are_refused_before_anything_is_written(
+        tmp_path, capsys, monkeypatch):
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "py").symlink_to(tmp_path / "real" / "deep")
+    out = tmp_path / "py" / ".." / "n3" / "n4"  # the OS reads py/.. as real/, not tmp_path
+    _refused(capsys, ["train", *TINY, "--steps", 1, "--out", out], "'..' after a symbolic link")
+    assert not (tmp_path / "n3").exists() and not (tmp_path / "real" / "n3").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--algo", "grpo", "--algo", "sgrpo", "--out", str(tmp_path / "r")])
+    assert e.value.code == 2 and "--algo is given twice ('grpo' and 'sgrpo')" in capsys.readouterr().err
+    monkeypatch.setenv("TOKENEFF_CACHE", str(tmp_path / "cache"))
+    _refused(capsys, ["warmstart", "--model", "nosuch"], "model='nosuch': not a built-in name")
+    assert not (tmp_path / "cache").exists()  # not even a lock file

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import TokeneffError
-from .models import cache_dir
+from .models import BUILTIN, cache_dir
 from .rundir import check_writable
 
 
@@ -52,7 +52,10 @@ def check_model_path(name: str) -> None:
         return check_cache(name)
     p = Path(name).expanduser()
     if not p.exists():
-        return None  # a hub id, or a missing path: models.load_model says which
+        if "/" not in name or name.startswith((".", "/", "~")):  # not a hub id (org/name) either
+            raise TokeneffError(f"model={name!r}: not a built-in name ({', '.join(BUILTIN)}), an existing local "
+                                "path, or a hub id like Qwen/Qwen2-1.5B-Instruct")
+        return None  # a hub id: models.load_model says whether it loads
     if p.is_file():
         raise TokeneffError(f"model={name!r} is a file: pass the model's folder (config.json, *.safetensors, "
                             "tokenizer)")

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:  # no command: the usage and the list of commands, not argparse's one-line error
         parser.print_help(sys.stderr)
         return 2
+    _no_repeats(parser, argv)
     args, extra = parser.parse_known_args(argv)
     # key=value anywhere: argparse takes the positional overrides only as one run, before or after the options
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
@@ -181,6 +182,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokeneff: error: {clip(' '.join(f'{why}{where}'.split()), 2000)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _no_repeats(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """An option given twice with two values (`--algo grpo --algo sgrpo`, two --config files) is refused, as a
+    repeated key=value is: argparse would keep the last one silently."""
+    seen: dict[str, str] = {}
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--") or arg == "--":
+            continue
+        name, eq, value = arg.partition("=")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else ""
+            value = nxt if nxt and not nxt.startswith("-") and "=" not in nxt else None
+        if value is None:
+            continue  # a flag (--resume) or an option missing its value: argparse says so
+        if seen.get(name, value) != value:
+            parser.error(f"{name} is given twice ({clip(seen[name], 100)!r} and {clip(value, 100)!r}): give it once")
+        seen[name] = value
 
 
 def _no_collision(over: dict, key: str, flag_value) -> None:

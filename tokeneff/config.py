@@ -456,6 +456,14 @@ def load_config_file(path: str) -> dict[str, Any]:
     return data
 
 
+def check_name(what: str, name: str) -> str:
+    """A name that becomes one folder or file name (an experiment, a variant, a results folder): never a path, so
+    that nothing is written outside the folder it belongs in."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError(f"{what}={show(name)}: must be a plain name (no '/', not '.' or '..'), e.g. mulworked")
+    return name
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:

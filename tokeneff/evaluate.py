@@ -131,8 +131,10 @@ def _adapter_dir(adapter: str, model: str) -> Path:
     if not isinstance(_read_json(p / "adapter_config.json"), dict):
         raise TokeneffError(f"adapter={adapter!r}: adapter_config.json is damaged (not a JSON object)")
     weights = p / "adapter_model.safetensors"
+    if weights.exists() and not weights.is_file():
+        raise TokeneffError(f"adapter={adapter!r}: adapter_model.safetensors is not a regular file (a folder or FIFO?)")
     if not weights.is_file():
-        other = sorted(x.name for x in p.glob("adapter_model*"))
+        other = sorted(x.name for x in p.glob("adapter_model*.bin"))
         hint = f" ({other[0]} is a pickle and never loaded: save the adapter with safetensors)" if other else ""
         raise TokeneffError(f"adapter={adapter!r}: no adapter_model.safetensors there{hint}")
     from .checks import _safetensors_problem

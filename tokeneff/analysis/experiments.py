@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..config import EVAL_KEYS, ConfigError, TrainConfig, make_config, show
+from ..config import EVAL_KEYS, ConfigError, TrainConfig, check_name, make_config, show
 from ..evaluate import evaluate
 from ..train import train
 from ..utils import atomic_write_bytes, environment, write_json
@@ -184,6 +184,9 @@ def run_grid(experiment: str, task: str, variants: dict[str, dict[str, Any]], se
                           "(papermill: -y 'seeds: [0, 1]'; -p passes a string)")
     if not variants or not seeds:
         raise ConfigError(f"{experiment}: needs at least one variant and one seed")
+    check_name("experiment", experiment)
+    for variant in variants:
+        check_name("variant", variant)
     if len(set(seeds)) != len(seeds):
         dup = next(x for x in seeds if list(seeds).count(x) > 1)
         raise ConfigError(f"seeds={show(list(seeds))}: seed {dup} appears more than once (each seed is one run)")
@@ -377,7 +380,9 @@ def accuracy_experiment(task: str, variants: dict[str, dict[str, Any]], seeds: l
     intervals (each variant against the base model and against full-token GRPO), verdicts per claim of the
     paper (the task's claims), figures, tables and `<experiment>_summary.json` under results_dir/profile
     (experiment: the task's name unless given, e.g. mulworked for worked-answer multiplication)."""
-    experiment = experiment or task
+    experiment = check_name("experiment", experiment or task)
+    if results_name:
+        check_name("results_name", results_name)
     cfg = make_config(profile, overrides=dict(common, task=task))
     df = run_grid(experiment, task, variants, seeds, steps, profile, runs_dir, workers=workers,
                   base_evals=(dict(task=task, profile=profile, root=runs_dir, **common),), **common)

@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import clip
+from ..config import TokeneffError, check_name, clip
+from ..rundir import check_out_file
 from ..utils import atomic_write_bytes, write_json
 from .stats import DELTA, N_BOOT, Interval
 
@@ -233,6 +234,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-figures", dest="figures", action="store_false",
                     help="when rebuilding, leave the <task>_gains figures as they are")
     a = ap.parse_args(argv)
+    try:
+        check_name("--name", a.name)
+        if a.out:
+            check_out_file(a.out, "--out")  # not a folder, a FIFO or a device: it is replaced by the summary
+    except TokeneffError as e:
+        print(f"tokeneff.analysis.summary: error: {e}", file=sys.stderr)
+        return 2
     folder = Path(a.results) / a.name
     if not folder.is_dir():
         print(f"tokeneff.analysis.summary: error: {str(folder)!r} does not exist (run the notebooks first)")

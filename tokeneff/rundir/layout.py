@@ -214,6 +214,10 @@ def check_out(cfg_dict: dict[str, Any], resume: bool, overwrite: bool) -> str:
     if resume and overwrite:
         raise TokeneffError("--resume and --overwrite exclude each other: --resume continues the run in --out, "
                             "--overwrite replaces it")
+    for i, part in enumerate(out.parts):  # `link/..` is not where it reads: the OS follows the link first
+        if part == ".." and any(Path(*out.parts[:j]).is_symlink() for j in range(1, i + 1)):
+            raise TokeneffError(f"out={show(out_s)}: '..' after a symbolic link goes where the link points, not back "
+                                "up the path as written: give the path without '..'")
     if out.is_dir():  # before anything in it is read: links and run files of the wrong kind (a FIFO would block)
         check_no_links(out, out_s)
     kind = classify(out)
