@@ -22,3 +22,26 @@ def test_a_smaller_cap_cuts_long_answers_and_scores_what_their_first_tokens_say(
     # the evaluation's own cap: its flags as recorded
     assert table.loc[12, "truncated"] == 0 and table.loc[12, "correct"] == 2
     assert list(table.index) == [2, 3, 5, 11, 12]
+
+
+def test_the_budget_tool_refuses_what_is_not_an_evaluation_in_one_line(tmp_path, capsys):
+    import json
+    import os
+
+    from tokeneff.analysis.budget import main
+
+    os.mkfifo(tmp_path / "fifo.json")  # a read would block forever
+    good = dict(completion="7.", reference=7.0, correct=True, truncated=False)
+    cases = [(tmp_path / "fifo.json", [], "not a regular file"),
+             (dict(records=[]), [], "non-empty list of evaluated completions"),
+             (dict(records=[{**good, "completion": 5}]), [], "non-empty list"),
+             (dict(records=[{k: v for k, v in good.items() if k != "completion"}]), [], "non-empty list"),
+             (dict(records=[good], model="tiny-random", max_new_tokens="NaN"), [], "cap='NaN': must be"),
+             (dict(records=[good], model="tiny-random", max_new_tokens=8), ["--cap", "-1"], "cap=-1: must be")]
+    for i, (content, flags, needle) in enumerate(cases):
+        f = content if isinstance(content, os.PathLike) else tmp_path / f"e{i}.json"
+        if not isinstance(content, os.PathLike):
+            f.write_text(json.dumps(content))
+        assert main([str(f), *flags]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

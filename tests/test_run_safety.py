@@ -602,3 +602,18 @@ def test_dotdot_after_a_link_repeated_options_and_unknown_models_are_refused_bef
     monkeypatch.setenv("TOKENEFF_CACHE", str(tmp_path / "cache"))
     _refused(capsys, ["warmstart", "--model", "nosuch"], "model='nosuch': not a built-in name")
     assert not (tmp_path / "cache").exists()  # not even a lock file
+
+
+def test_dotdot_without_a_link_is_the_folder_it_names_and_outputs_never_replace_a_fifo(tmp_path, capsys):
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "mine.txt").write_text("mine")
+    before = _tree(tmp_path)
+    _refused(capsys, ["train", *TINY, "--steps", 1, "--out", tmp_path / "w" / "q" / ".." / ".." / "f"],
+             "holds files that are not a tokeneff run")
+    assert _tree(tmp_path) == before  # no lock in f/, no w/q/ made
+    from tokeneff.utils import atomic_write_bytes
+
+    os.mkfifo(tmp_path / "table.md")
+    with pytest.raises(OSError, match="not a regular file"):
+        atomic_write_bytes(tmp_path / "table.md", b"x")
+    assert not (tmp_path / "table.md").is_file()

@@ -45,8 +45,10 @@ class Run:
     def __init__(self, cfg: TrainConfig, accel, resume: bool, overwrite: bool, progress: bool):
         self.cfg, self.accel, self.resume, self.overwrite = cfg, accel, resume, overwrite
         self.progress, self.main = progress, accel.is_main_process
-        self.out = Path(cfg.out)
         self.kind = check_out(cfg.to_dict(), resume, overwrite)  # read-only: before anything is loaded or written
+        # '..' resolved as written (check_out refused it after a link, where the OS would read it otherwise), so that
+        # the lock walks, creates and removes the folders the path names
+        self.out = Path(os.path.normpath(cfg.out))
         self.fresh = self.kind in ("missing", "empty") or overwrite
         """this call starts the run afresh: what it wrote is removed again if it stops before the first checkpoint"""
         self.started = False

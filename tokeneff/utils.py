@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -33,6 +34,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same folder, then rename: readers never see half a file. The file gets the
     permissions an ordinary write would (0666 less the umask), not mkstemp's 0600: a collaborator can read it."""
     path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):  # a FIFO, a device, a folder: never replaced
+        raise IsADirectoryError(errno.EISDIR if path.is_dir() else errno.EEXIST,
+                                "exists and is not a regular file: not replaced", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:

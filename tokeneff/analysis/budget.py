@@ -51,6 +51,31 @@ def completion_ids(records: list[dict], model: str) -> tuple[list[list[int]], ob
     return ids, lambda t: tok.decode(t, skip_special_tokens=True)
 
 
+def _read(path: str, model: str | None, cap: int | None) -> tuple[str, int, list[dict]]:
+    """The evaluation's records, model and cap, checked: one line for anything else."""
+    f = Path(path)
+    if not f.is_file():  # a FIFO would block the read
+        raise TokeneffError(f"{path!r}: not an evaluation file (missing, or not a regular file)")
+    try:
+        result = json.loads(f.read_text())
+        records = result["records"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise TokeneffError(f"{path!r}: not an evaluation file ({clip(str(e), 200)})") from None
+    if not isinstance(records, list) or not records or not all(
+            isinstance(r, dict) and isinstance(r.get("completion"), str) and isinstance(r.get("truncated"), bool)
+            and isinstance(r.get("correct"), bool) and isinstance(r.get("reference"), (int, float)) for r in records):
+        raise TokeneffError(f"{path!r}: its records must be a non-empty list of evaluated completions (completion, "
+                            "reference, correct, truncated), as `tokeneff evaluate --out` writes them")
+    model = model if model is not None else result.get("model")
+    cap = cap if cap is not None else result.get("max_new_tokens")
+    if not isinstance(model, str) or not model:
+        raise TokeneffError(f"{path!r} does not say its model: pass --model")
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise TokeneffError(f"cap={clip(repr(cap), 100)}: must be the evaluation's max_new_tokens, a positive integer "
+                            "(pass --cap if the file does not say it)")
+    return model, cap, records
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tokeneff.analysis.budget", description=__doc__.splitlines()[0])
     p.add_argument("evaluation", help="the JSON that `tokeneff evaluate --out` wrote, at a large max_new_tokens")
@@ -58,15 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cap", type=int, help="the max_new_tokens the evaluation ran with (default: the file's)")
     args = p.parse_args(argv)
     try:
-        try:
-            result = json.loads(Path(args.evaluation).read_text())
-            records = result["records"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise TokeneffError(f"{args.evaluation}: not an evaluation file ({clip(str(e), 200)})") from None
-        model, cap = args.model or result.get("model"), args.cap or result.get("max_new_tokens")
-        if not model or not cap:
-            raise TokeneffError(f"{args.evaluation} does not say its {'model' if not model else 'cap'}: pass "
-                                f"{'--model' if not model else '--cap'}")
+        model, cap, records = _read(args.evaluation, args.model, args.cap)
         ids, decode = completion_ids(records, model)
         table = budget_table(records, ids, decode, cap)
     except TokeneffError as e:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..config import EVAL_KEYS, ConfigError, TrainConfig, check_name, make_config, show
 from ..evaluate import evaluate
+from ..rundir import check_writable
 from ..train import train
 from ..utils import atomic_write_bytes, environment, write_json
 from .report import pct, plot_accuracy, plot_gains, plot_metric, save_figure, save_table, scale_label
@@ -383,6 +384,7 @@ def accuracy_experiment(task: str, variants: dict[str, dict[str, Any]], seeds: l
     experiment = check_name("experiment", experiment or task)
     if results_name:
         check_name("results_name", results_name)
+    check_writable(Path(results_dir) / (results_name or profile), "results_dir")  # before the hours of training
     cfg = make_config(profile, overrides=dict(common, task=task))
     df = run_grid(experiment, task, variants, seeds, steps, profile, runs_dir, workers=workers,
                   base_evals=(dict(task=task, profile=profile, root=runs_dir, **common),), **common)

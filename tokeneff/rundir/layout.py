@@ -218,6 +218,7 @@ def check_out(cfg_dict: dict[str, Any], resume: bool, overwrite: bool) -> str:
         if part == ".." and any(Path(*out.parts[:j]).is_symlink() for j in range(1, i + 1)):
             raise TokeneffError(f"out={show(out_s)}: '..' after a symbolic link goes where the link points, not back "
                                 "up the path as written: give the path without '..'")
+    out = Path(os.path.normpath(out_s))  # '..' as written (no link before it): the folder the path names
     if out.is_dir():  # before anything in it is read: links and run files of the wrong kind (a FIFO would block)
         check_no_links(out, out_s)
     kind = classify(out)
