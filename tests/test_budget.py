@@ -37,7 +37,8 @@ def test_the_budget_tool_refuses_what_is_not_an_evaluation_in_one_line(tmp_path,
              (dict(records=[{**good, "completion": 5}]), [], "non-empty list"),
              (dict(records=[{k: v for k, v in good.items() if k != "completion"}]), [], "non-empty list"),
              (dict(records=[good], model="tiny-random", max_new_tokens="NaN"), [], "cap='NaN': must be"),
-             (dict(records=[good], model="tiny-random", max_new_tokens=8), ["--cap", "-1"], "cap=-1: must be")]
+             (dict(records=[good], model="tiny-random"), ["--cap", "-1"], "cap=-1: must be"),
+             (dict(records=[good], model="tiny-random", max_new_tokens=8), ["--cap", "99"], "leave --cap out")]
     for i, (content, flags, needle) in enumerate(cases):
         f = content if isinstance(content, os.PathLike) else tmp_path / f"e{i}.json"
         if not isinstance(content, os.PathLike):

@@ -67,7 +67,11 @@ def _read(path: str, model: str | None, cap: int | None) -> tuple[str, int, list
         raise TokeneffError(f"{path!r}: its records must be a non-empty list of evaluated completions (completion, "
                             "reference, correct, truncated), as `tokeneff evaluate --out` writes them")
     model = model if model is not None else result.get("model")
-    cap = cap if cap is not None else result.get("max_new_tokens")
+    recorded = result.get("max_new_tokens")
+    if cap is not None and recorded is not None and cap != recorded:
+        raise TokeneffError(f"cap={cap}: the evaluation says it ran at max_new_tokens={clip(repr(recorded), 50)}; a "
+                            "smaller cap is read from it, not given: leave --cap out")
+    cap = cap if cap is not None else recorded
     if not isinstance(model, str) or not model:
         raise TokeneffError(f"{path!r} does not say its model: pass --model")
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:

@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     try:
         check_name("--name", a.name)
         if a.out:
-            check_out_file(a.out, "--out")  # not a folder, a FIFO or a device: it is replaced by the summary
+            a.out = str(check_out_file(a.out, "--out"))  # not a folder, a FIFO or a device: the summary replaces it
     except TokeneffError as e:
         print(f"tokeneff.analysis.summary: error: {e}", file=sys.stderr)
         return 2

@@ -196,7 +196,7 @@ def run_bench(model: str = "tiny-random", shape: str | None = None, completion_l
 
     from ..rundir import check_out_folder
 
-    check_out_folder(out, "out")  # before the compute: a file or an unwritable folder fails now, not at the end
+    out = str(check_out_folder(out, "out"))  # before the compute: a file or unwritable folder fails now, not at the end
 
     specs = [dict(model=model, shape=shape, vocab_size=vocab_size, algo=a, completion_len=int(L), group_size=int(G),
                   prompt_len=prompt_len, gradient_checkpointing=gradient_checkpointing, variant=v)

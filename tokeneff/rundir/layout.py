@@ -161,16 +161,28 @@ def check_writable(path: Path, what: str, shown: str | None = None) -> None:
         raise TokeneffError(f"{what}={str(path)!r}: cannot write in {str(anc)!r} ({e.strerror})") from None
 
 
+def resolved_as_written(out: str, what: str) -> Path:
+    """`out` with '..' taken as written (`a/b/..` is `a`), `~` expanded; refused where a symbolic link comes before a
+    '..', since the OS would then go up from where the link points. Every output path goes through here, so that
+    the folder a path names is the folder that is checked, created and written."""
+    p = Path(out).expanduser()
+    for i, part in enumerate(p.parts):
+        if part == ".." and any(Path(*p.parts[:j]).is_symlink() for j in range(1, i + 1)):
+            raise TokeneffError(f"{what}={show(out)}: '..' after a symbolic link goes where the link points, not back "
+                                "up the path as written: give the path without '..'")
+    return Path(os.path.normpath(p))
+
+
 def check_out_file(out: str, what: str = "out") -> Path:
     """An output file (e.g. evaluate's JSON): not a folder, and its folder writable. Checked before the compute."""
-    p = Path(out).expanduser()
+    if not out or out.endswith(("/", os.sep)) or Path(out).name in ("", ".", ".."):
+        raise TokeneffError(f"{what}={show(out)}: name a file, e.g. eval.json")
+    p = resolved_as_written(out, what)
     if p.is_dir():
-        raise TokeneffError(f"{what}={out!r} is a folder: name a JSON file, e.g. {str(p / 'eval.json')!r}")
-    if not p.name or out.endswith(("/", os.sep)):
-        raise TokeneffError(f"{what}={out!r}: name a file, e.g. eval.json")
+        raise TokeneffError(f"{what}={show(out)} is a folder: name a file in it, e.g. {str(p / 'eval.json')!r}")
     check_writable(p.parent, what, out)
     if p.exists() and not p.is_file():
-        raise TokeneffError(f"{what}={out!r} exists and is not a regular file (a FIFO or device?): name a JSON file")
+        raise TokeneffError(f"{what}={out!r} exists and is not a regular file (a FIFO or device?): name another file")
     if p.exists() and not os.access(p, os.W_OK):
         raise TokeneffError(f"{what}={out!r}: the file is not writable")
     return p
@@ -178,7 +190,7 @@ def check_out_file(out: str, what: str = "out") -> Path:
 
 def check_out_folder(out: str, what: str = "--out") -> Path:
     """An output folder (e.g. bench's): not a file, and writable. Checked before the compute."""
-    p = Path(out).expanduser()
+    p = resolved_as_written(out, what)
     if p.exists() and not p.is_dir():
         raise TokeneffError(f"{what}={out!r} is a file, not a folder")
     check_writable(p, what)
