@@ -239,7 +239,7 @@ def test_overrides_that_collide_with_options(tmp_path, capsys, argv, needle):
 def test_outputs_are_checked_before_the_compute(tmp_path, capsys):
     ev = ["evaluate", "--model", "tiny-random", "--task", "multiplication", "--limit", "1", "--out"]
     (tmp_path / "dir").mkdir()
-    one_line(capsys, ev + [tmp_path / "dir"], "is a folder: name a JSON file")
+    one_line(capsys, ev + [tmp_path / "dir"], "is a folder: name a file in it")
     one_line(capsys, ev + ["/proc/1/eval.json"], "cannot write in '/proc/1'")
     (tmp_path / "file").write_text("x")
     one_line(capsys, ["bench", "--out", tmp_path / "file"], "--out=")
