@@ -29,6 +29,7 @@ from .rundir import (
     clear_run,
     disk_error,
     recover_checkpoints,
+    resolved_as_written,
     say,
     write_failure,
     writing,
@@ -46,9 +47,7 @@ class Run:
         self.cfg, self.accel, self.resume, self.overwrite = cfg, accel, resume, overwrite
         self.progress, self.main = progress, accel.is_main_process
         self.kind = check_out(cfg.to_dict(), resume, overwrite)  # read-only: before anything is loaded or written
-        # '..' resolved as written (check_out refused it after a link, where the OS would read it otherwise), so that
-        # the lock walks, creates and removes the folders the path names
-        self.out = Path(os.path.normpath(cfg.out))
+        self.out = resolved_as_written(cfg.out, "out")  # as check_out read it: the lock makes the folders it names
         self.fresh = self.kind in ("missing", "empty") or overwrite
         """this call starts the run afresh: what it wrote is removed again if it stops before the first checkpoint"""
         self.started = False

@@ -222,15 +222,10 @@ def check_same_run(old: dict[str, Any], new: dict[str, Any], out: str) -> None:
 def check_out(cfg_dict: dict[str, Any], resume: bool, overwrite: bool) -> str:
     """Read-only check of the run directory before anything is computed or written; returns its kind."""
     out_s = cfg_dict["out"]
-    out = Path(out_s)
     if resume and overwrite:
         raise TokeneffError("--resume and --overwrite exclude each other: --resume continues the run in --out, "
                             "--overwrite replaces it")
-    for i, part in enumerate(out.parts):  # `link/..` is not where it reads: the OS follows the link first
-        if part == ".." and any(Path(*out.parts[:j]).is_symlink() for j in range(1, i + 1)):
-            raise TokeneffError(f"out={show(out_s)}: '..' after a symbolic link goes where the link points, not back "
-                                "up the path as written: give the path without '..'")
-    out = Path(os.path.normpath(out_s))  # '..' as written (no link before it): the folder the path names
+    out = resolved_as_written(out_s, "out")  # the folder the path names; '..' after a link refused
     if out.is_dir():  # before anything in it is read: links and run files of the wrong kind (a FIFO would block)
         check_no_links(out, out_s)
     kind = classify(out)
