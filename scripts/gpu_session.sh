@@ -173,7 +173,7 @@ if not (Path(folder) / "model.safetensors").is_file():
     shutil.rmtree(folder + ".tmp", ignore_errors=True)
     save_random_shape(shape, folder + ".tmp")
     os.replace(folder + ".tmp", folder)
-from tokeneff.train import train
+from tokeneff.loop import train
 from tokeneff.benchmarks.versus_trl import synthetic_rewards
 over = dict(model=folder, algo=algo, steps=int(steps), out=out, max_new_tokens=int(tokens), eval_at_start=False)
 over.update(json.loads(extra))

@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from tokeneff.benchmarks.bench import VARIANTS, _full_logits_logp, run_bench
-from tokeneff.config import TokeneffError
+from tokeneff.errors import TokeneffError
 from tokeneff.loss import SelectiveLogProbs
 from tokeneff.models import tiny_random
 from tokeneff.rollout import left_pad

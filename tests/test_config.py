@@ -1,7 +1,8 @@
 import pytest
 
 from tokeneff.algorithms.tspmo import replay_on
-from tokeneff.config import ConfigError, make_config, parse_overrides
+from tokeneff.config import make_config, parse_overrides
+from tokeneff.errors import ConfigError
 
 
 def test_profiles_and_overrides():

@@ -20,7 +20,7 @@ from tokeneff.analysis.experiments import (
     run_dir,
     run_grid,
 )
-from tokeneff.config import ConfigError
+from tokeneff.errors import ConfigError
 
 TINY = dict(model="tiny-random", max_new_tokens=8, group_size=4, prompts_per_step=4, eval_batch_size=4,
             digits_a=1, digits_b=1, eval_limit=4, lr=1e-2)

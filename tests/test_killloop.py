@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from tokeneff import make_config, train
-from tokeneff.train import TIMING_KEYS
+from tokeneff.loop import TIMING_KEYS
 
 PHASES = ("partial", "written", "manifest", "removing", "prev-removed", "moved", "swapped", "torn")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokeneff.train import TIMING_KEYS
+from tokeneff.loop import TIMING_KEYS
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 WORKER = Path(__file__).with_name("ddp_worker.py")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tokeneff import make_config
-from tokeneff.config import ConfigError
+from tokeneff.errors import ConfigError
 from tokeneff.models import tiny_random
 from tokeneff.rollout import pick_next, sample
 
@@ -99,7 +99,7 @@ def test_non_finite_logits_are_one_line_not_a_torch_traceback():
     import pytest
     import torch
 
-    from tokeneff.config import TokeneffError
+    from tokeneff.errors import TokeneffError
     from tokeneff.rollout import pick_next
 
     with pytest.raises(TokeneffError, match="not finite"):

@@ -151,7 +151,7 @@ def test_a_failing_run_never_removes_a_sibling_that_finished_meanwhile(tmp_path,
 
 def test_interrupt_during_the_first_evaluation_says_so_and_a_plain_rerun_starts_over(tmp_path, capsys,
                                                                                        monkeypatch):
-    tr = sys.modules["tokeneff.train"]  # the module (tokeneff.train is also the function)
+    tr = sys.modules["tokeneff.loop"]
     real = tr.evaluate_model
 
     def interrupted(*a, **k):
@@ -358,7 +358,7 @@ def test_run_files_of_the_wrong_kind_are_refused_before_anything_changes(finishe
 
 def test_a_failure_before_the_first_checkpoint_keeps_nothing_and_after_it_keeps_the_checkpoint(tmp_path, capsys,
                                                                                                 monkeypatch):
-    tr = sys.modules["tokeneff.train"]
+    tr = sys.modules["tokeneff.loop"]
     real = tr.evaluate_model
     calls = []
 
@@ -460,7 +460,7 @@ def test_messages_have_a_bounded_length(tmp_path, capsys):
 
 def test_duplicate_seeds_are_refused_before_any_run(tmp_path):
     from tokeneff.analysis.experiments import run_grid
-    from tokeneff.config import ConfigError
+    from tokeneff.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"seed 0 appears more than once"):
         run_grid("x", "multiplication", {"grpo": {}}, [0, 1, 0], 1, root=str(tmp_path), model="tiny-random")
@@ -547,7 +547,7 @@ def test_option_values_are_bounded_and_grid_variants_cannot_set_what_the_grid_se
     err = capsys.readouterr().err
     assert len(err) < 1000 and "Traceback" not in err, err[:300]
     from tokeneff.analysis.experiments import run_grid
-    from tokeneff.config import ConfigError
+    from tokeneff.errors import ConfigError
 
     with pytest.raises(ConfigError, match="seed= in variant 'a' is set by the grid itself"):
         run_grid("x", "multiplication", {"a": {"seed": 3}}, [0], 1, root=str(tmp_path), model="tiny-random")
@@ -572,7 +572,7 @@ def test_ctrl_c_while_the_command_loads_its_libraries_is_quiet(tmp_path):
 def test_names_never_become_paths_and_outputs_never_replace_special_files(tmp_path, capsys):
     from tokeneff.analysis.experiments import run_grid
     from tokeneff.analysis.summary import main as summary_main
-    from tokeneff.config import ConfigError
+    from tokeneff.errors import ConfigError
 
     sentinel = _sentinel(tmp_path)
     before = _tree(sentinel)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tokeneff.config import ConfigError
+from tokeneff.errors import ConfigError
 from tokeneff.tasks import SVAMP, Multiplication
 from tokeneff.tasks.svamp import load_svamp, make_test_ids, make_val_ids, shipped_ids, shipped_test_ids
 

@@ -1,4 +1,3 @@
-import importlib
 import json
 import os
 import signal
@@ -10,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-train_mod = importlib.import_module("tokeneff.train")  # the package re-exports train(), shadowing the module
+import tokeneff.loop as train_mod
 from tokeneff import TokeneffError, train
+from tokeneff.loop import TIMING_KEYS
 from tokeneff.tasks import Problem, Task
-from tokeneff.train import TIMING_KEYS
 
 
 def _metrics(run):

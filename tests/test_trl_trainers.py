@@ -23,7 +23,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from tokeneff.algorithms import ALGORITHMS
 from tokeneff.algorithms.tspmo import prefix_advantages
-from tokeneff.config import ConfigError
+from tokeneff.errors import ConfigError
 from tokeneff.loss import SelectiveLogProbs, policy_loss
 from tokeneff.models import load_model
 from tokeneff.trl_trainers import (

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tokeneff import warmstart as ws
-from tokeneff.config import ConfigError, TokeneffError
+from tokeneff.errors import ConfigError, TokeneffError
 from tokeneff.models import load_model, tiny_random
 from tokeneff.rollout import build_prompt
 from tokeneff.tasks import SVAMP, extract_answer

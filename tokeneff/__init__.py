@@ -23,9 +23,10 @@ def _quit_while_loading(*_) -> None:
 if _command:
     _previous = _signal.signal(_signal.SIGINT, _quit_while_loading)
 
-from .config import ConfigError, TokeneffError, TrainConfig, make_config  # noqa: E402
+from .config import TrainConfig, make_config  # noqa: E402
+from .errors import ConfigError, TokeneffError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
-from .train import train  # noqa: E402
+from .loop import train  # noqa: E402
 
 if _command:
     _signal.signal(_signal.SIGINT, _previous)

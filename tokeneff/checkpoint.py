@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import TokeneffError
+from .errors import TokeneffError
 from .rundir import CKPT, MANIFEST, RUN_FORMAT, TMP, _faults, finish_save, fsync_path, start_save, writing
 from .utils import write_json
 

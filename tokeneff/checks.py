@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .config import TokeneffError
+from .algorithms.tspmo import replay_on
+from .errors import TokeneffError
 from .models import BUILTIN, cache_dir
 from .rundir import check_writable
 
@@ -129,6 +130,6 @@ def check_context(model, tok, task, problems, cfg) -> None:
     for name in ("max_new_tokens", "eval_max_new_tokens"):
         v = getattr(cfg, name)
         # with replay, a prompt carries a cut earlier completion (up to max_new_tokens) before the new tokens
-        if v and prompt + v * (2 if cfg.use_replay and name == "max_new_tokens" else 1) > ctx:
+        if v and prompt + v * (2 if replay_on(cfg) and name == "max_new_tokens" else 1) > ctx:
             raise TokeneffError(f"{name}={v}: with the longest prompt ({prompt} tokens) it exceeds the model's context "
                                 f"of {ctx} tokens (max_position_embeddings)")

@@ -8,7 +8,8 @@ import os
 import sys
 
 from . import __version__
-from .config import ALGOS, PROFILES, TASKS, TokeneffError, clip, make_config, parse_overrides
+from .config import ALGOS, PROFILES, TASKS, make_config, parse_overrides
+from .errors import TokeneffError, clip
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         if args.command == "train":
-            from .train import install_sigterm_handler, train
+            from .loop import install_sigterm_handler, train
 
             over = parse_overrides(args.overrides)
             for k in ("algo", "task", "model", "steps", "out", "seed"):

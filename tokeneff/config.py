@@ -17,35 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .algorithms import ALGORITHMS
-from .algorithms.tspmo import replay_on
-
-
-class TokeneffError(Exception):
-    """A user-facing error: the message is shown alone, without a traceback."""
-
-
-class ConfigError(TokeneffError):
-    pass
-
-
-MAX_SHOWN = 300
-
-
-def show(value: Any, limit: int = MAX_SHOWN) -> str:
-    """A value quoted for a message, at most `limit` characters: reprlib never expands more than it shows, so
-    even a YAML alias bomb (a few bytes that repr() would expand to gigabytes) costs nothing."""
-    import reprlib
-
-    r = reprlib.Repr()
-    r.maxlevel, r.maxstring, r.maxother = 3, limit, limit
-    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = 8
-    return clip(r.repr(value), limit)
-
-
-def clip(text: str, limit: int = MAX_SHOWN) -> str:
-    """`text` cut to at most `limit` characters (a library's message inside ours, say)."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
+from .errors import ConfigError, clip, show
 
 ALGOS = tuple(ALGORITHMS)  # the one list of algorithm names is algorithms.ALGORITHMS
 TASKS = ("svamp", "multiplication")
@@ -273,11 +245,6 @@ class TrainConfig(LoraSettings):
         if not str(self.out).strip():
             raise bad("out", "must be a directory path")
         return self
-
-    @property
-    def use_replay(self) -> bool:
-        """T-SPMO's replay is on for this run (the rule lives in algorithms/tspmo.py: `replay_on`)."""
-        return replay_on(self)
 
     def rollout_options(self) -> dict[str, Any]:
         """`rollout.sample`'s backend keywords."""

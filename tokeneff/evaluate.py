@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .config import TokeneffError, make_config, show
+from .config import make_config
+from .errors import TokeneffError, show
 from .rollout import build_prompt, decode, encode_prompts, sample
 from .tasks import Problem, Task, extract_answer, is_correct, make_task
 from .utils import set_threads, write_json
@@ -61,7 +62,7 @@ def evaluate(task: str = "svamp", model: str = "smollm2-135m", adapter: str | No
     if not torch.cuda.is_available():
         set_threads(cfg.threads)
     lm, tok = load_model(folder)
-    torch.manual_seed(cfg.seed)  # after loading: a first load's conversion consumes the RNG (train.py)
+    torch.manual_seed(cfg.seed)  # after loading: a first load's conversion consumes the RNG (loop.py)
     if adapter_dir:
         from peft import PeftModel
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .config import WARM_STARTS, TokeneffError, clip, show
+from .config import WARM_STARTS
+from .errors import TokeneffError, clip, show
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN = ("smollm2-135m", "tiny-random")

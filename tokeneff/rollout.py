@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import BACKENDS, TokeneffError
+from .config import BACKENDS
+from .errors import TokeneffError
 
 
 @dataclass

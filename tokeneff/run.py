@@ -1,5 +1,5 @@
 """`Run`: one run directory from opening to finishing. Everything `train()` reads or writes on disk goes through it,
-so `train.py` holds the ML and this file the file handling: the checks before anything is loaded, the lock, clearing
+so `loop.py` holds the ML and this file the file handling: the checks before anything is loaded, the lock, clearing
 or recovering, config.json, restoring the checkpoint (with its messages), metrics rows, evaluations, checkpoints, the
 adapter and final.json, and what a stop (Ctrl-C, SIGTERM, an error) leaves behind and says. The directory's rules
 (what may be deleted, the checkpoint protocol, the metrics log) are `rundir/`'s; what a checkpoint holds is
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import RESULT_KEYS, TokeneffError, TrainConfig
+from .config import RESULT_KEYS, TrainConfig
+from .errors import TokeneffError
 from .rundir import (
     CKPT,
     FORMAT_KEY,

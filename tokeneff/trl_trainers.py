@@ -85,7 +85,8 @@ from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 
 from .algorithms import ALGORITHMS
-from .config import FIELD_NAMES, ConfigError, TokeneffError, TrainConfig, show
+from .config import FIELD_NAMES, TrainConfig
+from .errors import ConfigError, TokeneffError, show
 
 TRL_TESTED = ">=1.16,<1.17"
 """the TRL versions these subclasses are tested against (pyproject.toml pins the same range)"""

@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from .checks import check_lora_targets, check_model_path
-from .config import WARM_STARTS, ConfigError, LoraSettings, TokeneffError, coerce
+from .config import WARM_STARTS, LoraSettings, coerce
+from .errors import ConfigError, TokeneffError
 from .models import cache_dir, load_model
 from .tasks.answer import is_correct
 from .tasks.base import format_number
@@ -81,7 +82,8 @@ class WarmStartConfig(LoraSettings):
     full tier has to fit in ~3 h; the subset takes ~33 min. Pass max_examples=0 for the whole epoch on a GPU."""
 
     def validate(self) -> WarmStartConfig:
-        from .config import MAX_LR, MAX_SEED, show
+        from .config import MAX_LR, MAX_SEED
+        from .errors import show
 
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"{name}={show(getattr(self, name))}: {why}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import TokeneffError, clip
+from ..errors import TokeneffError, clip
 from ..tasks.answer import is_correct
 
 CAPS = (24, 32, 48, 64, 96, 128, 160, 200)

@@ -26,10 +26,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..config import EVAL_KEYS, ConfigError, TrainConfig, check_name, make_config, show
+from ..config import EVAL_KEYS, TrainConfig, check_name, make_config
+from ..errors import ConfigError, show
 from ..evaluate import evaluate
+from ..loop import train
 from ..rundir import check_writable
-from ..train import train
 from ..utils import atomic_write_bytes, environment, write_json
 from .report import pct, plot_accuracy, plot_gains, plot_metric, save_figure, save_table, scale_label
 from .stats import DELTA, N_BOOT, Interval, paired_bootstrap, verdict
@@ -214,6 +215,7 @@ def run_grid(experiment: str, task: str, variants: dict[str, dict[str, Any]], se
                 bar.update()
         else:
             # spawn, not fork: a forked child inherits the parent's OpenMP and tokenizer thread pools half-set-up
+            others = set(mp.active_children())  # the pool's workers are the children started after this
             pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
             try:
                 for fut in as_completed([pool.submit(fn, arg) for fn, arg in jobs]):
@@ -222,7 +224,7 @@ def run_grid(experiment: str, task: str, variants: dict[str, dict[str, Any]], se
             except KeyboardInterrupt:
                 # Stop every run at once, as a kill would: each resumes bit-for-bit from its last checkpoint (every
                 # save_every steps) when the grid is run again. A kill at any instant is safe (rundir/).
-                for proc in list(getattr(pool, "_processes", {}).values()):
+                for proc in set(mp.active_children()) - others:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(proc.pid, signal.SIGKILL)
                 print("interrupted: run the grid again to resume each run from its last checkpoint", flush=True)

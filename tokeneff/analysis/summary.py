@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..config import TokeneffError, check_name, clip
+from ..config import check_name
+from ..errors import TokeneffError, clip
 from ..rundir import check_out_file
 from ..utils import atomic_write_bytes, write_json
 from .stats import DELTA, N_BOOT, Interval

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from ..config import ALGOS, TokeneffError
+from ..config import ALGOS
+from ..errors import TokeneffError
 from ..utils import memory_mb, set_threads
 from ..warmstart import model_folder
 from .benchio import QWEN2_1_5B, device_name, run_in_subprocess, save_result

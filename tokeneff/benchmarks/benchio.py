@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..config import TokeneffError
+from ..errors import TokeneffError
 from ..utils import atomic_write_bytes, write_json
 
 QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,

@@ -49,7 +49,7 @@ BACKEND_SPECS = ("tokeneff", "static", "static+compile", "hf", "hf-static")
 
 
 def _backend(spec: str) -> dict[str, Any]:
-    from ..config import TokeneffError
+    from ..errors import TokeneffError
 
     if spec not in BACKEND_SPECS:
         raise TokeneffError(f"backend {spec!r}: must be one of {', '.join(BACKEND_SPECS)}")

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from ..config import ALGOS, TokeneffError
+from ..config import ALGOS
+from ..errors import TokeneffError
 from ..utils import memory_mb
 from ..warmstart import model_folder
 from .benchio import device_name, run_in_subprocess, save_random_shape, save_result
@@ -68,7 +69,7 @@ def weights_only(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
-    from ..train import train
+    from ..loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         train(custom_task=synthetic_task() if spec.get("reward") == "synthetic" else None,

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..config import TokeneffError
+from ..errors import TokeneffError
 from ..utils import write_json
 from . import _faults
 from .layout import CKPT, MANIFEST, PREV, TMP, _read_json, _rmtree, say

@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..config import FIELD_NAMES, RESUMABLE_KEYS, TokeneffError, clip, show
+from ..config import FIELD_NAMES, RESUMABLE_KEYS
+from ..errors import TokeneffError, clip, show
 from . import _faults
 
 RUN_FORMAT = 1

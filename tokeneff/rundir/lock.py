@@ -7,7 +7,7 @@ import errno
 import os
 from pathlib import Path
 
-from ..config import TokeneffError, show
+from ..errors import TokeneffError, show
 from . import _faults
 from .layout import LOCK_NAME, NOFOLLOW
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import ConfigError
 from .answer import exact_match_reward, extract_answer, is_correct
 from .base import Problem, Task
 from .multiplication import Multiplication
@@ -16,6 +17,5 @@ def make_task(cfg) -> Task:
         return SVAMP(cfg.num_shots, cfg.svamp_dir, cfg.extra_train)
     if cfg.task == "multiplication":
         return Multiplication(cfg.num_shots, cfg.digits_a, cfg.digits_b, answer_format=cfg.answer_format)
-    from ..config import ConfigError
 
     raise ConfigError(f"task={cfg.task!r}: must be one of svamp, multiplication")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import ConfigError
 from .answer import exact_match_reward
 
 
@@ -27,8 +28,6 @@ class Task:
 
     def __init__(self, num_shots: int = 2):
         if num_shots > len(self.shots):
-            from ..config import ConfigError
-
             raise ConfigError(f"num_shots={num_shots}: the {self.name} task has {len(self.shots)} worked examples")
         self.num_shots = num_shots
 
@@ -50,7 +49,5 @@ class Task:
 
 
 def check_split(split: str, allowed: tuple[str, ...] = ("train", "test")) -> None:
-    from ..config import ConfigError
-
     if split not in allowed:
         raise ConfigError(f"split={split!r}: must be one of {', '.join(allowed)}")

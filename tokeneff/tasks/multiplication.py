@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 
+from ..errors import ConfigError
 from .base import Problem, Task, check_split
 
 TEST_SEED, VAL_SEED, SHOT_SEED = 1234, 4321, 777
@@ -52,8 +53,6 @@ class Multiplication(Task):
     def __init__(self, num_shots: int = 2, digits_a: int = 3, digits_b: int = 3, seed: int = 0,
                  n_train: int = 5000, answer_format: str = "short"):
         if answer_format not in FORMATS:
-            from ..config import ConfigError
-
             raise ConfigError(f"answer_format={answer_format!r}: must be one of {', '.join(FORMATS)}")
         self.digits_a, self.digits_b, self.seed, self.n_train = digits_a, digits_b, seed, n_train
         self.answer_format = answer_format

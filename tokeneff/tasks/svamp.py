@@ -18,7 +18,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .base import Problem, Task, check_split, format_number
 
 SPLIT_SEED = 20250429  # arXiv v1 date of the paper; only used to (re)create the committed ID lists

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from .algorithms import ALGORITHMS, GroupSampler, StepCredits, group_sampler, step_credits
 from .checks import check_context, check_lora_targets, check_model_path, check_precision
-from .config import TokeneffError, TrainConfig, make_config
+from .config import TrainConfig, make_config
+from .errors import TokeneffError
 from .evaluate import evaluate_model
 from .loss import SelectiveLogProbs, policy_loss
 from .mechanisms import step_mechanisms
