@@ -39,3 +39,18 @@ def test_committed_benchmark_figures_are_readable_and_name_the_model():
         _check(plot_ladder(g), "tiny-random (random Qwen2, 4 layers × 256, vocabulary 151,936)")
     for _, g in df[df.suite == "growth"].groupby("device"):
         _check(plot_growth(g), "tiny-random")
+
+
+def test_notebook_panels_rebuild_the_committed_tables_and_say_what_is_missing(tmp_path, capsys):
+    """render_committed (notebook 04's panels from the committed files) gives back the committed tables byte for
+    byte, one figure per device; a suite without rows names the command that makes it and writes nothing."""
+    from tokeneff.benchmarks.plots import render_committed, save_panel
+
+    written = render_committed(COMMITTED, tmp_path)
+    results = COMMITTED.parent
+    for stem in ("memory_ladder", "cost_growth", "vs_trl"):
+        assert (tmp_path / f"{stem}.md").read_bytes() == (results / f"{stem}.md").read_bytes()
+    assert {Path(w).name for w in written} >= {"vs_trl_cpu.png", "vs_trl_nvidia.png", "memory_ladder_cpu.png"}
+    empty = load_versus(COMMITTED).iloc[:0]
+    assert save_panel(empty, "versus", tmp_path / "none") == [] and not (tmp_path / "none").exists()
+    assert "tokeneff bench --vs-trl" in capsys.readouterr().out

@@ -27,13 +27,32 @@ def _finish(fig, axes, suptitle: str):
     return fig
 
 
-def plot_versus(g):
-    """Whole training steps, TRL's GRPOTrainer vs ours on one device (rows of bench.load_versus)."""
+def _two_panels():
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     sns.set_theme(style="whitegrid")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+    return plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+
+
+def plot_memory_speed(g):
+    """Memory and time of one training step against completion length on one device (the `default` suite)."""
+    import seaborn as sns
+
+    fig, axes = _two_panels()
+    sns.lineplot(g, x="completion_len", y="peak_memory_mb", hue="algo", style="model", marker="o", ax=axes[0])
+    sns.lineplot(g, x="completion_len", y="step_seconds", hue="algo", style="model", marker="o", ax=axes[1])
+    axes[0].set(title="Training-step memory above the weights", ylabel="MiB", xlabel="completion length")
+    axes[1].set(title="Training-step time", ylabel="seconds", xlabel="completion length")
+    fig.suptitle(f"{model_name(g)} — {g.device.iloc[0]}: one training step", fontsize=11)
+    return fig
+
+
+def plot_versus(g):
+    """Whole training steps, TRL's GRPOTrainer vs ours on one device (rows of bench.load_versus)."""
+    import seaborn as sns
+
+    fig, axes = _two_panels()
     sns.barplot(g, x="side", y="warm_step_seconds", ax=axes[0])
     sns.barplot(g, x="side", y="peak_above_weights_mb", ax=axes[1])
     axes[0].set(title="Seconds per step (after the first)", ylabel="seconds", xlabel="")
@@ -43,11 +62,9 @@ def plot_versus(g):
 
 def plot_ladder(g):
     """Which change saves what, one device and completion length (the `ladder` suite of bench.load_results)."""
-    import matplotlib.pyplot as plt
     import seaborn as sns
 
-    sns.set_theme(style="whitegrid")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+    fig, axes = _two_panels()
     sns.barplot(g, x="variant", y="peak_memory_mb", hue="algo", ax=axes[0])
     sns.barplot(g, x="variant", y="step_seconds", hue="algo", ax=axes[1])
     axes[0].set(title="Peak memory above the weights", ylabel="MiB", xlabel="")
@@ -58,11 +75,9 @@ def plot_ladder(g):
 
 def plot_growth(g):
     """Cost against completion length and group size on one device (the `growth` suite)."""
-    import matplotlib.pyplot as plt
     import seaborn as sns
 
-    sns.set_theme(style="whitegrid")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+    fig, axes = _two_panels()
     sns.lineplot(g, x="completion_len", y="peak_memory_mb", hue="algo", style="group_size", marker="o", ax=axes[0])
     sns.lineplot(g, x="completion_len", y="step_seconds", hue="algo", style="group_size", marker="o", ax=axes[1])
     axes[0].set(title="Memory growth", ylabel="MiB above the weights", xlabel="completion length", xscale="log")
@@ -71,22 +86,51 @@ def plot_growth(g):
     return fig
 
 
+_STEP = ["device", "model", "algo", "group_size", "completion_len", "peak_memory_mb", "step_seconds",
+         "frac_tokens_in_loss"]
+# Notebook 04's panels, one entry per benchmark suite: (figure, file stem, table, what to run when it is missing).
+# Figures are one per device (and, for the ladder, per completion length when a device has several).
+PANELS = {
+    "default": (plot_memory_speed, "memory_speed", lambda g: g[_STEP], "tokeneff bench"),
+    "ladder": (plot_ladder, "memory_ladder",
+               lambda g: g.pivot_table(index=["device", "completion_len", "variant"], columns="algo",
+                                       values="peak_memory_mb", sort=False).reset_index(),
+               "tokeneff bench --ladder --name ladder --completion-lens 256"),
+    "growth": (plot_growth, "cost_growth", lambda g: g[_STEP], "tokeneff bench --name growth --completion-lens "
+               "256,512,1024 --group-sizes 8,16"),
+    "versus": (plot_versus, "vs_trl", None, "tokeneff bench --vs-trl --model smollm2-135m"),
+}
+
+
+def save_panel(rows, suite: str, results_dir: str | Path) -> list[str]:
+    """One suite's figures (one per device) and table, written into results_dir; `rows` are that suite's rows
+    (bench.load_results filtered by suite, or bench.load_versus). Says what to run when there are none."""
+    from ..analysis.report import save_figure, save_table
+    from .bench import VERSUS_COLUMNS
+
+    plot, stem, table, command = PANELS[suite]
+    if rows.empty:
+        print(f"no {suite} benchmark file yet: {command}")
+        return []
+    out, written = Path(results_dir), []
+    for device, g in rows.groupby("device"):
+        lengths = sorted(g.completion_len.unique()) if suite == "ladder" else [None]
+        for L in lengths:
+            part = g if L is None else g[g.completion_len == L]
+            name = f"{stem}_{device.split()[0].lower()}" + (f"_{L}" if len(lengths) > 1 else "")
+            written += save_figure(plot(part), str(out / name))
+    save_table(rows[VERSUS_COLUMNS] if table is None else table(rows), str(out / stem))
+    return written + [str(out / f"{stem}.md")]
+
+
 def render_committed(committed: str | Path = "results/benchmarks", results_dir: str | Path = "results") -> list[str]:
     """The ladder, growth and vs-TRL figures and tables of notebook 04 from the committed benchmark files only."""
-    from ..analysis.report import save_figure, save_table
-    from .bench import VERSUS_COLUMNS, load_results, load_versus
+    from .bench import load_results, load_versus
 
-    out, written = Path(results_dir), []
     df = load_results(committed)
-    for (device, _L), g in df[df.suite == "ladder"].groupby(["device", "completion_len"]):
-        written += save_figure(plot_ladder(g), str(out / f"memory_ladder_{device.split()[0].lower()}"))
-    for device, g in df[df.suite == "growth"].groupby("device"):
-        written += save_figure(plot_growth(g), str(out / f"cost_growth_{device.split()[0].lower()}"))
-    vs = load_versus(committed)
-    for device, g in vs.groupby("device"):
-        written += save_figure(plot_versus(g), str(out / f"vs_trl_{device.split()[0].lower()}"))
-    save_table(vs[VERSUS_COLUMNS], str(out / "vs_trl"))
-    return written + [str(out / "vs_trl.md")]
+    return (save_panel(df[df.suite == "ladder"], "ladder", results_dir)
+            + save_panel(df[df.suite == "growth"], "growth", results_dir)
+            + save_panel(load_versus(committed), "versus", results_dir))
 
 
 def main(argv=None) -> int:
