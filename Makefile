@@ -48,12 +48,12 @@ FULL_DIR   := results/embedded-full
 reproduce-full: reproduce-full-mulworked reproduce-full-svamp reproduce-full-mul
 
 # Worked-answer multiplication (notebook 06): the warm start (built once, cached), then GRPO, S-GRPO, T-SPMO with and
-# without replay x 5 seeds on the test split. Resumable: run it again after a stop and finished runs are reused. Its
+# without replay x 7 seeds on the test split. Resumable: run it again after a stop and finished runs are reused. Its
 # runs live in results/embedded-full/runs, where the finished runs' logs and evaluations are committed (adapters and
 # checkpoints are not: .gitignore), so a later session or a fresh clone continues the grid instead of redoing it;
 # MULWORKED_RUNS=runs recomputes every run from scratch in runs/.
 MULWORKED_RUNS ?= results/embedded-full/runs
-FULL_MULWORKED := -p results_name embedded-full -p runs_dir ../$(MULWORKED_RUNS) -y "seeds: [0, 1, 2, 3, 4]"
+FULL_MULWORKED := -p results_name embedded-full -p runs_dir ../$(MULWORKED_RUNS) -y "seeds: [0, 1, 2, 3, 4, 5, 6]"
 reproduce-full-mulworked: setup
 	@mkdir -p $(FULL_DIR)/notebooks
 	@start=$$(date +%s); \
