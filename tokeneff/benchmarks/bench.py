@@ -67,18 +67,18 @@ def _full_logits_logp(ctx_ids, ctx_mask, comp_ids, comp_mask, row_ctx, rows, pos
 
 def one(spec: dict[str, Any]) -> dict[str, Any]:
     """One training step (forward + backward on the credited tokens) for one configuration."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from ..algorithms import ALGORITHMS
-    from ..config import make_config
+    from ..config import LoraSettings, make_config
     from ..loss import SelectiveLogProbs, policy_loss
     from ..rollout import left_pad
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = _model(spec)
-    model = get_peft_model(model.to(device), LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj",
-                                                                                                 "v_proj", "o_proj"]))
+    # the step alone, without LoRA dropout (as the committed tables were measured); otherwise RL's LoRA settings
+    model = get_peft_model(model.to(device), LoraSettings(lora_dropout=0.0).peft_config())
     if spec.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

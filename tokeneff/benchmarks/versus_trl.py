@@ -14,6 +14,7 @@ other completion of a group rewarded, as in `tokeneff bench`'s synthetic groups)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -23,13 +24,15 @@ from typing import Any
 
 import torch
 
-from ..config import ALGOS
+from ..config import ALGOS, LoraSettings
 from ..errors import TokeneffError
 from ..utils import memory_mb
 from ..warmstart import model_folder
 from .benchio import device_name, run_in_subprocess, save_random_shape, save_result
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Every side builds its adapter from this one object (r 16, alpha 32, dropout 0.05 on q/k/v/o): the same settings on
+# both sides by construction.
+LORA = LoraSettings()
 
 
 def _svamp_task():
@@ -58,13 +61,13 @@ def _dtype() -> torch.dtype:
 
 def weights_only(spec: dict[str, Any]) -> dict[str, Any]:
     """Memory held by the model and its LoRA adapter alone (the baseline both sides are measured above)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from ..models import load_model
 
     model, _ = load_model(model_folder(spec["model"]), dtype=_dtype())
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    get_peft_model(model.to(device), LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS))
+    get_peft_model(model.to(device), LORA.peft_config())
     return dict(side="weights", peak_memory_mb=memory_mb(peak=True))
 
 
@@ -75,7 +78,7 @@ def tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
         train(custom_task=synthetic_task() if spec.get("reward") == "synthetic" else None,
               profile="embedded", model=spec["model"], task="svamp", algo=spec["algo"], steps=spec["steps"],
               group_size=spec["group_size"], prompts_per_step=1, max_new_tokens=spec["max_new_tokens"],
-              beta=0.0, log_kl=False, lora_r=16, lora_alpha=32, lora_targets=",".join(LORA_TARGETS),
+              beta=0.0, log_kl=False, **dataclasses.asdict(LORA),
               lr=1e-5, eval_at_start=False, eval_limit=1, save_every=spec["steps"], out=tmp,
               gradient_checkpointing=spec.get("gradient_checkpointing", False),
               mixed_precision="bf16" if torch.cuda.is_available() else "no", progress=False)
@@ -90,7 +93,6 @@ def tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
 def trl_side(spec: dict[str, Any], trainer_cls=None) -> dict[str, Any]:
     """TRL's GRPOTrainer (or `trainer_cls`, a subclass taking the same arguments) for spec["steps"] steps."""
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
@@ -123,8 +125,7 @@ def trl_side(spec: dict[str, Any], trainer_cls=None) -> dict[str, Any]:
         reward = synthetic_reward if spec.get("reward") == "synthetic" else task.reward
         trainer_cls = trainer_cls or GRPOTrainer
         trainer = trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
-                              peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
-                                                     target_modules=LORA_TARGETS),
+                              peft_config=LORA.peft_config(),
                               callbacks=[StepTimer()])
         trainer.train()
     lens = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
