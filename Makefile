@@ -39,8 +39,8 @@ reproduce: setup
 # a target of its own; the summary gives each half's wall time.
 # SVAMP: from the whole-epoch warm start, 4 seeds, with a token budget chosen on the validation split
 # (make pilot-svamp-budget; results/pilots/README.md). Its runs live in results/embedded-full/runs like worked
-# multiplication's, so a later session continues the grid. SVAMP_TOKENS is set once the pilot has chosen it.
-SVAMP_TOKENS ?=
+# multiplication's, so a later session continues the grid. SVAMP_TOKENS: chosen on validation (results/pilots/README.md).
+SVAMP_TOKENS ?= 64
 FULL_SVAMP := -p results_name embedded-full -p runs_dir ../results/embedded-full/runs -p model smollm2-135m+sftepoch \
               -y "seeds: [0, 1, 2, 3]" -p steps 40 -p eval_every 20 -p max_completion_length $(SVAMP_TOKENS)
 FULL_MUL   := -p results_name embedded-full -y "seeds: [0, 1, 2, 3, 4]"
