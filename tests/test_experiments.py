@@ -203,3 +203,23 @@ def test_the_ablation_refuses_seeds_or_steps_other_than_the_runs_it_reuses(tmp_p
             ablation("multiplication", seeds, steps, [], runs_dir=str(tmp_path / "runs"),
                      results_dir=str(tmp_path / "results"), model="tiny-random")
     assert not (tmp_path / "runs").exists()  # refused before any run
+
+
+def test_shared_settings_take_only_the_notebooks_own_parameters_and_build_a_named_warm_start(monkeypatch):
+    """What every run of a notebook shares, from its parameters cell: `extra` first, then the evaluation settings it
+    has, the model when set (a warm-start name is built first, once), the token budget when set; task settings last."""
+    import tokeneff.warmstart as ws
+    from tokeneff.analysis.experiments import shared_settings
+
+    built = []
+    monkeypatch.setattr(ws, "resolve", lambda name, build=False: built.append((name, build)))
+    nb02 = dict(extra={"lr": 1e-4, "eval_limit": 7}, eval_every=10, eval_limit=0, model="", seeds=[0], steps=3)
+    assert shared_settings(nb02) == {"lr": 1e-4, "eval_every": 10, "eval_limit": 0}
+    assert built == []
+    nb01 = dict(extra={}, eval_every=20, eval_limit=0, eval_split="val", model="smollm2-135m+sftepoch",
+                max_completion_length=64)
+    assert shared_settings(nb01, num_shots=0) == dict(eval_every=20, eval_limit=0, eval_split="val",
+                                                     model="smollm2-135m+sftepoch", max_new_tokens=64, num_shots=0)
+    assert built == [("smollm2-135m+sftepoch", True)]
+    assert "max_new_tokens" not in shared_settings(dict(extra={}, model="smollm2-135m", max_completion_length=0))
+    assert built == [("smollm2-135m+sftepoch", True)]  # a plain model name is not a warm start: nothing built

@@ -77,6 +77,24 @@ def smoke_scale(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def shared_settings(params: dict[str, Any], **task_settings) -> dict[str, Any]:
+    """The TrainConfig overrides an accuracy notebook gives every run, from its parameters cell (`globals()`):
+    `extra`, then eval_every / eval_limit / eval_split, `model` when set and `max_new_tokens` from
+    `max_completion_length` when set (each only where the notebook has that parameter), then `task_settings`.
+    A warm-start model name is built here, once (cached), before the grid's workers load it: loading never trains."""
+    from ..warmstart import is_warm_start_name, resolve
+
+    out = dict(params.get("extra") or {})
+    out.update({k: params[k] for k in ("eval_every", "eval_limit", "eval_split") if k in params})
+    if params.get("model"):
+        if is_warm_start_name(params["model"]):
+            resolve(params["model"], build=True)
+        out["model"] = params["model"]
+    if params.get("max_completion_length"):
+        out["max_new_tokens"] = params["max_completion_length"]
+    return dict(out, **task_settings)
+
+
 def default_workers() -> int:
     """One worker per core this process may use."""
     try:
