@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from .checks import _safetensors_problem, check_model_path, check_precision
 from .config import make_config
 from .errors import TokeneffError, show
+from .models import load_model
 from .rollout import build_prompt, decode, encode_prompts, sample
+from .rundir import check_out_file, write_failure
 from .tasks import Problem, Task, extract_answer, is_correct, make_task
 from .utils import set_threads, write_json
 from .warmstart import model_folder
@@ -41,10 +46,6 @@ def evaluate(task: str = "svamp", model: str = "smollm2-135m", adapter: str | No
              progress: bool = True, **overrides) -> dict[str, Any]:
     """Accuracy of `model` (optionally with a LoRA adapter: a run's adapter/ folder, or the run folder) on a task
     split; JSON to `out`. Every input and the output path are checked before the model is loaded."""
-    from .checks import check_model_path, check_precision
-    from .models import load_model
-    from .rundir import check_out_file
-
     cfg = make_config(profile, overrides=dict(task=task, model=model, **overrides))
     check_precision(cfg.mixed_precision)
     if limit < 0:
@@ -92,11 +93,6 @@ def evaluate(task: str = "svamp", model: str = "smollm2-135m", adapter: str | No
 def _keep(result: dict[str, Any], out: str) -> None:
     """Write the result to `out`; if that fails (a full disk, say), keep it beside in the temp folder or, failing
     that, print it to stdout, and say so in one line: an evaluation's result is never lost to a failed write."""
-    import os
-    import tempfile
-
-    from .rundir import write_failure
-
     try:
         write_json(out, result)
         return
@@ -138,7 +134,6 @@ def _adapter_dir(adapter: str, model: str) -> Path:
         other = sorted(x.name for x in p.glob("adapter_model*.bin"))
         hint = f" ({other[0]} is a pickle and never loaded: save the adapter with safetensors)" if other else ""
         raise TokeneffError(f"adapter={adapter!r}: no adapter_model.safetensors there{hint}")
-    from .checks import _safetensors_problem
 
     why = _safetensors_problem(weights)
     if why:

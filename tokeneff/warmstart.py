@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -39,15 +40,22 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, fields
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from .checks import check_lora_targets, check_model_path
-from .config import WARM_STARTS, LoraSettings, coerce
-from .errors import ConfigError, TokeneffError
+from .config import MAX_LR, MAX_SEED, WARM_STARTS, LoraSettings, coerce
+from .errors import ConfigError, TokeneffError, show
 from .models import cache_dir, load_model
+from .rundir import check_writable, write_failure, writing
+from .tasks import multiplication as mul
 from .tasks.answer import is_correct
 from .tasks.base import format_number
+from .tasks.multiplication import Multiplication
+from .tasks.svamp import SVAMP, default_dir, load_mawps_asdiv
 
 MUL_ONLY = ("digits_a", "digits_b", "answer_format")
 SAVE_STEPS = 10
@@ -82,9 +90,6 @@ class WarmStartConfig(LoraSettings):
     full tier has to fit in ~3 h; the subset takes ~33 min. Pass max_examples=0 for the whole epoch on a GPU."""
 
     def validate(self) -> WarmStartConfig:
-        from .config import MAX_LR, MAX_SEED
-        from .errors import show
-
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"{name}={show(getattr(self, name))}: {why}")
 
@@ -132,8 +137,6 @@ def make_warmstart_config(overrides: dict[str, Any] | None = None) -> WarmStartC
     for key, raw in (overrides or {}).items():
         key = key.strip().replace("-", "_")
         if key not in FIELD_NAMES:
-            import difflib
-
             near = difflib.get_close_matches(key, FIELD_NAMES, n=1)
             raise ConfigError(f"unknown warm-start key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
         values[key] = coerce(key, raw, getattr(WarmStartConfig, key))
@@ -211,8 +214,6 @@ def worked_answer(equation: str, numbers: list[float]) -> tuple[str, float]:
 
 
 def _svamp_dir(cfg: WarmStartConfig) -> Path:
-    from .tasks.svamp import default_dir
-
     return Path(cfg.svamp_dir) if cfg.svamp_dir else default_dir()
 
 
@@ -229,9 +230,6 @@ def _normalise(text: str) -> str:
 
 def make_task(cfg: WarmStartConfig):
     """The task whose RL prompt format the warm start is trained in."""
-    from .tasks.multiplication import Multiplication
-    from .tasks.svamp import SVAMP
-
     if cfg.task == "multiplication":
         return Multiplication(num_shots=cfg.num_shots, digits_a=cfg.digits_a, digits_b=cfg.digits_b,
                               answer_format=cfg.answer_format)
@@ -264,8 +262,6 @@ def svamp_examples(cfg: WarmStartConfig) -> tuple[list[dict[str, Any]], dict[str
     Problems whose equation does not give the dataset's answer, or whose text equals a SVAMP test problem's, are
     left out (none are, in the shipped data).
     """
-    from .tasks.svamp import SVAMP, load_mawps_asdiv
-
     task = SVAMP(num_shots=cfg.num_shots, svamp_dir=str(_svamp_dir(cfg)))
     problems = load_mawps_asdiv(_svamp_dir(cfg))
     with _data_file(cfg).open(newline="") as f:
@@ -301,8 +297,6 @@ def _sha256(path: Path) -> str:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import version
-
     out = {pkg: version(pkg) for pkg in ("trl", "transformers", "peft")}
     out["torch"] = version("torch").split("+")[0]
     return out
@@ -320,8 +314,6 @@ def recipe(cfg: WarmStartConfig) -> dict[str, Any]:
                 "svamp_sha256": _sha256(_svamp_dir(cfg) / "SVAMP.json")
                 if (_svamp_dir(cfg) / "SVAMP.json").is_file() else None}  # the test split kept out
     else:  # generated data: the split seeds and the generator are the data
-        from .tasks import multiplication as mul
-
         data = {"generator": dict(test_seed=mul.TEST_SEED, val_seed=mul.VAL_SEED, n_test=mul.N_TEST, n_val=mul.N_VAL,
                                   train_seed=0, n_train=task.n_train)}
     return {
@@ -345,7 +337,6 @@ def progress_dir(cfg: WarmStartConfig) -> Path:
 
 
 def cache_path(cfg: WarmStartConfig) -> Path:
-
     name = re.sub(r"[^A-Za-z0-9_.+-]+", "--", cfg.model.strip().strip("/"))[-80:]
     return cache_dir() / "warmstart" / f"{name}-{recipe_hash(cfg)}"
 
@@ -359,10 +350,6 @@ def build_warm_start(cfg: WarmStartConfig | None = None, progress: bool = True) 
 
     Concurrent callers (e.g. data-parallel ranks) wait on a file lock and then reuse the first one's result.
     """
-    from filelock import FileLock
-
-    from .rundir import check_writable, writing
-
     cfg = (cfg or WarmStartConfig()).validate()
     target = cache_path(cfg)
     if is_complete(target):
@@ -375,8 +362,6 @@ def build_warm_start(cfg: WarmStartConfig | None = None, progress: bool = True) 
                           "there; point it to a writable folder)") from None
 
     def cache_error(e: BaseException, what: str) -> ConfigError:
-        from .rundir import write_failure
-
         return ConfigError(f"could not write {what} ({write_failure(e)}): nothing was cached; free space or point "
                            "TOKENEFF_CACHE to a writable folder")
 
