@@ -51,10 +51,9 @@ from .config import MAX_LR, MAX_SEED, WARM_STARTS, LoraSettings, coerce
 from .errors import ConfigError, TokeneffError, show
 from .models import cache_dir, load_model
 from .rundir import check_writable, write_failure, writing
-from .tasks import multiplication as mul
 from .tasks.answer import is_correct
 from .tasks.base import format_number
-from .tasks.multiplication import Multiplication
+from .tasks.multiplication import N_TEST, N_VAL, TEST_SEED, VAL_SEED, Multiplication
 from .tasks.svamp import SVAMP, default_dir, load_mawps_asdiv
 
 MUL_ONLY = ("digits_a", "digits_b", "answer_format")
@@ -314,7 +313,7 @@ def recipe(cfg: WarmStartConfig) -> dict[str, Any]:
                 "svamp_sha256": _sha256(_svamp_dir(cfg) / "SVAMP.json")
                 if (_svamp_dir(cfg) / "SVAMP.json").is_file() else None}  # the test split kept out
     else:  # generated data: the split seeds and the generator are the data
-        data = {"generator": dict(test_seed=mul.TEST_SEED, val_seed=mul.VAL_SEED, n_test=mul.N_TEST, n_val=mul.N_VAL,
+        data = {"generator": dict(test_seed=TEST_SEED, val_seed=VAL_SEED, n_test=N_TEST, n_val=N_VAL,
                                   train_seed=0, n_train=task.n_train)}
     return {
         "config": config,

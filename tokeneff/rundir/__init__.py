@@ -49,5 +49,5 @@ from .metrics import MetricsLog
 __all__ = ["hook", "finish_save", "fsync_path", "recover_checkpoints", "start_save", "verify", "write_manifest",
            "CKPT", "FORMAT_KEY", "LOCK_NAME", "MANIFEST", "PREV", "RUN_FORMAT", "TMP", "_rmtree", "check_no_links",
            "check_out", "check_out_file", "check_out_folder", "check_writable", "classify", "clear_run",
-           "disk_error", "is_run_entry",
-           "resolved_as_written", "run_config", "say", "write_failure", "writing", "RunLock", "MetricsLog"]
+           "disk_error", "is_run_entry", "resolved_as_written", "run_config", "say", "write_failure", "writing",
+           "RunLock", "MetricsLog"]
