@@ -19,19 +19,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-# Default tier (~1 h on 2 cores): every notebook; runs of a grid go in parallel, one process per core. The last
-# three notebooks each use one core: 03 then 04 in one lane, 05 in the other (its output in runs/, shown after).
-NB_LANE_A := 03_ablation_full_vs_selective 04_memory_and_speed
-PAPERMILL  = $(VENV)/bin/papermill --cwd notebooks -p profile $(PROFILE) notebooks/$$nb.ipynb results/$(PROFILE)/notebooks/$$nb.ipynb
+# Default tier: every notebook (01 and 02 one after the other, each a grid with a process per core; then 03 + 04
+# beside 05, one core each), the summary last with the whole call's wall time. scripts/reproduce.py does the
+# choreography (tested in tests/test_reproduce.py); --dry-run prints it.
 reproduce: setup
-	@mkdir -p results/$(PROFILE)/notebooks runs
-	@start=$$(date +%s); \
-	for nb in 01_svamp 02_multiplication; do echo "== $$nb ($(PROFILE))"; $(PAPERMILL) || exit 1; done; \
-	log=runs/$(PROFILE)-05_trl.log; echo "== 05_trl ($(PROFILE)), beside 03 and 04: its output in $$log"; \
-	( nb=05_trl; $(PAPERMILL) ) > $$log 2>&1 & lane_b=$$!; \
-	for nb in $(NB_LANE_A); do echo "== $$nb ($(PROFILE))"; $(PAPERMILL) || { wait $$lane_b; exit 1; }; done; \
-	wait $$lane_b; rc=$$?; echo "== 05_trl output:"; cat $$log; [ $$rc -eq 0 ] || exit $$rc; \
-	$(PY) -m tokeneff.analysis.summary --name $(PROFILE) --wall-seconds $$(( $$(date +%s) - start ))
+	$(PY) scripts/reproduce.py --profile $(PROFILE)
 
 # Full tier -> results/embedded-full/ (~2.5 h on 2 cores: SVAMP 108 min, multiplication ~35 min after make
 # reproduce): SVAMP from the SFT warm start (built first, cached) with more updates and seeds; multiplication with
