@@ -257,7 +257,7 @@ def test_evaluate_accepts_a_run_folder_as_adapter(tmp_path, tiny_cfg, capsys):
 
 
 def test_rerun_with_other_settings_never_relabels_a_finished_run(tiny_cfg):
-    """What experiments.run_grid meets when a notebook is rerun with other parameters over runs on disk."""
+    """What grid.run_grid meets when a notebook is rerun with other parameters over runs on disk."""
     cfg = tiny_cfg(steps=2)
     train(cfg, progress=False)
     assert train(cfg, resume=True, progress=False)["steps_done"] == 2  # same settings: its results, at once

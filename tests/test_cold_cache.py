@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import tokeneff.models as models
 from tokeneff import make_config, train
-from tokeneff.analysis.experiments import _train_one
+from tokeneff.analysis.grid import _train_one
 from tokeneff.loop import TIMING_KEYS
 
 _real_tiny_random = models.tiny_random

@@ -10,16 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokeneff.analysis.experiments import (
-    ablation,
-    arms_from_table,
-    grid_outcomes,
-    outcomes,
-    outcomes_table,
-    pick_variants,
-    run_dir,
-    run_grid,
-)
+from tokeneff.analysis.claims import arms_from_table, outcomes, outcomes_table
+from tokeneff.analysis.experiments import ablation
+from tokeneff.analysis.grid import grid_outcomes, pick_variants, run_dir, run_grid
 from tokeneff.errors import ConfigError
 
 TINY = dict(model="tiny-random", max_new_tokens=8, group_size=4, prompts_per_step=4, eval_batch_size=4,
@@ -86,7 +79,7 @@ def test_outcomes_pair_by_problem_id():
 def test_ablation_without_p_sweep_trains_no_sweep_runs(tmp_path):
     out = tmp_path / "results"
     res = ablation("multiplication", [0], 2, [], runs_dir=str(tmp_path), results_dir=str(out), workers=1, **TINY)
-    assert res["sweep"].empty and not (tmp_path / "embedded" / "multiplication-psweep").exists()
+    assert res.sweep.empty and not (tmp_path / "embedded" / "multiplication-psweep").exists()
     assert not (out / "embedded" / "ablation_p_sweep.csv").exists()
     assert (out / "embedded" / "ablation_token_share.csv").is_file()
     summary = json.loads((out / "embedded" / "ablation_summary.json").read_text())
@@ -157,7 +150,7 @@ def test_accuracy_experiment_writes_what_the_summary_rebuilds(tmp_path):
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     final = (out / "multiplication_final.csv").read_text()
     assert "truncated" in final.splitlines()[0]
-    assert res["figure"].axes[1].get_xlabel().startswith("gain over the base model")
+    assert res.figure.axes[1].get_xlabel().startswith("gain over the base model")
     assert rebuild(out, figures=False) == ["multiplication"]
     assert (out / "multiplication_summary.json").read_text() == written
     assert (out / "multiplication_final.csv").read_text() == final
@@ -171,7 +164,7 @@ def test_p_sweep_writes_its_per_problem_outcomes(tmp_path):
     assert set(t.variant) == {"base", "sgrpo-P1.0", "sgrpo-P0.5"} and set(t.step) == {0, 2}
     assert len(t) == 3 * TINY["eval_limit"] and set(t.truncated) <= {0, 1}
     # the sweep table's accuracies are these outcomes' means
-    for v, acc in zip(res["sweep"].variant, res["sweep"].accuracy, strict=True):
+    for v, acc in zip(res.sweep.variant, res.sweep.accuracy, strict=True):
         assert acc.startswith(f"{100 * t[t.variant == v].correct.mean():.1f}%")
 
 
@@ -208,11 +201,11 @@ def test_the_ablation_refuses_seeds_or_steps_other_than_the_runs_it_reuses(tmp_p
 def test_shared_settings_take_only_the_notebooks_own_parameters_and_build_a_named_warm_start(monkeypatch):
     """What every run of a notebook shares, from its parameters cell: `extra` first, then the evaluation settings it
     has, the model when set (a warm-start name is built first, once), the token budget when set; task settings last."""
-    import tokeneff.warmstart as ws
+    import tokeneff.analysis.experiments as ex
     from tokeneff.analysis.experiments import shared_settings
 
     built = []
-    monkeypatch.setattr(ws, "resolve", lambda name, build=False: built.append((name, build)))
+    monkeypatch.setattr(ex, "resolve", lambda name, build=False: built.append((name, build)))
     nb02 = dict(extra={"lr": 1e-4, "eval_limit": 7}, eval_every=10, eval_limit=0, model="", seeds=[0], steps=3)
     assert shared_settings(nb02) == {"lr": 1e-4, "eval_every": 10, "eval_limit": 0}
     assert built == []

@@ -175,7 +175,7 @@ def test_interrupt_during_the_first_evaluation_says_so_and_a_plain_rerun_starts_
 
 GRID = textwrap.dedent("""
     import sys
-    from tokeneff.analysis.experiments import run_grid
+    from tokeneff.analysis.grid import run_grid
     run_grid("g", "multiplication", {"grpo": {"algo": "grpo"}}, [0, 1], 500, root=sys.argv[1], workers=2,
              model="tiny-random", max_new_tokens=8, group_size=2, prompts_per_step=1, eval_batch_size=2,
              digits_a=1, digits_b=1, eval_limit=2, save_every=1)
@@ -459,7 +459,7 @@ def test_messages_have_a_bounded_length(tmp_path, capsys):
 
 
 def test_duplicate_seeds_are_refused_before_any_run(tmp_path):
-    from tokeneff.analysis.experiments import run_grid
+    from tokeneff.analysis.grid import run_grid
     from tokeneff.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"seed 0 appears more than once"):
@@ -546,7 +546,7 @@ def test_option_values_are_bounded_and_grid_variants_cannot_set_what_the_grid_se
         main(["train", "--steps", "9" * 100_000])
     err = capsys.readouterr().err
     assert len(err) < 1000 and "Traceback" not in err, err[:300]
-    from tokeneff.analysis.experiments import run_grid
+    from tokeneff.analysis.grid import run_grid
     from tokeneff.errors import ConfigError
 
     with pytest.raises(ConfigError, match="seed= in variant 'a' is set by the grid itself"):
@@ -570,7 +570,7 @@ def test_ctrl_c_while_the_command_loads_its_libraries_is_quiet(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_names_never_become_paths_and_outputs_never_replace_special_files(tmp_path, capsys):
-    from tokeneff.analysis.experiments import run_grid
+    from tokeneff.analysis.grid import run_grid
     from tokeneff.analysis.summary import main as summary_main
     from tokeneff.errors import ConfigError
 

@@ -107,7 +107,7 @@ def set_threads(n: int = 0) -> int:
     Measured on the 2-core machine this project is developed on (README, "CPU threads"): one thread per
     process was never slower than two when the machine was otherwise idle and several times faster under any
     load, because OpenMP's spinning threads collapse when another process wants a core. Parallelism comes
-    from running independent runs side by side (experiments.run_grid), not from threads inside one run.
+    from running independent runs side by side (analysis.grid.run_grid), not from threads inside one run.
     """
     n = n or 1
     if torch.get_num_threads() != n:

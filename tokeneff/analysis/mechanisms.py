@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from ..mechanisms import POS_BIN
-from .experiments import token_share
+from .claims import token_share
 from .report import save_figure, save_table
 
 

@@ -67,7 +67,7 @@ def _palette(variants):
 def plot_accuracy(curve: pd.DataFrame, title: str, base: float | None = None, ax=None):
     """Held-out accuracy per evaluated step: mean over seeds and problems, 95% bootstrap band (problems x seeds).
 
-    curve: columns variant, step, mean, lo, hi (experiments.accuracy_curve)."""
+    curve: columns variant, step, mean, lo, hi (claims.accuracy_curve)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -105,7 +105,7 @@ def plot_metric(df: pd.DataFrame, y: str, ylabel: str, title: str, smooth: int =
 
 
 def plot_gains(arms: dict, title: str, ax=None, delta: float | None = None):
-    """Each variant's gain over the base model with its 95% paired interval (arms: experiments.arm_intervals, or
+    """Each variant's gain over the base model with its 95% paired interval (arms: claims.arm_intervals, or
     as stored in <task>_summary.json). Accuracy bands of two arms can overlap while their paired difference is
     clear of zero: this panel shows the difference itself."""
     import matplotlib.pyplot as plt

@@ -2,7 +2,7 @@
 
 `python -m tokeneff.analysis.summary` first rebuilds every interval and verdict of `<task>_summary.json` (and the
 `<task>_final` tables) from the committed per-problem outcomes `<task>_outcomes.csv`, with the functions the notebooks
-use (experiments.arm_intervals, claim_verdicts), then writes summary.md from them. A task without an outcomes file
+use (claims.arm_intervals, claim_verdicts), then writes summary.md from them. A task without an outcomes file
 keeps its stored intervals and its verdicts read "not auditable" (tests/test_summary.py checks that the committed
 files equal what this rebuilds).
 """
@@ -10,15 +10,22 @@ files equal what this rebuilds).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import sys
 from pathlib import Path
+
+import pandas as pd
 
 from ..config import check_name
 from ..errors import TokeneffError, clip
 from ..rundir import check_out_file
-from ..utils import atomic_write_bytes, write_json
+from ..utils import atomic_write_bytes, describe_environment, write_json
+from .claims import PAPER_BASE, TOKEN_SHARE, arm_intervals, arms_from_table, claim_verdicts, final_table
+from .claims import rate as _rate
+from .report import plot_gains, save_figure, save_table
 from .stats import DELTA, N_BOOT, Interval
 
 EXPERIMENTS = ("mulworked", "svamp", "multiplication")
@@ -65,10 +72,6 @@ def rebuild(folder: Path, figures: bool = True) -> list[str]:
     `<task>_outcomes.csv` beside it, and its `<task>_final` table (and, with `figures`, its `<task>_gains` figure).
     Token shares and the run's settings are kept from the summary (they come from the training logs). Returns the
     tasks rebuilt."""
-    import pandas as pd
-
-    from .experiments import PAPER_BASE, arm_intervals, arms_from_table, claim_verdicts, final_table
-    from .report import plot_gains, save_figure, save_table
 
     done = []
     for name in EXPERIMENTS:
@@ -111,8 +114,6 @@ def _accuracy_rows(s: dict, auditable: bool = True) -> list[str]:
     name = s.get("experiment") or s["task"]  # mulworked: multiplication with worked answers
     where = (f"{s['label']}, {s['problems']} held-out problems, {s['steps']} updates, "
              f"seeds {','.join(map(str, s['seeds']))}")
-    from .experiments import PAPER_BASE, claim_verdicts
-    from .experiments import rate as _rate
 
     base_cut = s["base"].get("truncated")
     paper_base = PAPER_BASE.get(s["task"], s["paper_base"])
@@ -134,8 +135,6 @@ def _accuracy_rows(s: dict, auditable: bool = True) -> list[str]:
 def record_wall_time(folder: Path, part: str, seconds: int) -> None:
     """Wall time per part of a tier (`make reproduce-full` runs its SVAMP and multiplication halves apart), kept in
     wall_times.json beside the results so that a later part does not erase an earlier part's time."""
-    import datetime
-    import platform
 
     f = folder / "wall_times.json"
     times = _load(f) if _here(f) else {}
@@ -177,7 +176,6 @@ def build(folder: Path) -> str:
         raise Damaged(f, e) from None
     if times:
         lines.append("")
-    from ..utils import describe_environment
 
     for name in EXPERIMENTS:  # each experiment's own record: a tier's experiments may run on different days
         f = folder / f"{name}_environment.json"
@@ -205,7 +203,6 @@ def build(folder: Path) -> str:
             lines.append(f"| {name} | — | not run | — | — | — |")
     f = folder / "ablation_summary.json"
     if _here(f):
-        from .experiments import TOKEN_SHARE
 
         s = _load(f)
         try:
