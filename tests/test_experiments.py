@@ -66,6 +66,12 @@ def test_pick_variants_keeps_the_order_given_and_names_a_bad_value():
     for bad in ("grpo", [], ["grpo", "grpo"], [1]):
         with pytest.raises(ConfigError, match="variants="):
             pick_variants(bad)
+    # T-SPMO's replay: on for multiplication, as the task's default (auto: off) for SVAMP, whose runs hold that config
+    assert pick_variants(["tspmo"])["tspmo"]["replay"] == "on"
+    assert pick_variants(["tspmo", "tspmo-replay"], "svamp") == {"tspmo": {"algo": "tspmo"},
+                                                                  "tspmo-replay": {"algo": "tspmo", "replay": "on"}}
+    with pytest.raises(ConfigError, match=r"unknown \['tspmo-noreplay'\]; choose from .* \(svamp\)"):
+        pick_variants(["tspmo-noreplay"], "svamp")
 
 
 def test_outcomes_pair_by_problem_id():

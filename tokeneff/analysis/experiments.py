@@ -188,7 +188,7 @@ def ablation(task: str, seeds: list[int], steps: int, p_values: list[float], pro
     cfg = make_config(profile, overrides=dict(common, task=task))
     out = Path(results_dir) / (results_name or profile)
     label = scale_label(profile, cfg.model, len(seeds))
-    variants = pick_variants(list(TOKEN_SHARE))  # the paper's three algorithms, the runs of notebook 02
+    variants = pick_variants(list(TOKEN_SHARE), task)  # the paper's three algorithms, the runs of notebook 02
     _check_reuse(out / f"{task}_summary.json", seeds, steps)
     df = run_grid(task, task, variants, seeds, steps, profile, runs_dir, workers=workers, **common)
     shares = token_share(df)

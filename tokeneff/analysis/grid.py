@@ -32,10 +32,15 @@ from ..evaluate import evaluate
 from ..loop import train
 from .claims import outcomes
 
-# The multiplication experiment's variants, picked by name in notebook 02 (make reproduce runs the paper's three
-# algorithms; the full tier adds T-SPMO without replay, an ablation of T-SPMO's resampling).
-VARIANTS = {"grpo": {"algo": "grpo"}, "sgrpo": {"algo": "sgrpo"}, "tspmo": {"algo": "tspmo", "replay": "on"},
-            "tspmo-noreplay": {"algo": "tspmo", "replay": "off"}}
+# Each task's variants, picked by name in notebooks 01, 02 and 06. T-SPMO's replay is on for multiplication (long
+# answers, the paper's use) and off for SVAMP; the other setting is an ablation of T-SPMO's resampling (the full tier
+# runs tspmo-noreplay on multiplication).
+VARIANTS = {
+    "multiplication": {"grpo": {"algo": "grpo"}, "sgrpo": {"algo": "sgrpo"}, "tspmo": {"algo": "tspmo", "replay": "on"},
+                       "tspmo-noreplay": {"algo": "tspmo", "replay": "off"}},
+    "svamp": {"grpo": {"algo": "grpo"}, "sgrpo": {"algo": "sgrpo"}, "tspmo": {"algo": "tspmo"},  # replay auto: off
+              "tspmo-replay": {"algo": "tspmo", "replay": "on"}},
+}
 
 
 def default_workers() -> int:
@@ -46,16 +51,19 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def pick_variants(names: list[str]) -> dict[str, dict[str, Any]]:
-    """VARIANTS by name, in the order given; a clear error for anything else."""
+def pick_variants(names: list[str], task: str = "multiplication") -> dict[str, dict[str, Any]]:
+    """The task's VARIANTS by name, in the order given; a clear error for anything else."""
+    if task not in VARIANTS:
+        raise ConfigError(f"task={task!r}: no variants defined; choose from {list(VARIANTS)}")
+    table = VARIANTS[task]
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"variants={names!r}: must be a non-empty list of names, e.g. [grpo, tspmo] "
                           "(papermill: -y 'variants: [grpo, tspmo]')")
-    bad = [n for n in names if n not in VARIANTS]
+    bad = [n for n in names if n not in table]
     if bad or len(set(names)) != len(names):
         what = f"unknown {bad}" if bad else "a name repeated"
-        raise ConfigError(f"variants={list(names)!r}: {what}; choose from {list(VARIANTS)}")
-    return {n: VARIANTS[n] for n in names}
+        raise ConfigError(f"variants={list(names)!r}: {what}; choose from {list(table)} ({task})")
+    return {n: table[n] for n in names}
 
 
 def run_dir(root: str, profile: str, experiment: str, variant: str, seed: int) -> Path:
