@@ -13,6 +13,7 @@ import torch
 from .algorithms.tspmo import replay_on
 from .errors import TokeneffError
 from .models import BUILTIN, cache_dir
+from .rollout import build_prompt, encode_prompts
 from .rundir import check_writable
 
 
@@ -123,8 +124,6 @@ def check_context(model, tok, task, problems, cfg) -> None:
     ctx = getattr(model.config, "max_position_embeddings", None)
     if not ctx or not problems:
         return
-    from .rollout import build_prompt, encode_prompts
-
     longest = max(problems, key=lambda p: len(p.question))
     prompt = len(encode_prompts(tok, [build_prompt(tok, task.messages(longest))])[0])
     for name in ("max_new_tokens", "eval_max_new_tokens"):

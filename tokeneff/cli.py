@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from . import __version__
+from .benchmarks.bench import bench_cli
+from .benchmarks.decode_limit import decode_limit
 from .config import ALGOS, PROFILES, TASKS, make_config, parse_overrides
 from .errors import TokeneffError, clip
+from .evaluate import evaluate
+from .loop import install_sigterm_handler, train
+from .rundir import check_out_folder
+from .warmstart import build_warm_start, make_warmstart_config, name_for, recipe_hash
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         if args.command == "train":
-            from .loop import install_sigterm_handler, train
-
             over = parse_overrides(args.overrides)
             for k in ("algo", "task", "model", "steps", "out", "seed"):
                 if getattr(args, k) is not None:
@@ -113,8 +118,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"done: {final['steps_done']} steps; held-out accuracy {final['base_accuracy']} -> "
                       f"{final['final_accuracy']}; results in {cfg.out}")
         elif args.command == "evaluate":
-            from .evaluate import evaluate
-
             over = parse_overrides(args.overrides)
             for k, flag in (("task", "--task"), ("model", "--model"), ("profile", "--profile"),
                             ("eval_limit", "--limit"), ("out", "--out")):
@@ -124,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
                            limit=args.limit, out=args.out, profile=args.profile, **over)
             print(f"{res['task']} {args.split}: accuracy {res['accuracy']:.3f} on {res['n']} problems -> {args.out}")
         elif args.command == "warmstart":
-            from .warmstart import build_warm_start, make_warmstart_config, name_for, recipe_hash
-
             over: dict[str, str] = {}
             for item in args.overrides:
                 if "=" not in item:
@@ -143,12 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             use = name_for(ws) or str(path)
             print(f"warm start: {path}\nrecipe hash: {recipe_hash(ws)}; train or evaluate it as model={use}")
         elif args.command == "bench":
-            from .rundir import check_out_folder
-
             args.out = str(check_out_folder(args.out))  # before the compute; `~` expanded once, here
             if args.decode_limit:
-                from .benchmarks.decode_limit import decode_limit
-
                 model = "smollm2-135m" if args.model == "tiny-random" else args.model
                 if args.eval_limit < 0:
                     raise TokeneffError(f"--eval-limit {args.eval_limit}: must not be negative")
@@ -164,15 +161,11 @@ def main(argv: list[str] | None = None) -> int:
                           f"machine floor {r['floor_ms']:.0f} ms -> {r['fraction_of_limit']:.0%} of the limit "
                           f"({r['achieved_gflops']:.1f} GFLOP/s, {r['tokens_per_s']:.0f} tokens/s)")
             else:
-                from .benchmarks.bench import bench_cli
-
                 bench_cli(args)
     except TokeneffError as e:
         print(f"tokeneff: error: {clip(' '.join(str(e).split()), 2000)}", file=sys.stderr)  # one bounded line
         return 2
     except KeyboardInterrupt:
-        import signal
-
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting: no traceback from atexit hooks
         return 130
     except Exception as e:  # noqa: BLE001 - a failed read or write the paths above did not name: still one line

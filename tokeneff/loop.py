@@ -29,6 +29,7 @@ from .errors import TokeneffError
 from .evaluate import evaluate_model
 from .loss import SelectiveLogProbs, policy_loss
 from .mechanisms import step_mechanisms
+from .models import load_model
 from .rollout import Rollout, build_prompt, decode, encode_prompts, sample
 from .run import Run
 from .tasks import Problem, Task, make_task
@@ -201,8 +202,6 @@ def train(config: TrainConfig | None = None, *, resume: bool = False, overwrite:
 def _train(cfg: TrainConfig, accel, run: Run, task: Task, progress: bool) -> dict[str, Any]:
     """The loop: load, then `train_step` after `train_step`, evaluating, logging and saving on the way."""
     from peft import get_peft_model
-
-    from .models import load_model
 
     main, rank, world = accel.is_main_process, accel.process_index, accel.num_processes
     train_problems, test_problems = _problems(task, cfg)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import platform
 import random
 import resource
 import sys
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +62,6 @@ def environment(threads: int | None = None) -> dict[str, Any]:
     (its CPU capability), thread count, and the versions of the libraries that compute it. Written beside every
     result (results/<tier>/<experiment>_environment.json) and shown in summary.md. threads: the intra-op threads of
     each run (config `threads`; default: this process's)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

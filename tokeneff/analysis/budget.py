@@ -19,7 +19,9 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import TokeneffError, clip
+from ..models import load_model
 from ..tasks.answer import is_correct
+from ..warmstart import model_folder
 
 CAPS = (24, 32, 48, 64, 96, 128, 160, 200)
 
@@ -43,9 +45,6 @@ def budget_table(records: list[dict], ids: list[list[int]], decode, cap: int,
 
 def completion_ids(records: list[dict], model: str) -> tuple[list[list[int]], object]:
     """Each completion's tokens by the model's own tokenizer (the records keep the text), and its decoder."""
-    from ..models import load_model
-    from ..warmstart import model_folder
-
     _, tok = load_model(model_folder(model))
     ids = [tok(r["completion"], add_special_tokens=False)["input_ids"] for r in records]
     return ids, lambda t: tok.decode(t, skip_special_tokens=True)

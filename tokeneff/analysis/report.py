@@ -8,7 +8,7 @@ import pandas as pd
 
 from ..config import WARM_STARTS
 from ..utils import atomic_write_bytes
-from .stats import Interval
+from .stats import DELTA, Interval
 
 MODEL_LABELS = {"smollm2-135m": "SmolLM2-135M-Instruct", "Qwen/Qwen2-1.5B-Instruct": "Qwen2-1.5B-Instruct"}
 
@@ -110,8 +110,6 @@ def plot_gains(arms: dict, title: str, ax=None, delta: float | None = None):
     clear of zero: this panel shows the difference itself."""
     import matplotlib.pyplot as plt
     import seaborn as sns
-
-    from .stats import DELTA
 
     sns.set_theme(style="whitegrid")
     if ax is None:

@@ -17,10 +17,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from ..config import ALGOS
+from ..algorithms import ALGORITHMS
+from ..config import ALGOS, LoraSettings, make_config
 from ..errors import TokeneffError
+from ..loss import SelectiveLogProbs, policy_loss
+from ..models import load_model, tiny_random
+from ..rollout import left_pad, sample
+from ..rundir import check_out_folder
 from ..utils import memory_mb, set_threads
 from ..warmstart import model_folder
 from .benchio import QWEN2_1_5B, device_name, run_in_subprocess, save_result
@@ -34,8 +41,6 @@ VARIANTS = ("full-logits",    # plain forward of [prompt | completion] rows, [G,
 
 
 def _model(spec: dict[str, Any]):
-    from ..models import load_model, tiny_random
-
     if spec.get("shape") == "qwen2-1.5b":
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -68,11 +73,6 @@ def _full_logits_logp(ctx_ids, ctx_mask, comp_ids, comp_mask, row_ctx, rows, pos
 def one(spec: dict[str, Any]) -> dict[str, Any]:
     """One training step (forward + backward on the credited tokens) for one configuration."""
     from peft import get_peft_model
-
-    from ..algorithms import ALGORITHMS
-    from ..config import LoraSettings, make_config
-    from ..loss import SelectiveLogProbs, policy_loss
-    from ..rollout import left_pad
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,8 +128,6 @@ def rollout_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     """Tokens/s of `sample` (our loop: prompt KV shared by the group; also on a preallocated cache, `static`) vs
     HF generate on repeated prompts, eager and with a static cache. Fixed-length completions, so the loop's gain
     from dropping finished rows is not in these numbers (it shows in whole steps, `--vs-trl`)."""
-    from ..rollout import left_pad, sample
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = _model(spec)
     model = model.to(device).eval()
@@ -193,10 +191,6 @@ def run_bench(model: str = "tiny-random", shape: str | None = None, completion_l
             raise TokeneffError(f"completion lengths and group sizes must be positive, got {v}")
     if shape and not torch.cuda.is_available():
         raise TokeneffError(f"--shape {shape} needs a GPU (it allocates a 1.5B-parameter model)")
-    from tqdm.auto import tqdm
-
-    from ..rundir import check_out_folder
-
     out = str(check_out_folder(out, "out"))  # before the compute: a file or unwritable folder fails now, not at the end
 
     specs = [dict(model=model, shape=shape, vocab_size=vocab_size, algo=a, completion_len=int(L), group_size=int(G),
@@ -232,8 +226,6 @@ def run_bench(model: str = "tiny-random", shape: str | None = None, completion_l
 def load_results(*folders: str | Path):
     """All bench_*.json of the folders as one table, with each file's `suite` (`default`, `ladder`, `growth`,
     ...: its --name); files from older versions, without `variant`, are the training path (`shared-prompt`)."""
-    import pandas as pd
-
     frames, seen = [], set()
     for folder in folders:
         for f in sorted(Path(folder).glob("bench_*.json")):
@@ -258,8 +250,6 @@ VERSUS_COLUMNS = ["device", "model", "side", "warm_step_seconds", "time_ratio_to
 
 def load_versus(*folders: str | Path):
     """All vs_trl_*.json (TRL GRPOTrainer vs ours) as one table; empty when none was run."""
-    import pandas as pd
-
     rows = []
     for folder in folders:
         for f in sorted(Path(folder).glob("vs_trl_*.json")):

@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from ..errors import TokeneffError
+from ..models import char_tokenizer
 from ..utils import atomic_write_bytes, write_json
 
 QWEN2_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -39,8 +41,6 @@ def run_in_subprocess(module: str, spec: dict[str, Any], what: str) -> dict[str,
 
 def save_result(stem: Path, result: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """stem.json (the whole result) and stem.csv (one line per row, list-valued fields left out), atomically."""
-    import pandas as pd
-
     write_json(f"{stem}.json", result)  # not with_suffix: names like qwen2-1.5b hold a dot
     flat = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows])
     atomic_write_bytes(f"{stem}.csv", flat.to_csv(index=False).encode())
@@ -50,8 +50,6 @@ def save_random_shape(shape: str, folder: str | Path) -> str:
     """A randomly initialised model of `shape` (bf16) with the character tokenizer, saved as an ordinary local
     checkpoint, so that whole-step comparisons (`--vs-trl --shape`) load it like any model: no download."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from ..models import char_tokenizer
 
     dims = dict(QWEN2_1_5B) if shape == "qwen2-1.5b" else dict(QWEN2_1_5B, hidden_size=64, intermediate_size=128,
                                                                num_hidden_layers=2, num_attention_heads=4,

@@ -18,7 +18,15 @@ from typing import Any
 
 import torch
 
+from ..config import make_config
+from ..errors import TokeneffError
+from ..evaluate import evaluate_model
+from ..models import load_model
+from ..rollout import generate_rows, left_pad
+from ..tasks import make_task
 from ..utils import set_threads, write_json
+from ..warmstart import model_folder
+from .benchio import device_name
 
 
 def _gemm_rate(m: int, k: int, n: int, min_seconds: float = 0.2) -> float:
@@ -49,8 +57,6 @@ BACKEND_SPECS = ("tokeneff", "static", "static+compile", "hf", "hf-static")
 
 
 def _backend(spec: str) -> dict[str, Any]:
-    from ..errors import TokeneffError
-
     if spec not in BACKEND_SPECS:
         raise TokeneffError(f"backend {spec!r}: must be one of {', '.join(BACKEND_SPECS)}")
     name, _, extra = spec.partition("+")
@@ -63,8 +69,6 @@ def decode_step_seconds(model, tokenizer, batch: int, context: int, backend: str
     """Wall time of one decode step at `batch` rows after a `context`-token prefill, through the backend's own
     loop (forward, sampling, bookkeeping): runs of 4 and 4 + `steps` new tokens with no EOS, best of `repeats`
     each, and their difference per token, so the prefill cancels (and a compiled step's first call is dropped)."""
-    from ..rollout import generate_rows, left_pad
-
     g = torch.Generator().manual_seed(0)
     vocab = min(model.config.vocab_size, 1000)
     ids, mask = left_pad(torch.randint(10, vocab, (batch, context), generator=g).tolist(), 0)
@@ -85,10 +89,6 @@ def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: in
     """One row per (batch, backend): the decode step against this machine's floor; with `eval_limit`, one row per
     backend: the greedy evaluation of that many `eval_task` test problems (embedded profile), its wall time and
     its completions that differ from the first backend's (greedy flips)."""
-    from ..models import load_model
-    from ..warmstart import model_folder
-    from .benchio import device_name
-
     for b in backends:
         _backend(b)  # a misspelt name fails before anything is measured
     set_threads(threads)
@@ -122,11 +122,6 @@ def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: in
 def eval_times(model, tok, model_name: str, backends, limit: int, task: str) -> list[dict[str, Any]]:
     """Greedy evaluation of the first `limit` (0: all) test problems per backend, as `tokeneff evaluate` runs it
     (embedded profile), timed; each completion that differs from the first backend's is listed."""
-    from ..config import make_config
-    from ..evaluate import evaluate_model
-    from ..tasks import make_task
-    from .benchio import device_name
-
     cfg = make_config("embedded", overrides=dict(task=task, model=model_name))
     t = make_task(cfg)
     problems = t.problems("test")[: limit or None]

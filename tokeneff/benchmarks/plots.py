@@ -7,6 +7,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..analysis.report import save_figure, save_table
+from .bench import VERSUS_COLUMNS, load_results, load_versus
+
 
 def model_name(g) -> str:
     """The model of a benchmark table; tiny-random is bench._model's: random Qwen2, 4 layers, width 256, with the
@@ -105,9 +108,6 @@ PANELS = {
 def save_panel(rows, suite: str, results_dir: str | Path) -> list[str]:
     """One suite's figures (one per device) and table, written into results_dir; `rows` are that suite's rows
     (bench.load_results filtered by suite, or bench.load_versus). Says what to run when there are none."""
-    from ..analysis.report import save_figure, save_table
-    from .bench import VERSUS_COLUMNS
-
     plot, stem, table, command = PANELS[suite]
     if rows.empty:
         print(f"no {suite} benchmark file yet: {command}")
@@ -125,8 +125,6 @@ def save_panel(rows, suite: str, results_dir: str | Path) -> list[str]:
 
 def render_committed(committed: str | Path = "results/benchmarks", results_dir: str | Path = "results") -> list[str]:
     """The ladder, growth and vs-TRL figures and tables of notebook 04 from the committed benchmark files only."""
-    from .bench import load_results, load_versus
-
     df = load_results(committed)
     return (save_panel(df[df.suite == "ladder"], "ladder", results_dir)
             + save_panel(df[df.suite == "growth"], "growth", results_dir)

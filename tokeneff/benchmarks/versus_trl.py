@@ -15,6 +15,8 @@ other completion of a group rewarded, as in `tokeneff bench`'s synthetic groups)
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import json
 import sys
 import tempfile
@@ -23,9 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from ..config import ALGOS, LoraSettings
+from ..config import ALGOS, LoraSettings, make_config
 from ..errors import TokeneffError
+from ..loop import train
+from ..models import load_model
+from ..tasks import make_task
 from ..utils import memory_mb
 from ..warmstart import model_folder
 from .benchio import device_name, run_in_subprocess, save_random_shape, save_result
@@ -36,9 +42,6 @@ LORA = LoraSettings()
 
 
 def _svamp_task():
-    from ..config import make_config
-    from ..tasks import make_task
-
     return make_task(make_config("embedded", overrides=dict(task="svamp")))
 
 
@@ -63,8 +66,6 @@ def weights_only(spec: dict[str, Any]) -> dict[str, Any]:
     """Memory held by the model and its LoRA adapter alone (the baseline both sides are measured above)."""
     from peft import get_peft_model
 
-    from ..models import load_model
-
     model, _ = load_model(model_folder(spec["model"]), dtype=_dtype())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     get_peft_model(model.to(device), LORA.peft_config())
@@ -72,8 +73,6 @@ def weights_only(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
-    from ..loop import train
-
     with tempfile.TemporaryDirectory() as tmp:
         train(custom_task=synthetic_task() if spec.get("reward") == "synthetic" else None,
               profile="embedded", model=spec["model"], task="svamp", algo=spec["algo"], steps=spec["steps"],
@@ -95,8 +94,6 @@ def trl_side(spec: dict[str, Any], trainer_cls=None) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-
-    from ..models import load_model
 
     task = _svamp_task()
     problems = task.problems("train")[: spec["steps"]]
@@ -135,10 +132,7 @@ def trl_side(spec: dict[str, Any], trainer_cls=None) -> dict[str, Any]:
 def trl_tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
     """Our SGRPOTrainer or TSPMOTrainer (`spec["algo"]`) in place of TRL's GRPOTrainer, every other setting as in
     `trl_side` (S-GRPO's alpha, P, k: the embedded profile's, as in the `tokeneff-sgrpo` row)."""
-    import functools
-
-    from ..config import make_config
-    from ..trl_trainers import SGRPOTrainer, TSPMOTrainer
+    from ..trl_trainers import SGRPOTrainer, TSPMOTrainer  # here: it loads TRL's trainer, needed by this side only
 
     algo = spec["algo"]
     cfg = make_config("embedded")
@@ -166,8 +160,6 @@ def versus_trl(model: str = "smollm2-135m", shape: str | None = None, group_size
     `synthetic_reward` on both sides (random weights earn no reward, so no group would carry signal).
     `trl_trainers`: also our SGRPOTrainer / TSPMOTrainer (trl_trainers.py) inside TRL, as rows `trl-sgrpo` /
     `trl-tspmo`, run last."""
-    import importlib.util
-
     if importlib.util.find_spec("trl") is None:
         raise TokeneffError("--vs-trl needs trl: pip install 'trl==1.16.0'")
     if steps < 2:
@@ -186,8 +178,6 @@ def versus_trl(model: str = "smollm2-135m", shape: str | None = None, group_size
 
 def _compare(base: dict[str, Any], algos, out: str | None, name: str, label: str, progress: bool,
              trl_trainers=()) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
     specs = ([dict(base, side="weights"), dict(base, side="trl")] + [dict(base, side="tokeneff", algo=a) for a in algos]
              + [dict(base, side="trl-tokeneff", algo=a) for a in trl_trainers])
     rows: list[dict[str, Any]] = []
