@@ -8,22 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_CLI
+from helpers import refused as one_line
 
 from tokeneff import TokeneffError, make_config, train
 from tokeneff.cli import main
 from tokeneff.tasks.svamp import shipped_test_ids
 
-TINY = ["--model", "tiny-random", "--task", "multiplication", "--steps", "1", "digits_a=1", "digits_b=1",
-        "group_size=2", "prompts_per_step=1", "max_new_tokens=4", "eval_limit=2", "eval_batch_size=2"]
-
-
-def one_line(capsys, argv, needle):
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert needle in err, err
-    return err
+TINY = [*TINY_CLI, "--steps", "1", "max_new_tokens=4"]
 
 
 def _train(tmp_path, *extra):

@@ -12,26 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import TINY_CLI, error_line, tree
+from helpers import refused_last_line as refused  # a run may print progress before its error
 
 from tokeneff import rundir
 from tokeneff.cli import main
 
-TINY = ["--model", "tiny-random", "--task", "multiplication", "--algo", "grpo", "digits_a=1", "digits_b=1",
-        "max_new_tokens=8", "group_size=2", "prompts_per_step=1", "eval_limit=2", "eval_batch_size=2", "save_every=1"]
+TINY = [*TINY_CLI, "--algo", "grpo", "max_new_tokens=8", "save_every=1"]
 
 
 def _train(out, steps, *flags):
     return main(["train", *TINY, "--steps", str(steps), "--out", str(out), *flags])
-
-
-def _tree(folder: Path) -> dict[str, bytes]:
-    """Every entry under `folder` (links as links, never followed) with its content."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        key = str(p.relative_to(folder))
-        out[key] = (b"link:" + os.readlink(p).encode() if p.is_symlink()
-                    else p.read_bytes() if p.is_file() else b"<dir>")
-    return out
 
 
 def _sentinel(root: Path) -> Path:
@@ -49,12 +40,6 @@ def finished(tmp_path_factory):
     assert _train(out, 2) == 0
     assert {"checkpoint", "checkpoint.prev", "adapter", "final.json"} <= {p.name for p in out.iterdir()}
     return out
-
-
-def _one_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert "Traceback" not in err and lines and lines[-1].startswith("tokeneff: error:"), err
-    return lines[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,13 +64,13 @@ def test_a_link_inside_a_run_folder_never_changes_anything_outside_it(finished, 
         shutil.rmtree(run / name)
     (run / name).unlink(missing_ok=True)
     os.symlink(outside / "a.txt" if name == ".tokeneff.lock" else outside, run / name)
-    before, run_before = _tree(outside), _tree(run)
+    before, run_before = tree(outside), tree(run)
     capsys.readouterr()
     code = _train(run, steps, *flags)
     err = capsys.readouterr().err
-    assert _tree(outside) == before
-    assert code == 2 and f"{name!r} is a symbolic link" in _one_line(err), err
-    assert _tree(run) == run_before  # refused before anything was written
+    assert tree(outside) == before
+    assert code == 2 and f"{name!r} is a symbolic link" in error_line(err), err
+    assert tree(run) == run_before  # refused before anything was written
 
 
 def test_a_run_folder_that_is_itself_a_link_stays_allowed(finished, tmp_path, capsys):
@@ -99,7 +84,7 @@ def test_a_run_folder_that_is_itself_a_link_stays_allowed(finished, tmp_path, ca
 
 def test_delete_removes_links_and_never_their_targets(tmp_path):
     outside = _sentinel(tmp_path)
-    before = _tree(outside)
+    before = tree(outside)
     run = tmp_path / "run"
     (run / "checkpoint.tmp" / "adapter").mkdir(parents=True)
     os.symlink(outside, run / "checkpoint.tmp" / "adapter" / "dir-link")
@@ -109,7 +94,7 @@ def test_delete_removes_links_and_never_their_targets(tmp_path):
     rundir._rmtree(run / "checkpoint.tmp")
     rundir._rmtree(run / "checkpoint.prev")
     rundir.clear_run(run)
-    assert sorted(os.listdir(run)) == [] and _tree(outside) == before
+    assert sorted(os.listdir(run)) == [] and tree(outside) == before
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,7 +118,7 @@ def test_a_failing_run_never_removes_a_sibling_that_finished_meanwhile(tmp_path,
     (tmp_path / "cr" / "mine.txt").write_text("mine")  # cr/ existed: never the run's to remove
     code = _train(tmp_path / "cr" / "new" / "a", 1, "lora_targets=post_attention_layernorm")
     err = capsys.readouterr().err
-    assert code == 2 and "not a linear layer" in _one_line(err)
+    assert code == 2 and "not a linear layer" in error_line(err)
     assert siblings == [0]
     b = tmp_path / "cr" / "new" / "b"
     assert json.loads((b / "final.json").read_text())["steps_done"] == 1 and (b / "adapter").is_dir()
@@ -263,7 +248,7 @@ def test_a_full_disk_at_each_write_is_one_line_and_the_run_resumes(small_disk, c
         err = capsys.readouterr().err
         assert code in (0, 2), err
         if code == 2:
-            line = _one_line(err)
+            line = error_line(err)
             assert "No space left on device" in line or "could not write" in line, line
             seen.add(line.split("could not write ")[-1].split(" (")[0].split("/")[-1][:20])
         filler.unlink()
@@ -281,36 +266,29 @@ EVAL = ["evaluate", "--task", "multiplication", "--model", "tiny-random", "--lim
         "max_new_tokens=4"]
 
 
-def _refused(capsys, argv, needle):
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2 and needle in _one_line(err), err
-    return err
-
-
-def test_damaged_adapters_and_model_folders_are_one_line(finished, tmp_path, capsys, model_dir):
+def test_damaged_adapters_and_model_folders_areerror_line(finished, tmp_path, capsys, model_dir):
     ev = EVAL + ["--out", tmp_path / "e.json"]
     ad = tmp_path / "adapter"
     shutil.copytree(finished / "adapter", ad)
     w = ad / "adapter_model.safetensors"
     w.write_bytes(w.read_bytes()[:300])
-    _refused(capsys, ev + ["--adapter", ad], "adapter_model.safetensors is truncated")
+    refused(capsys, ev + ["--adapter", ad], "adapter_model.safetensors is truncated")
     w.unlink()
     (ad / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle: never loaded
-    _refused(capsys, ev + ["--adapter", ad], "adapter_model.bin is a pickle and never loaded")
+    refused(capsys, ev + ["--adapter", ad], "adapter_model.bin is a pickle and never loaded")
     (ad / "adapter_config.json").write_text('{"r": 8')
-    _refused(capsys, ev + ["--adapter", ad], "adapter_config.json is damaged")
+    refused(capsys, ev + ["--adapter", ad], "adapter_config.json is damaged")
     # a model folder whose safetensors header is valid JSON of the wrong form, then weights of another shape
     weights = model_dir / "model.safetensors"
     good = weights.read_bytes()
     header = json.dumps({"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": "x"}}).encode()
     weights.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 256)
-    _refused(capsys, ["evaluate", "--model", model_dir, "--task", "multiplication", "--out", tmp_path / "e.json"],
+    refused(capsys, ["evaluate", "--model", model_dir, "--task", "multiplication", "--out", tmp_path / "e.json"],
              "model.safetensors is not a valid safetensors file")
     weights.write_bytes(good)
     cfg = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 3 * cfg["intermediate_size"]}))
-    _refused(capsys, ["evaluate", "--model", model_dir, "--task", "multiplication", "--out", tmp_path / "e.json"],
+    refused(capsys, ["evaluate", "--model", model_dir, "--task", "multiplication", "--out", tmp_path / "e.json"],
              "could not load the local model")
     assert not (tmp_path / "e.json").exists()
 
@@ -351,9 +329,9 @@ def test_run_files_of_the_wrong_kind_are_refused_before_anything_changes(finishe
             (run / "final.json").rmdir()
             shutil.rmtree(run / "adapter")
             (run / "adapter").write_text("mine")
-        before = _tree(run)
-        _refused(capsys, argv, needle)
-        assert _tree(run) == before
+        before = tree(run)
+        refused(capsys, argv, needle)
+        assert tree(run) == before
 
 
 def test_a_failure_before_the_first_checkpoint_keeps_nothing_and_after_it_keeps_the_checkpoint(tmp_path, capsys,
@@ -370,11 +348,11 @@ def test_a_failure_before_the_first_checkpoint_keeps_nothing_and_after_it_keeps_
 
     monkeypatch.setattr(tr, "evaluate_model", failing)
     fail_at, out = 1, tmp_path / "new" / "run"  # the first evaluation, before any checkpoint
-    line = _refused(capsys, ["train", *TINY, "--steps", 2, "--out", out, "eval_every=1"], "the model broke")
+    line = refused(capsys, ["train", *TINY, "--steps", 2, "--out", out, "eval_every=1"], "the model broke")
     assert f"nothing was kept in {out}" in line and not (tmp_path / "new").exists()
     calls.clear()
     fail_at = 3  # step 2's evaluation: step 1's checkpoint exists
-    line = _refused(capsys, ["train", *TINY, "--steps", 2, "--out", out, "eval_every=1"], "the model broke")
+    line = refused(capsys, ["train", *TINY, "--steps", 2, "--out", out, "eval_every=1"], "the model broke")
     assert f"the checkpoint of step 1 is kept in {out}/checkpoint: add --resume" in line
     monkeypatch.setattr(tr, "evaluate_model", real)
     assert _train(out, 2, "eval_every=1", "--resume") == 0
@@ -387,15 +365,15 @@ def test_a_model_folder_without_a_tokenizer_is_one_line_and_leaves_nothing(tmp_p
     model.save_pretrained(tmp_path / "m")  # weights and config, no tokenizer files
     out = tmp_path / "runs" / "r"
     TINY_M = [a if a != "tiny-random" else str(tmp_path / "m") for a in TINY]
-    _refused(capsys, ["train", *TINY_M, "--steps", 1, "--out", out], "its tokenizer is empty")
+    refused(capsys, ["train", *TINY_M, "--steps", 1, "--out", out], "its tokenizer is empty")
     assert not (tmp_path / "runs").exists()
 
 
 def test_a_key_given_twice_with_two_values_is_refused(tmp_path, capsys):
-    _refused(capsys, ["train", *TINY, "--steps", 1, "--out", tmp_path / "r", "beta=0", "beta=0.1"],
+    refused(capsys, ["train", *TINY, "--steps", 1, "--out", tmp_path / "r", "beta=0", "beta=0.1"],
              "beta= is given twice ('0' and '0.1')")
-    _refused(capsys, ["train", *TINY, "--steps", 2, "--out", tmp_path / "r", "steps=4"], "collides with --steps")
-    _refused(capsys, ["warmstart", "lr=1e-4", "lr=2e-4"], "lr= is given twice")
+    refused(capsys, ["train", *TINY, "--steps", 2, "--out", tmp_path / "r", "steps=4"], "collides with --steps")
+    refused(capsys, ["warmstart", "lr=1e-4", "lr=2e-4"], "lr= is given twice")
     assert not (tmp_path / "r").exists()
 
 
@@ -416,7 +394,7 @@ def test_evaluate_keeps_its_result_when_the_file_cannot_be_written(tmp_path, cap
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
-    line = _one_line(_refused(capsys, EVAL + ["--out", tmp_path / "e.json"], "could not be written (No space left"))
+    line = error_line(refused(capsys, EVAL + ["--out", tmp_path / "e.json"], "could not be written (No space left"))
     kept = list((tmp_path / "tmp").glob("tokeneff-eval-*e.json"))
     assert len(kept) == 1 and str(kept[0]) in line and "accuracy" in line
     assert len(json.loads(kept[0].read_text())["records"]) == 2
@@ -424,16 +402,16 @@ def test_evaluate_keeps_its_result_when_the_file_cannot_be_written(tmp_path, cap
 
 def test_key_value_anywhere_bench_tilde_and_files_readable_per_umask(tmp_path, capsys, monkeypatch):
     # key=value between options: parsed, so its own check answers (not argparse's "unrecognized arguments")
-    _refused(capsys, ["train", "--model", "tiny-random", "lr=5", "--steps", "1", "--out", tmp_path / "r", "beta=0"],
+    refused(capsys, ["train", "--model", "tiny-random", "lr=5", "--steps", "1", "--out", tmp_path / "r", "beta=0"],
              "lr=5.0: must be at most 1")
     with pytest.raises(SystemExit) as e:  # argparse's own errors: one line, exit 2
         main(["train", "--steps", "1", "--bogus", "beta=0"])
-    assert e.value.code == 2 and "unrecognized arguments: --bogus" in _one_line(capsys.readouterr().err)
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in error_line(capsys.readouterr().err)
     # bench --out '~/x': expanded once, at the boundary
-    import tokeneff.benchmarks.bench as bench
+    import tokeneff.cli as cli
 
     seen = []
-    monkeypatch.setattr(bench, "bench_cli", lambda args: seen.append(args.out))
+    monkeypatch.setattr(cli, "bench_cli", lambda args: seen.append(args.out))
     monkeypatch.setenv("HOME", str(tmp_path))
     assert main(["bench", "--out", "~/x"]) == 0 and seen == [str(tmp_path / "x")]
     # run files: 0666 less the umask, not mkstemp's 0600
@@ -454,7 +432,7 @@ def test_messages_have_a_bounded_length(tmp_path, capsys):
     levels = "\n".join(f" - &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9))
     (tmp_path / "bomb.yaml").write_text(f"lora_targets:\n - &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
                                         f"{levels}\n")  # 9**9 strings if expanded
-    err = _refused(capsys, ["train", "--config", tmp_path / "bomb.yaml"], "lora_targets=")
+    err = refused(capsys, ["train", "--config", tmp_path / "bomb.yaml"], "lora_targets=")
     assert len(err) < 1000
 
 
@@ -481,14 +459,14 @@ def test_weights_made_non_finite_by_an_update_stop_the_run(tmp_path, capsys, mon
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
     code = _train(tmp_path / "r", 2, "eval_at_start=false")
     err = capsys.readouterr().err
-    assert code == 2 and "step 1: the update made LoRA weights non-finite" in _one_line(err)
-    _refused(capsys, ["train", *TINY, "--out", tmp_path / "w", "weight_decay=1e30"],
+    assert code == 2 and "step 1: the update made LoRA weights non-finite" in error_line(err)
+    refused(capsys, ["train", *TINY, "--out", tmp_path / "w", "weight_decay=1e30"],
              "lr * weight_decay must be below 1")
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU answer")
 def test_evaluate_in_fp16_on_a_cpu_is_refused(tmp_path, capsys):
-    _refused(capsys, EVAL + ["--out", tmp_path / "e.json", "mixed_precision=fp16"], "needs a CUDA GPU")
+    refused(capsys, EVAL + ["--out", tmp_path / "e.json", "mixed_precision=fp16"], "needs a CUDA GPU")
     assert not (tmp_path / "e.json").exists()
 
 
@@ -501,20 +479,20 @@ def test_special_and_damaged_files_never_hang_or_read_as_missing(finished, tmp_p
     (tmp_path / "f").mkdir()
     os.mkfifo(tmp_path / "f" / "config.json")
     for flag in ([], ["--resume"], ["--overwrite"]):
-        _refused(capsys, ["train", *TINY, "--steps", 1, "--out", tmp_path / "f", *flag],
+        refused(capsys, ["train", *TINY, "--steps", 1, "--out", tmp_path / "f", *flag],
                  "'config.json' is not a regular file")
     # evaluate --out a FIFO: refused, never replaced by a file
     os.mkfifo(tmp_path / "fifo.json")
-    _refused(capsys, ["evaluate", "--model", "tiny-random", "--task", "multiplication", "--out",
+    refused(capsys, ["evaluate", "--model", "tiny-random", "--task", "multiplication", "--out",
                       tmp_path / "fifo.json"], "is not a regular file")
     assert not (tmp_path / "fifo.json").is_file()
     # a run whose config.json is damaged is named as such, and left alone
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     (run / "config.json").write_text('{"algo": "grpo", "ta')
-    before = _tree(run)
-    _refused(capsys, ["train", *TINY, "--steps", 3, "--out", run, "--resume"], "its config.json is damaged")
-    assert _tree(run) == before
+    before = tree(run)
+    refused(capsys, ["train", *TINY, "--steps", 3, "--out", run, "--resume"], "its config.json is damaged")
+    assert tree(run) == before
 
 
 def test_resume_with_every_checkpoint_damaged_is_refused_and_deletes_nothing(finished, tmp_path, capsys):
@@ -523,11 +501,11 @@ def test_resume_with_every_checkpoint_damaged_is_refused_and_deletes_nothing(fin
     for ck in ("checkpoint", "checkpoint.prev"):
         opt = run / ck / "optimizer.pt"
         opt.write_bytes(opt.read_bytes()[:100])
-    before = _tree(run)
-    line = _refused(capsys, ["train", *TINY, "--steps", 3, "--out", run, "--resume"],
+    before = tree(run)
+    line = refused(capsys, ["train", *TINY, "--steps", 3, "--out", run, "--resume"],
                     "no complete checkpoint to resume from")
     assert "checkpoint/: optimizer.pt has 100 bytes" in line and "checkpoint.prev/:" in line
-    assert _tree(run) == before  # the metrics, the evaluations and the damaged checkpoints are all still there
+    assert tree(run) == before  # the metrics, the evaluations and the damaged checkpoints are all still there
 
 
 def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, capsys):
@@ -535,7 +513,7 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, capsys):
     (tmp_path / "c.json").write_text('{"beta": 0, "beta": 0.5}')
     (tmp_path / "m.yaml").write_text("base: &b {beta: 0}\nother:\n  <<: *b\n  beta: 1\n")  # merged keys: overridable
     for f in ("c.yaml", "c.json"):
-        _refused(capsys, ["train", "--config", tmp_path / f], "gives beta twice")
+        refused(capsys, ["train", "--config", tmp_path / f], "gives beta twice")
     from tokeneff.config import load_config_file
 
     assert load_config_file(str(tmp_path / "m.yaml"))["other"] == {"beta": 1}
@@ -575,7 +553,7 @@ def test_names_never_become_paths_and_outputs_never_replace_special_files(tmp_pa
     from tokeneff.errors import ConfigError
 
     sentinel = _sentinel(tmp_path)
-    before = _tree(sentinel)
+    before = tree(sentinel)
     for exp, variants in (("../../outside", {"grpo": {}}), ("x", {"../../outside": {}}), ("x", {"a/b": {}})):
         with pytest.raises(ConfigError, match="must be a plain name"):
             run_grid(exp, "multiplication", variants, [0], 1, root=str(tmp_path / "runs"), model="tiny-random")
@@ -585,7 +563,7 @@ def test_names_never_become_paths_and_outputs_never_replace_special_files(tmp_pa
     assert summary_main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "fifo.md")]) == 2
     err = capsys.readouterr().err
     assert "must be a plain name" in err and "is not a regular file" in err and "Traceback" not in err
-    assert _tree(sentinel) == before and not (tmp_path / "runs").exists()
+    assert tree(sentinel) == before and not (tmp_path / "runs").exists()
     assert not (tmp_path / "fifo.md").is_file()
 
 
@@ -594,23 +572,23 @@ def test_dotdot_after_a_link_repeated_options_and_unknown_models_are_refused_bef
     (tmp_path / "real" / "deep").mkdir(parents=True)
     (tmp_path / "py").symlink_to(tmp_path / "real" / "deep")
     out = tmp_path / "py" / ".." / "n3" / "n4"  # the OS reads py/.. as real/, not tmp_path
-    _refused(capsys, ["train", *TINY, "--steps", 1, "--out", out], "'..' after a symbolic link")
+    refused(capsys, ["train", *TINY, "--steps", 1, "--out", out], "'..' after a symbolic link")
     assert not (tmp_path / "n3").exists() and not (tmp_path / "real" / "n3").exists()
     with pytest.raises(SystemExit) as e:
         main(["train", "--algo", "grpo", "--algo", "sgrpo", "--out", str(tmp_path / "r")])
     assert e.value.code == 2 and "--algo is given twice ('grpo' and 'sgrpo')" in capsys.readouterr().err
     monkeypatch.setenv("TOKENEFF_CACHE", str(tmp_path / "cache"))
-    _refused(capsys, ["warmstart", "--model", "nosuch"], "model='nosuch': not a built-in name")
+    refused(capsys, ["warmstart", "--model", "nosuch"], "model='nosuch': not a built-in name")
     assert not (tmp_path / "cache").exists()  # not even a lock file
 
 
 def test_dotdot_without_a_link_is_the_folder_it_names_and_outputs_never_replace_a_fifo(tmp_path, capsys):
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "mine.txt").write_text("mine")
-    before = _tree(tmp_path)
-    _refused(capsys, ["train", *TINY, "--steps", 1, "--out", tmp_path / "w" / "q" / ".." / ".." / "f"],
+    before = tree(tmp_path)
+    refused(capsys, ["train", *TINY, "--steps", 1, "--out", tmp_path / "w" / "q" / ".." / ".." / "f"],
              "holds files that are not a tokeneff run")
-    assert _tree(tmp_path) == before  # no lock in f/, no w/q/ made
+    assert tree(tmp_path) == before  # no lock in f/, no w/q/ made
     from tokeneff.utils import atomic_write_bytes
 
     os.mkfifo(tmp_path / "table.md")

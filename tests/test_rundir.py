@@ -7,24 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import TINY_CLI, refused, tree
 
 from tokeneff import rundir
-from tokeneff.cli import main
 
-TRAIN = ["train", "--model", "tiny-random", "--task", "multiplication", "--steps", "1", "digits_a=1", "digits_b=1",
-         "group_size=2", "prompts_per_step=1", "max_new_tokens=4", "eval_limit=2", "eval_batch_size=2"]
-
-
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>" for p in folder.rglob("*")}
-
-
-def _refused(capsys, argv, needle):
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert needle in err, err
-    return err
+TRAIN = ["train", *TINY_CLI, "--steps", "1", "max_new_tokens=4"]
 
 
 def _fake_run(folder: Path, marker: bool = True) -> None:
@@ -43,59 +30,59 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     d = tmp_path / "d"
     (d / "sub").mkdir(parents=True)
     (d / "data.csv").write_text("x\n")
-    before = _tree(d)
+    before = tree(d)
     for flags in (["--overwrite"], ["--resume"], []):
-        err = _refused(capsys, TRAIN + ["--out", str(d)] + flags, "holds files that are not a tokeneff run")
+        err = refused(capsys, TRAIN + ["--out", str(d)] + flags, "holds files that are not a tokeneff run")
         assert "--overwrite" not in err
-    assert _tree(d) == before
+    assert tree(d) == before
 
 
 def test_overwrite_refuses_the_current_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "config.json").write_text('{"anything": 1}')  # a config.json that is not a run's
     (tmp_path / "notes.txt").write_text("mine")
-    before = _tree(tmp_path)
-    err = _refused(capsys, TRAIN + ["--out", ".", "--overwrite"], "not a tokeneff run")
-    assert "--overwrite" not in err and _tree(tmp_path) == before
+    before = tree(tmp_path)
+    err = refused(capsys, TRAIN + ["--out", ".", "--overwrite"], "not a tokeneff run")
+    assert "--overwrite" not in err and tree(tmp_path) == before
     # even a real run is never deleted when it is the current folder (or a parent of it, or home)
     (tmp_path / "notes.txt").unlink()
     (tmp_path / "config.json").unlink()
     _fake_run(tmp_path)
-    before = _tree(tmp_path)
-    _refused(capsys, TRAIN + ["--out", ".", "--overwrite"], "is the current folder: it is never deleted")
+    before = tree(tmp_path)
+    refused(capsys, TRAIN + ["--out", ".", "--overwrite"], "is the current folder: it is never deleted")
     (tmp_path / "inner").mkdir()
     monkeypatch.chdir(tmp_path / "inner")
-    _refused(capsys, TRAIN + ["--out", "..", "--overwrite"], "is a parent of the current folder")
-    assert {k: v for k, v in _tree(tmp_path).items() if k != "inner"} == before
+    refused(capsys, TRAIN + ["--out", "..", "--overwrite"], "is a parent of the current folder")
+    assert {k: v for k, v in tree(tmp_path).items() if k != "inner"} == before
 
 
 def test_overwrite_refuses_home(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     _fake_run(tmp_path)
-    before = _tree(tmp_path)
-    _refused(capsys, TRAIN + ["--out", "~", "--overwrite"], "is your home folder")
-    assert _tree(tmp_path) == before
+    before = tree(tmp_path)
+    refused(capsys, TRAIN + ["--out", "~", "--overwrite"], "is your home folder")
+    assert tree(tmp_path) == before
 
 
 def test_model_folder_as_out_is_refused_without_suggesting_overwrite(model_dir, capsys):
     m = model_dir
-    before = _tree(m)
+    before = tree(m)
     for flags in ([], ["--overwrite"], ["--resume"]):
-        err = _refused(capsys, TRAIN + ["--out", str(m)] + flags, "is a model folder")
+        err = refused(capsys, TRAIN + ["--out", str(m)] + flags, "is a model folder")
         assert "--overwrite" not in err
-    assert _tree(m) == before
+    assert tree(m) == before
 
 
 def test_overwrite_refuses_a_run_holding_a_foreign_file(tmp_path, capsys):
     run = tmp_path / "run"
     _fake_run(run)
     (run / "notes.txt").write_text("mine")
-    before = _tree(run)
-    err = _refused(capsys, TRAIN + ["--out", str(run), "--overwrite"], "also holds 'notes.txt'")
-    assert "nothing was deleted" in err and _tree(run) == before
+    before = tree(run)
+    err = refused(capsys, TRAIN + ["--out", str(run), "--overwrite"], "also holds 'notes.txt'")
+    assert "nothing was deleted" in err and tree(run) == before
 
 
-def test_overwrite_deletes_only_run_files_and_older_runs_are_refused(tmp_path, capsys):
+def test_overwrite_deletes_only_run_files_and_older_runs_arerefused(tmp_path, capsys):
     run = tmp_path / "run"
     _fake_run(run)
     (run / ".metrics.jsonl.abc123").write_text("half")  # a temp file left by a kill
@@ -105,18 +92,18 @@ def test_overwrite_deletes_only_run_files_and_older_runs_are_refused(tmp_path, c
     assert list(run.iterdir()) == []
     older = tmp_path / "older"  # written before the format marker existed: refused, never deleted
     _fake_run(older, marker=False)
-    before = _tree(older)
+    before = tree(older)
     for flag in ("--resume", "--overwrite"):
-        _refused(capsys, TRAIN + ["--out", str(older), flag], "written by an older tokeneff (before run format 1)")
-    assert _tree(older) == before
+        refused(capsys, TRAIN + ["--out", str(older), flag], "written by an older tokeneff (before run format 1)")
+    assert tree(older) == before
     legacy_without_metrics = tmp_path / "x"
     legacy_without_metrics.mkdir()
     (legacy_without_metrics / "config.json").write_text('{"algo": "sgrpo", "task": "svamp", "model": "m", "steps": 1}')
     assert rundir.classify(legacy_without_metrics) == "foreign"
 
 
-def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
-    _refused(capsys, TRAIN + ["--out", str(tmp_path / "r"), "--resume", "--overwrite"], "exclude each other")
+def test_resume_and_overwrite_together_arerefused(tmp_path, capsys):
+    refused(capsys, TRAIN + ["--out", str(tmp_path / "r"), "--resume", "--overwrite"], "exclude each other")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -132,7 +119,7 @@ def test_second_process_on_a_run_is_refused_naming_the_holder(tmp_path, capsys):
     try:
         assert holder.stdout.readline().strip() == "locked"
         _fake_run(run)
-        err = _refused(capsys, TRAIN + ["--out", str(run), "--resume"], f"is in use by process {holder.pid}")
+        err = refused(capsys, TRAIN + ["--out", str(run), "--resume"], f"is in use by process {holder.pid}")
         assert "--overwrite" not in err
     finally:
         holder.kill()
