@@ -266,7 +266,7 @@ EVAL = ["evaluate", "--task", "multiplication", "--model", "tiny-random", "--lim
         "max_new_tokens=4"]
 
 
-def test_damaged_adapters_and_model_folders_areerror_line(finished, tmp_path, capsys, model_dir):
+def test_damaged_adapters_and_model_folders_are_one_line(finished, tmp_path, capsys, model_dir):
     ev = EVAL + ["--out", tmp_path / "e.json"]
     ad = tmp_path / "adapter"
     shutil.copytree(finished / "adapter", ad)
@@ -595,3 +595,76 @@ def test_dotdot_without_a_link_is_the_folder_it_names_and_outputs_never_replace_
     with pytest.raises(OSError, match="not a regular file"):
         atomic_write_bytes(tmp_path / "table.md", b"x")
     assert not (tmp_path / "table.md").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# red team round 6: what a user who had not read the fixes still found
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_adapters_with_a_wrong_typed_config_or_non_finite_weights_are_one_line(finished, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    ev = EVAL + ["--out", tmp_path / "e.json"]
+    ad = tmp_path / "typed"
+    shutil.copytree(finished / "adapter", ad)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps(dict(cfg, r="sixteen")))
+    refused(capsys, ev + ["--adapter", ad], "adapter_config.json is damaged")  # was a TypeError traceback
+    nan = tmp_path / "nan"
+    shutil.copytree(finished / "adapter", nan)
+    w = load_file(nan / "adapter_model.safetensors")
+    k = next(k for k in w if "lora_B" in k)
+    w[k][:] = float("nan")
+    save_file(w, nan / "adapter_model.safetensors")
+    refused(capsys, ev + ["--adapter", nan], "its weights are not finite")  # was accuracy 0.000, exit 0
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_a_hard_linked_run_file_never_carries_writes_outside_the_run(finished, tmp_path, capsys):
+    run = tmp_path / "r"
+    shutil.copytree(finished, run)
+    (run / "final.json").unlink()
+    outside = tmp_path / "outside.jsonl"
+    os.link(run / "metrics.jsonl", outside)  # as `cp -al` leaves a copy of a run
+    before = outside.read_bytes()
+    assert _train(run, 3, "--resume") == 0, capsys.readouterr().err
+    assert outside.read_bytes() == before and (run / "metrics.jsonl").read_bytes() != before
+    lock = tmp_path / "outside.lock"
+    lock.write_text("mine\n")
+    (run / ".tokeneff.lock").unlink(missing_ok=True)
+    os.link(lock, run / ".tokeneff.lock")
+    refused(capsys, ["train", *TINY, "--steps", 4, "--out", run, "--resume"], "is a hard link to a file elsewhere")
+    assert lock.read_text() == "mine\n"
+
+
+def test_absurd_sizes_and_names_are_bounded_one_line_refusals(tmp_path, capsys, monkeypatch):
+    from tokeneff.analysis import summary
+    from tokeneff.analysis.grid import run_grid
+    from tokeneff.errors import ConfigError
+
+    out = tmp_path / "b"
+    refused(capsys, ["bench", "--completion-lens", "9" * 20, "--out", out], "must be between 1 and 32768")  # a hang
+    refused(capsys, ["bench", "--vocab-size", "0", "--out", out], "--vocab-size 0: must be between 1000")
+    for seeds, variants, needle in ((["x" * 100_000], {"grpo": {}}, "must be a list of integers"),
+                                    ([10**5000], {"grpo": {}}, "seed <an integer of"),
+                                    ([0], {"v" * 100_000: {}}, "at most 100")):
+        with pytest.raises(ConfigError, match=needle) as e:
+            run_grid("g", "multiplication", variants, seeds, 1, root=str(tmp_path / "g"), workers=1)
+        assert len(str(e.value)) < 1000
+    assert summary.main(["--wall-seconds", "-5", "--results", str(tmp_path)]) == 2
+    assert "--wall-seconds -5: must not be negative" in capsys.readouterr().err
+    monkeypatch.setenv("TOKENEFF_CACHE", "~/tkcache")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    from tokeneff.models import cache_dir
+
+    assert cache_dir() == tmp_path / "tkcache"  # not a folder named '~' in the current one
+
+
+def test_adapter_files_are_readable_as_the_umask_allows(tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        assert _train(tmp_path / "p", 1) == 0, capsys.readouterr().err
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in (tmp_path / "p").rglob("*.safetensors")}
+    assert modes and set(modes.values()) == {0o644}, modes  # safetensors alone writes 0600

@@ -82,7 +82,7 @@ def test_overwrite_refuses_a_run_holding_a_foreign_file(tmp_path, capsys):
     assert "nothing was deleted" in err and tree(run) == before
 
 
-def test_overwrite_deletes_only_run_files_and_older_runs_arerefused(tmp_path, capsys):
+def test_overwrite_deletes_only_run_files_and_older_runs_are_refused(tmp_path, capsys):
     run = tmp_path / "run"
     _fake_run(run)
     (run / ".metrics.jsonl.abc123").write_text("half")  # a temp file left by a kill
@@ -102,7 +102,7 @@ def test_overwrite_deletes_only_run_files_and_older_runs_arerefused(tmp_path, ca
     assert rundir.classify(legacy_without_metrics) == "foreign"
 
 
-def test_resume_and_overwrite_together_arerefused(tmp_path, capsys):
+def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
     refused(capsys, TRAIN + ["--out", str(tmp_path / "r"), "--resume", "--overwrite"], "exclude each other")
 
 

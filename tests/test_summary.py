@@ -49,7 +49,7 @@ def test_wall_time_of_each_part_is_kept(tmp_path):
 
 def test_missing_folder_is_one_line(tmp_path, capsys):
     assert main(["--results", str(tmp_path), "--name", "nothing"]) == 2
-    assert "does not exist" in capsys.readouterr().out
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_damaged_summary_or_wall_time_files_are_one_line(tmp_path, capsys):

@@ -296,6 +296,10 @@ def test_num_iterations_and_training_moves_the_adapter(tmp_path):
     (dict(importance_sampling_level="sequence", loss_type="grpo"), "loss_type='grpo'"),
     (dict(sgrpo_p="0.5"), "sgrpo_p='0.5': "),  # no TypeError from a comparison
     (dict(sgrpo_k=True), "sgrpo_k=True: "),
+    # the ranges `tokeneff train` enforces, for the settings TRL's config shares with ours
+    (dict(weight_decay=-1.0), "weight_decay=-1.0: "),
+    (dict(lr=5.0), "learning_rate=5.0: "),
+    (dict(lr=0.5, weight_decay=2.0), "needs learning_rate * weight_decay below 1"),
 ])
 def test_bad_values_raise_one_line_config_error(tmp_path, bad, fragment):
     with pytest.raises(ConfigError) as e:

@@ -14,7 +14,7 @@ import torch
 
 from .errors import TokeneffError
 from .rundir import CKPT, MANIFEST, RUN_FORMAT, TMP, _faults, finish_save, fsync_path, start_save, writing
-from .utils import write_json
+from .utils import ordinary_permissions, write_json
 
 
 def save_checkpoint(out: Path, accel, policy, optimizer, step: int, evals: list[dict[str, Any]],
@@ -30,6 +30,7 @@ def save_checkpoint(out: Path, accel, policy, optimizer, step: int, evals: list[
         accel.wait_for_everyone()
         if main:
             policy.save_pretrained(out / TMP / "adapter")
+            ordinary_permissions(out / TMP / "adapter")
             torch.save(optimizer.state_dict(), out / TMP / "optimizer.pt")
             write_json(out / TMP / "state.json", dict(step=step, evals=evals, num_processes=world))
             fsync_path(out / "metrics.jsonl")  # the rows this checkpoint covers reach the disk before it does

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .algorithms.tspmo import replay_on
-from .errors import TokeneffError
+from .errors import TokeneffError, show
 from .models import BUILTIN, cache_dir
 from .rollout import build_prompt, encode_prompts
 from .rundir import check_writable
@@ -112,10 +112,10 @@ def check_lora_targets(model: torch.nn.Module, targets: list[str], model_name: s
             raise TokeneffError("lora_targets: 'lm_head' is bypassed by the selective LM head (it reads the head's "
                                 "weight directly), so LoRA there would never train; target attention/MLP layers")
         if t not in found:
-            raise TokeneffError(f"lora_targets: module {t!r} is not in {model_name}")
+            raise TokeneffError(f"lora_targets: module {show(t)} is not in {model_name}")
         m = found[t]
         if not (isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) or type(m).__name__ == "Conv1D"):
-            raise TokeneffError(f"lora_targets: {t!r} is a {type(m).__name__}, not a linear layer; LoRA targets "
+            raise TokeneffError(f"lora_targets: {show(t)} is a {type(m).__name__}, not a linear layer; LoRA targets "
                                 "linear layers such as q_proj,v_proj")
 
 

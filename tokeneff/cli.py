@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 _no_collision(over, "model", args.model)
                 over["model"] = args.model
             ws = make_warmstart_config(over)
+            install_sigterm_handler()  # a polite kill cleans up the unfinished build's temporary folder, as Ctrl-C
             path = build_warm_start(ws)
             use = name_for(ws) or str(path)
             print(f"warm start: {path}\nrecipe hash: {recipe_hash(ws)}; train or evaluate it as model={use}")

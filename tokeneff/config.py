@@ -67,7 +67,7 @@ class LoraSettings:
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
             raise ConfigError(f"lora_dropout={d!r}: must be in [0, 1)")
         if not self.lora_target_list():
-            raise ConfigError(f"lora_targets={self.lora_targets!r}: name at least one module, e.g. q_proj,v_proj")
+            raise ConfigError(f"lora_targets={show(self.lora_targets)}: name at least one module, e.g. q_proj,v_proj")
 
     def peft_config(self):
         from peft import LoraConfig
@@ -428,6 +428,8 @@ def check_name(what: str, name: str) -> str:
     that nothing is written outside the folder it belongs in."""
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise ConfigError(f"{what}={show(name)}: must be a plain name (no '/', not '.' or '..'), e.g. mulworked")
+    if len(name) > 100:  # file systems take 255 bytes; a run folder adds -s<seed>
+        raise ConfigError(f"{what}={show(name)}: {len(name)} characters; at most 100")
     return name
 
 

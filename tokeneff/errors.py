@@ -25,7 +25,10 @@ def show(value: Any, limit: int = MAX_SHOWN) -> str:
     r = reprlib.Repr()
     r.maxlevel, r.maxstring, r.maxother = 3, limit, limit
     r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = 8
-    return clip(r.repr(value), limit)
+    try:
+        return clip(r.repr(value), limit)
+    except ValueError:  # an int too long for str() (Python refuses more than 4300 digits)
+        return f"<an integer of {value.bit_length()} bits>" if isinstance(value, int) else "<unprintable value>"
 
 
 def clip(text: str, limit: int = MAX_SHOWN) -> str:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .checks import _safetensors_problem, check_model_path, check_precision
 from .config import make_config
-from .errors import TokeneffError, show
+from .errors import TokeneffError, clip, show
 from .models import load_model
 from .rollout import build_prompt, decode, encode_prompts, sample
 from .rundir import check_out_file, write_failure
@@ -79,6 +79,13 @@ def evaluate(task: str = "svamp", model: str = "smollm2-135m", adapter: str | No
             raise TokeneffError(f"adapter={adapter!r} does not fit model={cfg.model!r}"
                                 f"{f' (it was trained on {base!r})' if base else ' (another base model?)'}: "
                                 f"{why}") from None
+        except (TypeError, AttributeError) as e:  # a value of the wrong type in adapter_config.json (say r: "16")
+            raise TokeneffError(f"adapter={adapter!r}: its adapter_config.json is damaged "
+                                f"({clip(' '.join(str(e).split()), 200)})") from None
+        bad = next((n for n, w in lm.named_parameters() if "lora_" in n and not torch.isfinite(w).all()), None)
+        if bad:  # NaN weights give empty completions and a plausible-looking accuracy of 0
+            raise TokeneffError(f"adapter={adapter!r}: its weights are not finite ({bad} holds NaN or inf): "
+                                "a diverged or damaged adapter")
     if torch.cuda.is_available():
         lm = lm.to("cuda")
     result = evaluate_model(lm, tok, t, problems, cfg.eval_batch_size,

@@ -34,7 +34,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("TOKENEFF_CACHE", Path.home() / ".cache" / "tokeneff"))
+    return Path(os.environ.get("TOKENEFF_CACHE", Path.home() / ".cache" / "tokeneff")).expanduser()  # '~' quoted
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, vocab_size: int | None = None):

@@ -35,7 +35,7 @@ from .rundir import (
     write_failure,
     writing,
 )
-from .utils import write_json
+from .utils import ordinary_permissions, write_json
 
 
 class Run:
@@ -165,6 +165,7 @@ class Run:
             with writing(f"{out}/adapter"):
                 _rmtree(out / "adapter.tmp")  # never through a link
                 policy.save_pretrained(out / "adapter.tmp")
+                ordinary_permissions(out / "adapter.tmp")
                 _rmtree(out / "adapter")
                 os.replace(out / "adapter.tmp", out / "adapter")
             with writing(f"{out}/final.json"):

@@ -85,7 +85,7 @@ from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 
 from .algorithms import ALGORITHMS
-from .config import FIELD_NAMES, TrainConfig
+from .config import FIELD_NAMES, MAX_LR, TrainConfig
 from .errors import ConfigError, TokeneffError, show
 
 TRL_TESTED = ">=1.16,<1.17"
@@ -185,7 +185,17 @@ class _SelectiveGRPOTrainer(GRPOTrainer):
 
     def _check_args(self, args: GRPOConfig) -> None:
         def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"{name}={getattr(args, name)!r}: {type(self).__name__} {why}")
+            return ConfigError(f"{name}={show(getattr(args, name))}: {type(self).__name__} {why}")
+
+        # the rules `tokeneff train` enforces (TrainConfig.validate) for the settings both have
+        if not (math.isfinite(args.learning_rate) and 0 <= args.learning_rate <= MAX_LR):
+            raise bad("learning_rate", f"needs a learning rate in [0, {MAX_LR:g}]")
+        for name in ("beta", "weight_decay", "max_grad_norm"):
+            if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+                raise bad(name, "needs a non-negative number")
+        if args.learning_rate * args.weight_decay >= 1:  # AdamW scales the weights by 1 - lr * weight_decay
+            raise bad("weight_decay", f"needs learning_rate * weight_decay below 1 "
+                                      f"(learning_rate={args.learning_rate:g})")
 
         if args.loss_type != "dapo":
             raise bad("loss_type", "needs 'dapo' (the default): its normalisation, with our per-token weights, is ours")

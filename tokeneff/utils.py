@@ -32,6 +32,15 @@ def _umask() -> int:
     return mask
 
 
+def ordinary_permissions(folder: str | Path) -> None:
+    """Give the files a library wrote into `folder` the permissions an ordinary write would (0666 less the umask):
+    safetensors writes 0600, so a collaborator could not read an adapter."""
+    mode = 0o666 & ~_umask()
+    for p in Path(folder).iterdir():
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, mode)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same folder, then rename: readers never see half a file. The file gets the
     permissions an ordinary write would (0666 less the umask), not mkstemp's 0600: a collaborator can read it."""

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..config import EVAL_KEYS, TrainConfig, check_name, make_config
+from ..config import EVAL_KEYS, MAX_SEED, TrainConfig, check_name, make_config
 from ..errors import ConfigError, show
 from ..evaluate import evaluate
 from ..loop import train
@@ -54,15 +54,15 @@ def default_workers() -> int:
 def pick_variants(names: list[str], task: str = "multiplication") -> dict[str, dict[str, Any]]:
     """The task's VARIANTS by name, in the order given; a clear error for anything else."""
     if task not in VARIANTS:
-        raise ConfigError(f"task={task!r}: no variants defined; choose from {list(VARIANTS)}")
+        raise ConfigError(f"task={show(task)}: no variants defined; choose from {list(VARIANTS)}")
     table = VARIANTS[task]
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
-        raise ConfigError(f"variants={names!r}: must be a non-empty list of names, e.g. [grpo, tspmo] "
+        raise ConfigError(f"variants={show(names)}: must be a non-empty list of names, e.g. [grpo, tspmo] "
                           "(papermill: -y 'variants: [grpo, tspmo]')")
     bad = [n for n in names if n not in table]
     if bad or len(set(names)) != len(names):
-        what = f"unknown {bad}" if bad else "a name repeated"
-        raise ConfigError(f"variants={list(names)!r}: {what}; choose from {list(table)} ({task})")
+        what = f"unknown {show(bad)}" if bad else "a name repeated"
+        raise ConfigError(f"variants={show(list(names))}: {what}; choose from {list(table)} ({task})")
     return {n: table[n] for n in names}
 
 
@@ -149,10 +149,13 @@ def run_grid(experiment: str, task: str, variants: dict[str, dict[str, Any]], se
     grid, the base model would hold one core while the others sat idle (~2.5 min for SVAMP on this machine).
     """
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
-        raise ConfigError(f"workers={workers!r}: must be 0 (one per core) or a positive integer")
+        raise ConfigError(f"workers={show(workers)}: must be 0 (one per core) or a positive integer")
     if not isinstance(seeds, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
-        raise ConfigError(f"seeds={seeds!r}: must be a list of integers, e.g. [0, 1] "
+        raise ConfigError(f"seeds={show(seeds)}: must be a list of integers, e.g. [0, 1] "
                           "(papermill: -y 'seeds: [0, 1]'; -p passes a string)")
+    out_of_range = [x for x in seeds if not 0 <= x <= MAX_SEED]
+    if out_of_range:
+        raise ConfigError(f"seeds: seed {show(out_of_range[0])} must be between 0 and {MAX_SEED}")
     if not variants or not seeds:
         raise ConfigError(f"{experiment}: needs at least one variant and one seed")
     check_name("experiment", experiment)

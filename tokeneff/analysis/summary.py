@@ -239,9 +239,14 @@ def main(argv=None) -> int:
     except TokeneffError as e:
         print(f"tokeneff.analysis.summary: error: {e}", file=sys.stderr)
         return 2
+    if a.wall_seconds is not None and a.wall_seconds < 0:
+        print(f"tokeneff.analysis.summary: error: --wall-seconds {a.wall_seconds}: must not be negative",
+              file=sys.stderr)
+        return 2
     folder = Path(a.results) / a.name
     if not folder.is_dir():
-        print(f"tokeneff.analysis.summary: error: {str(folder)!r} does not exist (run the notebooks first)")
+        print(f"tokeneff.analysis.summary: error: {str(folder)!r} does not exist (run the notebooks first)",
+              file=sys.stderr)
         return 2
     out = Path(a.out) if a.out else (Path(a.results) / "summary.md" if a.name == "embedded"
                                      else folder / "summary.md")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..algorithms import ALGORITHMS
 from ..config import ALGOS, LoraSettings, make_config
-from ..errors import TokeneffError
+from ..errors import TokeneffError, show
 from ..loss import SelectiveLogProbs, policy_loss
 from ..models import load_model, tiny_random
 from ..rollout import left_pad, sample
@@ -33,6 +33,7 @@ from ..warmstart import model_folder
 from .benchio import QWEN2_1_5B, device_name, run_in_subprocess, save_result
 from .versus_trl import print_versus, versus_trl
 
+MAX_LEN, MAX_G = 32768, 1024  # the largest completion length and group size a benchmark accepts
 # Where the memory saving comes from, one change at a time (`--ladder`):
 VARIANTS = ("full-logits",    # plain forward of [prompt | completion] rows, [G, T, V] logits, log_softmax
             "chunked-head",   # same forward, TRL's chunked LM head at the credited positions only
@@ -186,9 +187,12 @@ def run_bench(model: str = "tiny-random", shape: str | None = None, completion_l
               name: str = "") -> list[dict[str, Any]]:
     """Every algorithm x length x group size (x variant with `ladder`) in its own subprocess; writes
     bench_<device>_<model><name>.json and .csv."""
-    for v in list(completion_lens) + list(group_sizes):
-        if int(v) < 1:
-            raise TokeneffError(f"completion lengths and group sizes must be positive, got {v}")
+    for what, values, top in (("completion length", completion_lens, MAX_LEN), ("group size", group_sizes, MAX_G)):
+        for v in values:
+            if not 1 <= int(v) <= top:  # a bound, not a hang: 10**20 tokens would allocate until killed
+                raise TokeneffError(f"{what} {show(v)}: must be between 1 and {top}")
+    if not 1000 <= vocab_size <= 1_000_000:
+        raise TokeneffError(f"--vocab-size {show(vocab_size)}: must be between 1000 and 1000000")
     if shape and not torch.cuda.is_available():
         raise TokeneffError(f"--shape {shape} needs a GPU (it allocates a 1.5B-parameter model)")
     out = str(check_out_folder(out, "out"))  # before the compute: a file or unwritable folder fails now, not at the end
@@ -272,16 +276,16 @@ def bench_cli(args) -> None:
         try:
             vals = [int(x) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise TokeneffError(f"{name}={text!r}: expected comma-separated integers") from None
+            raise TokeneffError(f"{name}={show(text)}: expected comma-separated integers") from None
         if not vals or min(vals) < 1:
-            raise TokeneffError(f"{name}={text!r}: expected positive integers")
+            raise TokeneffError(f"{name}={show(text)}: expected positive integers")
         return vals
 
     if args.name and not all(c.isalnum() or c in "-_" for c in args.name):
         raise TokeneffError(f"--name={args.name!r}: use letters, digits, - and _ only")
     if args.vs_trl:
-        if args.max_new_tokens < 1:
-            raise TokeneffError(f"--max-new-tokens={args.max_new_tokens}: must be a positive integer")
+        if not 1 <= args.max_new_tokens <= MAX_LEN:
+            raise TokeneffError(f"--max-new-tokens={show(args.max_new_tokens)}: must be between 1 and {MAX_LEN}")
         algos = tuple(a.strip() for a in args.algos.split(",") if a.strip())
         bad = [a for a in algos if a not in ALGOS]
         if bad or not algos:

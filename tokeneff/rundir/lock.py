@@ -47,6 +47,12 @@ class RunLock:
                                     "through a link inside a run folder: remove it") from None
             raise TokeneffError(f"out={show(str(out))}: cannot open the run's lock {show(str(path))} "
                                 f"({e.strerror})") from None
+        if os.fstat(fd).st_nlink > 1:  # writing the PID would reach the other name's file (a `cp -al` copy?)
+            os.close(fd)
+            self.release(remove_created=True)
+            raise TokeneffError(f"out={show(str(out))}: {LOCK_NAME!r} is a hard link to a file elsewhere; tokeneff "
+                                "never writes into a file shared with another name: remove it (it only ever holds "
+                                "a PID)")
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock

@@ -56,7 +56,9 @@ class MetricsLog:
         if dup:
             say(f"{path}: dropped {dup} duplicate step row(s)")
         text = "".join(ln + "\n" for ln in kept).encode()
-        if text != path.read_bytes():
+        # rewritten (atomically, as a file of its own) also when it is a hard link, e.g. of a copy made with
+        # `cp -al`: the rows appended next must never reach the other name's file
+        if text != path.read_bytes() or os.lstat(path).st_nlink > 1:
             atomic_write_bytes(path, text)
 
     def write(self, row: dict[str, Any]) -> None:
