@@ -25,8 +25,7 @@ setup: $(VENV)/.installed
 reproduce: setup
 	$(PY) scripts/reproduce.py --profile $(PROFILE)
 
-# Full tier -> results/embedded-full/ (~2.5 h on 2 cores: SVAMP 108 min, multiplication ~35 min after make
-# reproduce): SVAMP from the SFT warm start (built first, cached) with more updates and seeds; multiplication with
+# Full tier -> results/embedded-full/ (its wall times: results/embedded-full/wall_times.json): SVAMP from the SFT warm start (built first, cached) with more updates and seeds; multiplication with
 # 5 seeds and T-SPMO without replay (the runs make reproduce made are reused) and S-GRPO's P sweep. Each half is
 # a target of its own; the summary gives each half's wall time.
 # SVAMP: from the whole-epoch warm start, 4 seeds, with a token budget chosen on the validation split
@@ -109,8 +108,8 @@ smoke: setup
 	  TOKENEFF_SMOKE=1 $(VENV)/bin/papermill --cwd notebooks notebooks/$$nb.ipynb runs/smoke/$$nb.ipynb || exit 1; \
 	done
 
-# CPU (this machine): the quick table (< 2 min); with bench-all also where the saving comes from, cost growth
-# and whole steps vs TRL (~45 min in all).
+# CPU (this machine): the quick table; with bench-all also where the saving comes from, cost growth and whole steps
+# vs TRL.
 bench: setup
 	$(VENV)/bin/tokeneff bench
 
@@ -119,7 +118,7 @@ bench-all: bench
 	$(VENV)/bin/tokeneff bench --name growth --completion-lens 256,512,1024 --group-sizes 8,16 --no-rollout
 	$(VENV)/bin/tokeneff bench --vs-trl --model smollm2-135m --group-sizes 8 --max-new-tokens 96 --steps 4
 
-# One GPU, Qwen2-1.5B shape with random weights (no download), completions up to 1024 tokens, G up to 16: ~8 minutes on an H100.
+# One GPU, Qwen2-1.5B shape with random weights (no download), completions up to 1024 tokens, G up to 16.
 bench-gpu: setup
 	$(VENV)/bin/tokeneff bench --shape qwen2-1.5b --ladder --name ladder --completion-lens 256 --gradient-checkpointing
 	$(VENV)/bin/tokeneff bench --shape qwen2-1.5b --name growth --completion-lens 256,512,1024 --group-sizes 8,16 \
@@ -132,7 +131,7 @@ bench-gpu: setup
 gpu-session:
 	bash scripts/gpu_session.sh
 
-# Mutation testing ([tool.mutmut] in pyproject.toml; ~30 min on one core): the score and the surviving mutants.
+# Mutation testing ([tool.mutmut] in pyproject.toml): the score and the surviving mutants (README, Tests).
 mutation: setup
 	$(PY) -m pip install -q -c constraints.txt -e ".[mutation]"
 	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 1; $(VENV)/bin/mutmut results

@@ -30,8 +30,9 @@ EVAL_SPLITS = ("test", "val")
 # - +sftmul: worked multiplication, chosen on its validation split (results/pilots/README.md): zero-shot prompts (the
 #   warm start has learnt the format), LoRA on attention and MLP (arithmetic facts live in the MLPs), a larger
 #   learning rate than SVAMP's.
-# - +sftepoch: SVAMP on the whole epoch of MAWPS + ASDiv-A (~2.4 h on one CPU thread): the full tier's base.
-# - +sft: SVAMP on a seeded 1,200 problems (38% of the epoch, ~33 min): the default tier's base, as it fits the hour.
+# - +sftepoch: SVAMP on the whole epoch of MAWPS + ASDiv-A: the full tier's base.
+# - +sft: SVAMP on a seeded 1,200 problems (38% of the epoch): the default tier's base, as it fits the hour.
+# (Their build times: results/embedded*/warmstart*.json.)
 WARM_STARTS: dict[str, tuple[dict[str, Any], str]] = {
     "+sftmul": (dict(task="multiplication", num_shots=0, max_examples=1000, lr=5e-4,
                      lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
@@ -125,10 +126,11 @@ class TrainConfig(LoraSettings):
     KV) | hf-static (generate with a static cache: compiled, CUDA graphs on a GPU)"""
     rollout_compile: bool = False
     """static backend: its decode step under torch.compile (inductor; CUDA graphs on a GPU). Compiling costs minutes
-    and did not speed up a 1-thread CPU step (README, "Memory and speed")"""
+    and did not speed up a 1-thread CPU step (docs/memory-and-speed.md)"""
     rollout_merge_lora: bool = False
     """static backend: sample with the LoRA update merged into a copy of the adapted weights (one matrix product per
-    layer instead of three; the originals are put back untouched). On this CPU: 3% off a step for ~0.2 s per rollout"""
+    layer instead of three; the originals are put back untouched): a small saving per step for a merge per rollout
+    on a CPU (docs/memory-and-speed.md)"""
 
     # --- algorithm ---
     sgrpo_alpha: int = 25

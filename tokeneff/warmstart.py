@@ -84,9 +84,9 @@ class WarmStartConfig(LoraSettings):
     # LoRA: lora_r, lora_alpha, lora_dropout, lora_targets (config.LoraSettings, the same as RL's)
     seed: int = 0
     max_examples: int = 1200
-    """train on a seeded subset of this many problems (0: all 3,120). 1,200 (38% of an epoch) is the default
-    because a full epoch takes ~85 min on this project's 2-core reference machine (13 s per batch of 8) and the
-    full tier has to fit in ~3 h; the subset takes ~33 min. Pass max_examples=0 for the whole epoch on a GPU."""
+    """train on a seeded subset of this many problems (0: all 3,120). 1,200 (38% of an epoch) is the default so
+    that the default tier fits its hour on a 2-core CPU (build times: results/embedded*/warmstart*.json). Pass
+    max_examples=0 for the whole epoch (the full tier's +sftepoch; on a GPU, always)."""
 
     def validate(self) -> WarmStartConfig:
         def bad(name: str, why: str) -> ConfigError:

@@ -146,7 +146,7 @@ def run_grid(experiment: str, task: str, variants: dict[str, dict[str, Any]], se
     workers: parallel processes (0: one per core; 1: in this process, one run after another). Each run uses
     `threads` intra-op threads (config; the embedded default is 1).
     base_evals: `base_accuracy` arguments, evaluated in the same pool beside the runs: evaluated before the
-    grid, the base model would hold one core while the others sat idle (~2.5 min for SVAMP on this machine).
+    grid, the base model would hold one core while the others sat idle.
     """
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ConfigError(f"workers={show(workers)}: must be 0 (one per core) or a positive integer")

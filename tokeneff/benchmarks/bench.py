@@ -215,7 +215,7 @@ def run_bench(model: str = "tiny-random", shape: str | None = None, completion_l
     if rollout:  # first, and the compiled static cache apart: a compilation cut short loses only its own numbers
         spec = dict(model=model, shape=shape, vocab_size=vocab_size, completion_len=int(completion_lens[0]),
                     group_size=int(group_sizes[0]), prompt_len=prompt_len, kind="rollout",
-                    prompts=8 if shape else 2)  # GPU: 8 prompts x G=8 = 64 rows; CPU: 16 rows, under 2 min
+                    prompts=8 if shape else 2)  # GPU: 8 prompts x G=8 = 64 rows; CPU: 16 rows
         for backends in (["hf_generate", "tokeneff_sample", "static_sample"], ["hf_generate_static"]):
             rollout_row = dict(rollout_row or {}, **_in_subprocess(dict(spec, backends=backends)))
             rollout_row.pop("backends")
