@@ -644,7 +644,7 @@ def test_absurd_sizes_and_names_are_bounded_one_line_refusals(tmp_path, capsys, 
 
     out = tmp_path / "b"
     refused(capsys, ["bench", "--completion-lens", "9" * 20, "--out", out], "must be between 1 and 32768")  # a hang
-    refused(capsys, ["bench", "--vocab-size", "0", "--out", out], "--vocab-size 0: must be between 1000")
+    refused(capsys, ["bench", "--vocab-size", "0", "--out", out], "--vocab-size 0: must be between 101")
     for seeds, variants, needle in ((["x" * 100_000], {"grpo": {}}, "must be a list of integers"),
                                     ([10**5000], {"grpo": {}}, "seed <an integer of"),
                                     ([0], {"v" * 100_000: {}}, "at most 100")):

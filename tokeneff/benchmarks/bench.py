@@ -191,8 +191,8 @@ def run_bench(model: str = "tiny-random", shape: str | None = None, completion_l
         for v in values:
             if not 1 <= int(v) <= top:  # a bound, not a hang: 10**20 tokens would allocate until killed
                 raise TokeneffError(f"{what} {show(v)}: must be between 1 and {top}")
-    if not 1000 <= vocab_size <= 1_000_000:
-        raise TokeneffError(f"--vocab-size {show(vocab_size)}: must be between 1000 and 1000000")
+    if not 101 <= vocab_size <= 1_000_000:  # synthetic tokens are drawn from [100, vocab_size)
+        raise TokeneffError(f"--vocab-size {show(vocab_size)}: must be between 101 and 1000000")
     if shape and not torch.cuda.is_available():
         raise TokeneffError(f"--shape {shape} needs a GPU (it allocates a 1.5B-parameter model)")
     out = str(check_out_folder(out, "out"))  # before the compute: a file or unwritable folder fails now, not at the end
