@@ -218,9 +218,11 @@ def test_nonfinite_loss_is_skipped_then_stops(tiny_cfg, monkeypatch):
         train(tiny_cfg(steps=10, max_bad_steps=2), progress=False)
 
 
-def test_ctrl_c_finishes_the_step_checkpoints_it_and_resumes_bit_for_bit(tmp_path):
-    """One Ctrl-C: the step in progress completes, is checkpointed (not only the last periodic save) and the
-    process exits 130 saying how to resume; the resumed run then ends exactly where an uninterrupted one does."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_finishes_the_step_checkpoints_it_and_resumes_bit_for_bit(tmp_path, sig):
+    """One Ctrl-C (or a polite kill's SIGTERM): the step in progress completes, is checkpointed (not only the last
+    periodic save) and the process exits 128 + the signal (130, 143) saying how to resume; the resumed run then ends
+    exactly where an uninterrupted one does."""
     args = ["--model", "tiny-random", "--task", "multiplication", "--algo", "tspmo", "--steps", "40",
             "digits_a=1", "digits_b=1", "group_size=4", "prompts_per_step=2", "max_new_tokens=8", "eval_limit=4",
             "eval_every=5", "save_every=1000", "lr=0.01", "replay=on"]
@@ -232,9 +234,9 @@ def test_ctrl_c_finishes_the_step_checkpoints_it_and_resumes_bit_for_bit(tmp_pat
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4):
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 128 + sig
     assert "--resume" in out and "Traceback" not in err
     rows = _metrics(tmp_path / "r")
     state = json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())

@@ -166,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     except TokeneffError as e:
         print(f"tokeneff: error: {clip(' '.join(str(e).split()), 2000)}", file=sys.stderr)  # one bounded line
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting: no traceback from atexit hooks
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)  # 130 after Ctrl-C, 143 after SIGTERM, as the shell's
     except Exception as e:  # noqa: BLE001 - a failed read or write the paths above did not name: still one line
         if not (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):
             raise

@@ -371,7 +371,8 @@ class StopAfterStep:
 
 
 def install_sigterm_handler() -> None:
-    """Turn SIGTERM into KeyboardInterrupt so that a polite kill also checkpoints. SIGINT is reset to Python's
-    handler too: a process started in the background by a shell inherits SIGINT ignored."""
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    """Turn SIGTERM into a KeyboardInterrupt (`Stopped`, which remembers the signal for the exit code) so that a
+    polite kill also checkpoints. SIGINT is reset to Python's handler too: a process started in the background by a
+    shell inherits SIGINT ignored."""
+    signal.signal(signal.SIGTERM, lambda signum, _: (_ for _ in ()).throw(Stopped(signum)))
     signal.signal(signal.SIGINT, signal.default_int_handler)
