@@ -306,6 +306,11 @@ def test_a_damaged_final_json_or_metrics_line_is_repaired_on_resume(finished, tm
     assert "dropped a torn last line (line 6" in err and "dropped line(s) 4, 5: not a metrics row" in err, err
     assert json.loads((run / "final.json").read_text())["steps_done"] == 2
     assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    good = json.loads((run / "final.json").read_text())
+    (run / "final.json").write_text(json.dumps({**good, "final_accuracy": float("nan")}))  # not an accuracy
+    assert _train(run, 2, "--resume") == 0
+    assert "final.json is damaged" in capsys.readouterr().err
+    assert json.loads((run / "final.json").read_text()) == good  # finished again from its checkpoint
 
 
 def test_run_files_of_the_wrong_kind_are_refused_before_anything_changes(finished, tmp_path, capsys):

@@ -224,8 +224,11 @@ def _read_final(out: Path) -> dict[str, Any] | None:
         final = json.loads((out / "final.json").read_text())
     except (OSError, ValueError):
         final = None
-    if isinstance(final, dict) and isinstance(final.get("steps_done"), int) and not isinstance(final["steps_done"],
-                                                                                               bool):
+    def is_accuracy(a: Any) -> bool:  # None when the run never evaluated; otherwise a share of problems
+        return a is None or (isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1)
+
+    if (isinstance(final, dict) and isinstance(final.get("steps_done"), int)
+            and not isinstance(final["steps_done"], bool) and is_accuracy(final.get("final_accuracy"))):
         return final
     say(f"{out}/final.json is damaged (cut off or not a run's summary): finishing the run again from its checkpoint")
     return None
