@@ -37,6 +37,9 @@ WARM_STARTS: dict[str, tuple[dict[str, Any], str]] = {
     "+sftmul": (dict(task="multiplication", num_shots=0, max_examples=1000, lr=5e-4,
                      lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
                 " (worked multiplication)"),
+    "+sftepochmlp": (dict(task="svamp", max_examples=0, lr=5e-4,
+                          lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
+                     " (whole epoch, LoRA on attention + MLP)"),
     "+sftepoch": (dict(task="svamp", max_examples=0), " (whole epoch)"),
     "+sft": (dict(task="svamp"), ""),
 }
