@@ -123,3 +123,21 @@ def test_results_files_of_the_wrong_kind_are_damaged_not_missing(tmp_path, capsy
     (folder / "multiplication_summary.json").mkdir()
     assert main(["--results", str(tmp_path), "--no-rebuild"]) == 2
     assert "multiplication_summary.json' is damaged" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["2", "-1", "nan", "yes"])
+def test_an_outcome_that_is_not_0_or_1_is_damage_not_a_summary(tmp_path, capsys, value):
+    """An accuracy of 167% was once written from an outcomes file whose 0s had become 2s: refuse it in one line."""
+    dst = tmp_path / "embedded-full"
+    shutil.copytree(RESULTS / "embedded-full", dst, ignore=shutil.ignore_patterns("*.png", "*.svg", "notebooks", "runs"))
+    f = dst / "multiplication_outcomes.csv"
+    lines = f.read_text().splitlines()
+    col = lines[0].split(",").index("correct")
+    row = lines[5].split(",")
+    lines[5] = ",".join([*row[:col], value, *row[col + 1:]])
+    f.write_text("\n".join(lines) + "\n")
+    before = (dst / "multiplication_summary.json").read_text()
+    assert main(["--results", str(tmp_path), "--name", "embedded-full", "--no-figures"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "multiplication_outcomes.csv' is damaged" in err and "(row 6)" in err, err
+    assert (dst / "multiplication_summary.json").read_text() == before  # nothing written from it

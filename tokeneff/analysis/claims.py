@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..errors import show
 from .report import pct
 from .stats import DELTA, N_BOOT, Interval, paired_bootstrap, verdict
 
@@ -74,6 +75,10 @@ def arms_from_table(table: pd.DataFrame, variants: list[str], seeds: list[int], 
     files written before the `truncated` column)."""
     if column not in table.columns:
         return None
+    values = pd.to_numeric(table[column], errors="coerce")  # an outcome is 0 or 1 (True/False): nothing else
+    bad = table[column][~values.isin([0, 1])]
+    if len(bad):
+        raise ValueError(f"column {column!r} holds {show(bad.iloc[0])} (row {bad.index[0] + 2}): outcomes are 0 or 1")
     base = table[table.variant == "base"]
     ids = base.id.tolist()
     out = {}

@@ -87,11 +87,11 @@ def rebuild(folder: Path, figures: bool = True) -> list[str]:
         try:
             table = pd.read_csv(o)
             ids, base_vec, final = arms_from_table(table, variants, seeds)
+            cut = arms_from_table(table, variants, seeds, "truncated")
         except (OSError, UnicodeDecodeError, pd.errors.ParserError, *DAMAGE) as e:
             raise Damaged(o, e) from None
         if len(ids) != s["problems"]:
             raise ValueError(f"{o}: {len(ids)} problems for the base model, the summary says {s['problems']}")
-        cut = arms_from_table(table, variants, seeds, "truncated")
         shares = {v: a.get("token_share", []) for v, a in s["arms"].items()}
         arms = arm_intervals(final, base_vec, shares, s.get("n_boot", N_BOOT), cut[2] if cut else None)
         s["base"] = dict(s["base"], accuracy=float(base_vec.mean()), truncated=float(cut[1].mean()) if cut else None)
