@@ -129,7 +129,8 @@ def test_results_files_of_the_wrong_kind_are_damaged_not_missing(tmp_path, capsy
 def test_an_outcome_that_is_not_0_or_1_is_damage_not_a_summary(tmp_path, capsys, value):
     """An accuracy of 167% was once written from an outcomes file whose 0s had become 2s: refuse it in one line."""
     dst = tmp_path / "embedded-full"
-    shutil.copytree(RESULTS / "embedded-full", dst, ignore=shutil.ignore_patterns("*.png", "*.svg", "notebooks", "runs"))
+    skip = shutil.ignore_patterns("*.png", "*.svg", "notebooks", "runs")
+    shutil.copytree(RESULTS / "embedded-full", dst, ignore=skip)
     f = dst / "multiplication_outcomes.csv"
     lines = f.read_text().splitlines()
     col = lines[0].split(",").index("correct")

@@ -20,9 +20,9 @@ from a warm-started base instead (labelled "SmolLM2-135M + SFT warm start"). The
   (anything that changes the result, library versions included) gets a new folder.
 
 A model name `<base>+sft` (e.g. `smollm2-135m+sft`) loads the warm start of `<base>` with the default recipe, once
-built by `tokeneff warmstart --model <name>` (loading never trains: `resolve`); `<base>+sftepoch` is SVAMP's on the whole epoch,
-`<base>+sftepochmlp` the same with LoRA on the MLPs too at lr 5e-4, and `<base>+sftmul` worked multiplication's
-(config.WARM_STARTS). CLI: `tokeneff warmstart [--model M] [key=value ...]`.
+built by `tokeneff warmstart --model <name>` (loading never trains: `resolve`); `<base>+sftepoch` is SVAMP's on the
+whole epoch, `<base>+sftepochmlp` the same with LoRA on the MLPs too at lr 5e-4, and `<base>+sftmul` worked
+multiplication's (config.WARM_STARTS). CLI: `tokeneff warmstart [--model M] [key=value ...]`.
 """
 
 from __future__ import annotations
