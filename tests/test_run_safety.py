@@ -665,6 +665,30 @@ def test_absurd_sizes_and_names_are_bounded_one_line_refusals(tmp_path, capsys, 
     assert cache_dir() == tmp_path / "tkcache"  # not a folder named '~' in the current one
 
 
+def test_sizes_that_would_only_exhaust_memory_are_refused_and_an_oom_is_one_line(tmp_path, capsys, monkeypatch):
+    """group_size / prompts_per_step of 10**8 allocated until killed (one SIGTERM did not stop it), a LoRA rank of
+    10**8 ran peft out of memory with a traceback: refused up front. A real out-of-memory is one line too."""
+    import tokeneff.cli as cli
+
+    out = tmp_path / "r"
+    for setting, needle in (("group_size=100000000", "group_size=100000000: must be at most 1024"),
+                            ("prompts_per_step=100000000", "prompts_per_step=100000000: must be at most 1024"),
+                            ("prompts_per_step=1000", "is 128000 completions per update"),  # 1000 x 128
+                            ("lora_r=100000000", "lora_r=100000000: above the smaller dimension")):
+        base = [a for a in TINY_CLI if a.split("=")[0] not in ("group_size", "prompts_per_step")]
+        argv = ["train", "--algo", "grpo", "--steps", "1", "--out", out, *base, setting]
+        argv += ["group_size=128"] if "128000" in needle else [] if "group_size" in setting else ["group_size=2"]
+        refused(capsys, argv, needle)
+        assert not out.exists()
+
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 40000000000 bytes.")
+
+    monkeypatch.setattr(cli, "train", oom)
+    refused(capsys, ["train", "--algo", "grpo", "--steps", "1", "--out", out, *TINY_CLI], "out of memory (")
+
+
 def test_adapter_files_are_readable_as_the_umask_allows(tmp_path, capsys):
     old = os.umask(0o022)
     try:

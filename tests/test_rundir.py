@@ -73,12 +73,16 @@ def test_model_folder_as_out_is_refused_without_suggesting_overwrite(model_dir, 
     assert tree(m) == before
 
 
-def test_overwrite_refuses_a_run_holding_a_foreign_file(tmp_path, capsys):
+@pytest.mark.parametrize("where", ["notes.txt", "checkpoint/notes.txt", "adapter/mine/x.bin",
+                                   "checkpoint.prev/adapter/notes.txt"])
+def test_overwrite_refuses_a_run_holding_a_foreign_file(tmp_path, capsys, where):
+    """Also deep inside the run's own folders: --overwrite deletes those whole."""
     run = tmp_path / "run"
     _fake_run(run)
-    (run / "notes.txt").write_text("mine")
+    (run / where).parent.mkdir(parents=True, exist_ok=True)
+    (run / where).write_text("mine")
     before = tree(run)
-    err = refused(capsys, TRAIN + ["--out", str(run), "--overwrite"], "also holds 'notes.txt'")
+    err = refused(capsys, TRAIN + ["--out", str(run), "--overwrite"], f"also holds '{where.split('/x.bin')[0]}'")
     assert "nothing was deleted" in err and tree(run) == before
 
 

@@ -218,10 +218,10 @@ def test_nonfinite_loss_is_skipped_then_stops(tiny_cfg, monkeypatch):
         train(tiny_cfg(steps=10, max_bad_steps=2), progress=False)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_ctrl_c_finishes_the_step_checkpoints_it_and_resumes_bit_for_bit(tmp_path, sig):
-    """One Ctrl-C (or a polite kill's SIGTERM): the step in progress completes, is checkpointed (not only the last
-    periodic save) and the process exits 128 + the signal (130, 143) saying how to resume; the resumed run then ends
+    """One Ctrl-C (or SIGTERM, SIGHUP): the step in progress completes, is checkpointed (not only the last periodic
+    save) and the process exits 128 + the signal (130, 143, 129) saying how to resume; the resumed run then ends
     exactly where an uninterrupted one does."""
     args = ["--model", "tiny-random", "--task", "multiplication", "--algo", "tspmo", "--steps", "40",
             "digits_a=1", "digits_b=1", "group_size=4", "prompts_per_step=2", "max_new_tokens=8", "eval_limit=4",

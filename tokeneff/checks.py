@@ -102,8 +102,9 @@ def check_cache(name: str) -> None:
                             "converted once into it: point TOKENEFF_CACHE to a writable folder)") from None
 
 
-def check_lora_targets(model: torch.nn.Module, targets: list[str], model_name: str) -> None:
-    """Each target names linear (or embedding) layers the selective loss trains through."""
+def check_lora_targets(model: torch.nn.Module, targets: list[str], model_name: str, r: int | None = None) -> None:
+    """Each target names linear (or embedding) layers the selective loss trains through; a rank `r` above a targeted
+    layer's smaller dimension buys nothing (the update's rank cannot exceed it) and only allocates."""
     found: dict[str, torch.nn.Module] = {}
     for n, m in model.named_modules():
         found.setdefault(n.rsplit(".", 1)[-1], m)
@@ -117,6 +118,10 @@ def check_lora_targets(model: torch.nn.Module, targets: list[str], model_name: s
         if not (isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) or type(m).__name__ == "Conv1D"):
             raise TokeneffError(f"lora_targets: {show(t)} is a {type(m).__name__}, not a linear layer; LoRA targets "
                                 "linear layers such as q_proj,v_proj")
+        dim = min(m.weight.shape)
+        if r is not None and r > dim:
+            raise TokeneffError(f"lora_r={show(r)}: above the smaller dimension ({dim}) of {show(t)} in {model_name}, "
+                                "which bounds a LoRA update's rank; use at most that (8 to 64 is usual)")
 
 
 def check_context(model, tok, task, problems, cfg) -> None:

@@ -169,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting: no traceback from atexit hooks
         return 128 + getattr(e, "signum", signal.SIGINT)  # 130 after Ctrl-C, 143 after SIGTERM, as the shell's
+    except (MemoryError, RuntimeError) as e:  # CPU: "can't allocate memory"; CUDA: torch.OutOfMemoryError
+        text = str(e)
+        if not (isinstance(e, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text):
+            raise
+        print(f"tokeneff: error: out of memory ({clip(' '.join(text.split()), 200) or type(e).__name__}): lower "
+              "prompts_per_step, group_size, max_new_tokens or micro_batch_size", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - a failed read or write the paths above did not name: still one line
         if not (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):
             raise

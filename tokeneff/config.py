@@ -45,6 +45,7 @@ WARM_STARTS: dict[str, tuple[dict[str, Any], str]] = {
 }
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 MAX_LR = 1.0
+MAX_GROUP, MAX_ROWS = 1024, 65536  # group_size, prompts_per_step; completions per update (profiles: tens)
 MAX_SEED = 2**32 - 3  # numpy seeds must be < 2**32; the loop also uses seed + 1 and seed + 2
 PATH_KEYS = ("out", "svamp_dir")  # `~` is expanded in these (and in a model given as a path)
 
@@ -211,6 +212,13 @@ class TrainConfig(LoraSettings):
                 raise bad(name, "must be a positive integer")
         if self.group_size < 2:
             raise bad("group_size", "must be at least 2: advantages compare completions within a group")
+        for name in ("group_size", "prompts_per_step"):  # bounds, not a hang: 10**8 rows would allocate until killed
+            if getattr(self, name) > MAX_GROUP:
+                raise bad(name, f"must be at most {MAX_GROUP}")
+        rows = self.group_size * self.prompts_per_step
+        if rows > MAX_ROWS:
+            raise bad("prompts_per_step", f"times group_size={self.group_size} is {rows} completions per update: at "
+                      f"most {MAX_ROWS}")
         for name in ("lr", "temperature", "adv_eps"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):

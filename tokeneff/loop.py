@@ -206,7 +206,7 @@ def _train(cfg: TrainConfig, accel, run: Run, task: Task, progress: bool) -> dic
     main, rank, world = accel.is_main_process, accel.process_index, accel.num_processes
     train_problems, test_problems = _problems(task, cfg)
     model, tok = load_model(model_folder(cfg.model), dtype=_dtype(cfg))
-    check_lora_targets(model, cfg.lora_target_list(), cfg.model)
+    check_lora_targets(model, cfg.lora_target_list(), cfg.model, cfg.lora_r)
     check_context(model, tok, task, train_problems + test_problems, cfg)
     # Seeded after loading: a first load converts the model (random init from_config) and would consume the RNG,
     # so a cold cache (or an earlier job in the same worker) would change the LoRA init and every sample.
@@ -332,8 +332,12 @@ def step_metrics(cfg: TrainConfig, accel, state: LoopState, groups: list[Group],
                                   cfg.max_new_tokens))
 
 
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+"""Ctrl-C, a polite kill, a closed terminal (or ssh session): each stops a run the same way"""
+
+
 class Stopped(KeyboardInterrupt):
-    """A stop asked for by a signal (`signum`): Ctrl-C's SIGINT, or a polite kill's SIGTERM."""
+    """A stop asked for by a signal (`signum`, one of STOP_SIGNALS)."""
 
     def __init__(self, signum: int):
         super().__init__()
@@ -341,7 +345,7 @@ class Stopped(KeyboardInterrupt):
 
 
 class StopAfterStep:
-    """Ctrl-C (or SIGTERM) during training finishes the current step, checkpoints it and stops, so that a resume
+    """Ctrl-C (or SIGTERM, SIGHUP) during training finishes the current step, checkpoints it and stops, so that a resume
     continues exactly as if never interrupted; a second one stops at once (the last checkpoint stands, as after a
     kill). Only for one process in its main thread: data-parallel ranks could not agree on the step to stop at,
     so there the first signal stops at once."""
@@ -359,7 +363,7 @@ class StopAfterStep:
 
     def __enter__(self) -> StopAfterStep:
         if self.enabled:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 old = signal.getsignal(sig)
                 if old is not None and old is not signal.SIG_IGN:  # ignored on purpose (a grid's worker): stays so
                     self._old[sig] = signal.signal(sig, self._handle)
@@ -371,8 +375,10 @@ class StopAfterStep:
 
 
 def install_sigterm_handler() -> None:
-    """Turn SIGTERM into a KeyboardInterrupt (`Stopped`, which remembers the signal for the exit code) so that a
-    polite kill also checkpoints. SIGINT is reset to Python's handler too: a process started in the background by a
-    shell inherits SIGINT ignored."""
-    signal.signal(signal.SIGTERM, lambda signum, _: (_ for _ in ()).throw(Stopped(signum)))
+    """Turn SIGTERM and SIGHUP into a KeyboardInterrupt (`Stopped`, which remembers the signal for the exit code) so
+    that a polite kill or a closed terminal also checkpoints and cleans up. SIGINT is reset to Python's handler too:
+    a process started in the background by a shell inherits SIGINT ignored."""
+    for sig in STOP_SIGNALS[1:]:
+        if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            signal.signal(sig, lambda signum, _: (_ for _ in ()).throw(Stopped(signum)))
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -418,7 +418,7 @@ def _train_and_save(cfg: WarmStartConfig, out: Path, progress: bool) -> None:
     if not rows:
         raise ConfigError(f"max_examples={cfg.max_examples!r}: no training examples left")
     model, tok = load_model(cfg.model, dtype=torch.float32)
-    check_lora_targets(model, cfg.lora_target_list(), cfg.model)
+    check_lora_targets(model, cfg.lora_target_list(), cfg.model, cfg.lora_r)
     tok.padding_side = "right"
     steps = math.ceil(len(rows) / cfg.batch_size) * cfg.epochs
     # Trainer checkpoints in a folder of their own beside the cache entry: a build stopped by Ctrl-C, a kill or the

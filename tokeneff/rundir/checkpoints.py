@@ -88,11 +88,11 @@ def recover_checkpoints(out: Path, strict: bool = False) -> dict[str, Any] | Non
                             "--overwrite starts the run again")
     best = max(complete, key=lambda n: (complete[n]["step"], n == CKPT), default=None)
     if CKPT in found and found[CKPT][0] is None:
-        alt = (f"using {best}/ (step {complete[best]['step']}) instead" if best
+        alt = (f"using {best}/ (step {complete[best]['step']}) instead, which becomes {CKPT}/" if best
                else "removed it; no complete checkpoint is left")
         say(f"{out / CKPT}/ is incomplete or corrupt ({found[CKPT][1]}): {alt}")
     elif CKPT not in found and best == PREV:  # (missing while .tmp is complete: a kill mid-swap, finished below)
-        say(f"{out / CKPT}/ is missing: using {best}/ (step {complete[best]['step']}) instead")
+        say(f"{out / CKPT}/ is missing: using {best}/ (step {complete[best]['step']}) instead, which becomes {CKPT}/")
     if best == TMP:  # killed during a swap: finish it
         _rmtree(out / PREV)
         if CKPT in complete:

@@ -29,6 +29,11 @@ RUN_NAMES = {"config.json", "metrics.jsonl", "final.json", "adapter", "adapter.t
 RUN_PATTERNS = (re.compile(r"eval_step\d+\.json"),
                 # atomic_write_bytes' temp files, left by a kill during a write
                 re.compile(r"\.(config\.json|metrics\.jsonl|final\.json|eval_step\d+\.json)\..+"))
+# ... and inside its folders (adapter/, the checkpoints and their adapter/): peft's files, the checkpoint's, and
+# atomic_write_bytes' temp files
+INNER_NAMES = {"adapter", "adapter_config.json", "adapter_model.safetensors", "README.md", "state.json",
+               "optimizer.pt", MANIFEST}
+INNER_PATTERNS = (re.compile(r"rank\d+\.pt"), re.compile(r"\.(state\.json|manifest\.json)\..+"))
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer.json",
                "tokenizer_config.json", "generation_config.json")
 
@@ -69,6 +74,19 @@ def _is_older_run(out: Path) -> bool:
 
 def is_run_entry(name: str) -> bool:
     return name in RUN_NAMES or any(p.fullmatch(name) for p in RUN_PATTERNS)
+
+
+def foreign_inside(out: Path) -> str | None:
+    """The first file or folder inside a run's own folders that a run does not write (e.g. checkpoint/notes.txt), or
+    None. Links are not followed (deleting removes the link itself)."""
+    for top in sorted(RUN_NAMES - {"config.json", "metrics.jsonl", "final.json", LOCK_NAME}):
+        if not (out / top).is_dir() or (out / top).is_symlink():
+            continue
+        for root, dirs, files in os.walk(out / top):  # followlinks=False
+            for name in sorted(dirs + files):
+                if name not in INNER_NAMES and not any(p.fullmatch(name) for p in INNER_PATTERNS):
+                    return str((Path(root) / name).relative_to(out))
+    return None
 
 
 def _is_model_folder(out: Path) -> bool:
@@ -261,8 +279,8 @@ def check_out(cfg_dict: dict[str, Any], resume: bool, overwrite: bool) -> str:
             why = _protected(out)
             if why:
                 raise TokeneffError(f"out={out_s!r} {why}: it is never deleted; give the run its own folder")
-            extra = sorted(p.name for p in out.iterdir() if not is_run_entry(p.name))
-            if extra:
+            extra = sorted(p.name for p in out.iterdir() if not is_run_entry(p.name)) or [foreign_inside(out)]
+            if extra[0]:
                 raise TokeneffError(f"out={out_s!r} also holds {extra[0]!r}, which a tokeneff run does not write: "
                                     "nothing was deleted; move it away or use another --out")
     if kind in ("missing", "empty") or overwrite:
