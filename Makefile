@@ -32,7 +32,9 @@ reproduce: setup
 # (make pilot-svamp-budget; results/pilots/README.md). Its runs live in results/embedded-full/runs like worked
 # multiplication's, so a later session continues the grid. SVAMP_TOKENS: chosen on validation (results/pilots/README.md).
 SVAMP_TOKENS ?= 64
-FULL_SVAMP := -p results_name embedded-full -p runs_dir ../results/embedded-full/runs -p model smollm2-135m+sftepoch \
+# SVAMP_WARM: the warm start's recipe (config.WARM_STARTS, chosen on validation: results/pilots/README.md)
+SVAMP_WARM ?= sftepoch
+FULL_SVAMP := -p results_name embedded-full -p runs_dir ../results/embedded-full/runs -p model smollm2-135m+$(SVAMP_WARM) \
               -y "seeds: [0, 1, 2, 3]" -p steps 40 -p eval_every 20 -p max_completion_length $(SVAMP_TOKENS)
 FULL_MUL   := -p results_name embedded-full -y "seeds: [0, 1, 2, 3, 4]"
 FULL_DIR   := results/embedded-full
@@ -57,7 +59,7 @@ reproduce-full-svamp: setup
 	validation (results/pilots/README.md), then make reproduce-full-svamp SVAMP_TOKENS=<cap>"; exit 2; }
 	@mkdir -p $(FULL_DIR)/notebooks
 	@start=$$(date +%s); \
-	$(VENV)/bin/tokeneff warmstart --model smollm2-135m+sftepoch && \
+	$(VENV)/bin/tokeneff warmstart --model smollm2-135m+$(SVAMP_WARM) && \
 	$(VENV)/bin/papermill --cwd notebooks -p profile embedded $(FULL_SVAMP) notebooks/01_svamp.ipynb \
 	  $(FULL_DIR)/notebooks/01_svamp.ipynb && \
 	$(PY) -m tokeneff.analysis.summary --name embedded-full --part svamp --wall-seconds $$(( $$(date +%s) - start ))
@@ -73,14 +75,14 @@ reproduce-full-mul: setup
 	$(PY) -m tokeneff.analysis.summary --name embedded-full --part multiplication \
 	  --wall-seconds $$(( $$(date +%s) - start ))
 
-# Pilot on the validation split (never the test problems): SVAMP's token budget for the whole-epoch warm start.
+# Pilot on the validation split (never the test problems): SVAMP's warm start (SVAMP_WARM) and its token budget.
 # One greedy evaluation at 200 new tokens gives every smaller cap's truncation and accuracy (analysis/budget.py).
 pilot-svamp-budget: setup
-	$(VENV)/bin/tokeneff warmstart --model smollm2-135m+sftepoch
-	$(VENV)/bin/tokeneff evaluate --task svamp --model smollm2-135m+sftepoch --split val \
-	  --out results/pilots/svamp_sftepoch_val_200.json max_new_tokens=200
-	$(PY) -m tokeneff.analysis.budget results/pilots/svamp_sftepoch_val_200.json \
-	  | tee results/pilots/svamp_sftepoch_val_budget.md
+	$(VENV)/bin/tokeneff warmstart --model smollm2-135m+$(SVAMP_WARM)
+	$(VENV)/bin/tokeneff evaluate --task svamp --model smollm2-135m+$(SVAMP_WARM) --split val \
+	  --out results/pilots/svamp_$(SVAMP_WARM)_val_200.json max_new_tokens=200
+	$(PY) -m tokeneff.analysis.budget results/pilots/svamp_$(SVAMP_WARM)_val_200.json \
+	  | tee results/pilots/svamp_$(SVAMP_WARM)_val_budget.md
 
 summary: setup
 	$(PY) -m tokeneff.analysis.summary --name $(PROFILE)
