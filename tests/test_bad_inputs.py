@@ -1,4 +1,4 @@
-"""Issue 11's bad inputs: each is one line on stderr and exit code 2 (or a documented correct behaviour), with
+"""Bad inputs: each is one line on stderr and exit code 2 (or a documented correct behaviour), with
 nothing written."""
 
 import errno
