@@ -685,6 +685,14 @@ def test_sizes_that_would_only_exhaust_memory_are_refused_and_an_oom_is_one_line
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 40000000000 bytes.")
 
+    evaluate = ["evaluate", "--out", tmp_path / "e.json", "--limit", "2",
+                *[a for a in TINY_CLI if not a.startswith("eval_limit=")]]
+    refused(capsys, ["train", "--algo", "grpo", "--steps", "1", "--out", out, *TINY_CLI, "threads=100000000"],
+            "threads=100000000: must be at most")  # a segfault
+    refused(capsys, [*evaluate, "threads=100000000"], "threads=100000000: must be at most")
+    refused(capsys, [*evaluate, "max_new_tokens=100000000000"], "exceeds the model's context")  # decoded until killed
+    assert not out.exists() and not (tmp_path / "e.json").exists()
+
     monkeypatch.setattr(cli, "train", oom)
     refused(capsys, ["train", "--algo", "grpo", "--steps", "1", "--out", out, *TINY_CLI], "out of memory (")
 

@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,9 @@ class TrainConfig(LoraSettings):
         for name in ("seed", "threads", "num_shots", "eval_every", "eval_limit", "eval_max_new_tokens"):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
+        cores = os.cpu_count() or 1
+        if self.threads > cores:  # more only slows down; 10**8 crashed OpenMP (a segfault, no message)
+            raise bad("threads", f"must be at most this machine's {cores} CPUs (0: one thread, measured best here)")
         if self.answer_format != "short" and self.task != "multiplication":
             raise bad("answer_format", f"worked answers are generated for the multiplication task only (task="
                                        f"{self.task!r}: leave answer_format=short)")
@@ -330,6 +334,8 @@ def coerce(name: str, raw: Any, default: Any) -> Any:
                 return False
             raise ValueError
         if kind is int:
+            if re.fullmatch(r"[+-]?\d+", text):  # exact, however long (float() would round 10**23)
+                return int(text)
             f = float(text)
             if not f.is_integer():
                 raise ValueError

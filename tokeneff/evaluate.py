@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .checks import _safetensors_problem, check_model_path, check_precision
+from .checks import _safetensors_problem, check_context, check_model_path, check_precision
 from .config import make_config
 from .errors import TokeneffError, clip, show
 from .models import load_model
@@ -63,6 +63,7 @@ def evaluate(task: str = "svamp", model: str = "smollm2-135m", adapter: str | No
     if not torch.cuda.is_available():
         set_threads(cfg.threads)
     lm, tok = load_model(folder)
+    check_context(lm, tok, t, problems, cfg)  # as train does: a cap past the context would decode until killed
     torch.manual_seed(cfg.seed)  # after loading: a first load's conversion consumes the RNG (loop.py)
     if adapter_dir:
         from peft import PeftModel
