@@ -1,5 +1,8 @@
 """Bad input: one line naming the bad value, exit code 2, no traceback, nothing written."""
 
+import subprocess
+import sys
+
 import pytest
 
 from tokeneff.cli import main
@@ -88,3 +91,17 @@ def test_python_dash_m_tokeneff_is_the_cli(tmp_path):
     version, bare = run("--version"), run()
     assert version.returncode == 0 and version.stdout == f"tokeneff {tokeneff.__version__}\n"
     assert bare.returncode == 2 and bare.stderr.startswith("usage: tokeneff") and "Traceback" not in bare.stderr
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line_until_main_starts():
+    """A Ctrl-C during the command's imports (torch, transformers, pandas: seconds) ends it quietly with exit 130; once
+    `main` runs, Ctrl-C is Python's again (main turns it into a checkpoint and one line)."""
+    load = "import os, signal, sys\nsys.argv = ['tokeneff']\nimport tokeneff.cli\n"
+    during = subprocess.run([sys.executable, "-c", load + "os.kill(os.getpid(), signal.SIGINT)\nimport time\n"
+                             "time.sleep(30)"], capture_output=True, text=True, timeout=120)
+    assert during.returncode == 130 and "interrupted while loading" in during.stderr, during.stderr
+    assert "Traceback" not in during.stderr
+    after = subprocess.run([sys.executable, "-c", load + "tokeneff.cli.main([])\n"
+                            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"],
+                           capture_output=True, text=True, timeout=120)
+    assert after.stdout.strip() == "True", after.stderr

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from . import __version__
+from . import __version__, loaded
 from .benchmarks.bench import bench_cli
 from .benchmarks.decode_limit import decode_limit
 from .config import ALGOS, PROFILES, TASKS, make_config, parse_overrides
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    loaded()  # the imports are done: a Ctrl-C from here on is handled below (one line, a checkpoint)
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     if not argv:  # no command: the usage and the list of commands, not argparse's one-line error
