@@ -33,7 +33,7 @@ reproduce: setup
 # multiplication's, so a later session continues the grid. SVAMP_TOKENS: chosen on validation (results/pilots/README.md).
 SVAMP_TOKENS ?= 64
 # SVAMP_WARM: the warm start's recipe (config.WARM_STARTS, chosen on validation: results/pilots/README.md)
-SVAMP_WARM ?= sftepoch
+SVAMP_WARM ?= sftepochmlp
 FULL_SVAMP := -p results_name embedded-full -p runs_dir ../results/embedded-full/runs -p model smollm2-135m+$(SVAMP_WARM) \
               -y "seeds: [0, 1, 2, 3]" -p steps 40 -p eval_every 20 -p max_completion_length $(SVAMP_TOKENS)
 FULL_MUL   := -p results_name embedded-full -y "seeds: [0, 1, 2, 3, 4]"
