@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..algorithms import ALGORITHMS
-from ..config import ALGOS, LoraSettings, make_config
+from ..config import ALGOS, MAX_GROUP, LoraSettings, make_config
 from ..errors import TokeneffError, show
 from ..loss import SelectiveLogProbs, policy_loss
 from ..models import load_model, tiny_random
@@ -33,7 +33,7 @@ from ..warmstart import model_folder
 from .benchio import QWEN2_1_5B, device_name, run_in_subprocess, save_result
 from .versus_trl import print_versus, versus_trl
 
-MAX_LEN, MAX_G = 32768, 1024  # the largest completion length and group size a benchmark accepts
+MAX_LEN, MAX_G = 32768, MAX_GROUP  # the largest completion length and group size a benchmark accepts (train's)
 # Where the memory saving comes from, one change at a time (`--ladder`):
 VARIANTS = ("full-logits",    # plain forward of [prompt | completion] rows, [G, T, V] logits, log_softmax
             "chunked-head",   # same forward, TRL's chunked LM head at the credited positions only

@@ -79,7 +79,7 @@ def is_run_entry(name: str) -> bool:
 def foreign_inside(out: Path) -> str | None:
     """The first file or folder inside a run's own folders that a run does not write (e.g. checkpoint/notes.txt), or
     None. Links are not followed (deleting removes the link itself)."""
-    for top in sorted(RUN_NAMES - {"config.json", "metrics.jsonl", "final.json", LOCK_NAME}):
+    for top in sorted(RUN_NAMES):  # the folders among them (check_no_links has refused links and misplaced kinds)
         if not (out / top).is_dir() or (out / top).is_symlink():
             continue
         for root, dirs, files in os.walk(out / top):  # followlinks=False
@@ -279,9 +279,10 @@ def check_out(cfg_dict: dict[str, Any], resume: bool, overwrite: bool) -> str:
             why = _protected(out)
             if why:
                 raise TokeneffError(f"out={out_s!r} {why}: it is never deleted; give the run its own folder")
-            extra = sorted(p.name for p in out.iterdir() if not is_run_entry(p.name)) or [foreign_inside(out)]
-            if extra[0]:
-                raise TokeneffError(f"out={out_s!r} also holds {extra[0]!r}, which a tokeneff run does not write: "
+            extra = min((p.name for p in out.iterdir() if not is_run_entry(p.name)), default=None)
+            extra = extra or foreign_inside(out)
+            if extra:
+                raise TokeneffError(f"out={out_s!r} also holds {extra!r}, which a tokeneff run does not write: "
                                     "nothing was deleted; move it away or use another --out")
     if kind in ("missing", "empty") or overwrite:
         check_writable(out, "out")
