@@ -30,11 +30,18 @@ reproduce: setup
 # a target of its own; the summary gives each half's wall time.
 # SVAMP: from the whole-epoch warm start, 4 seeds, with a token budget chosen on the validation split
 # (make pilot-svamp-budget; results/pilots/README.md). Its runs live in results/embedded-full/runs like worked
-# multiplication's, so a later session continues the grid. SVAMP_TOKENS: chosen on validation (results/pilots/README.md).
+# multiplication's, one folder per warm-start recipe (runs/svamp-<recipe>), so a later session continues the grid and
+# the grid from the earlier +sftepoch warm start stays committed beside it. SVAMP_TOKENS: chosen on validation
+# (results/pilots/README.md). SVAMP_BACKEND: the rollout backend (the +sftepoch grid ran with tokeneff, the eager
+# loop; later grids with static, the static-cache loop: same greedy completions, 1.3x faster decode step).
 SVAMP_TOKENS ?= 64
-# SVAMP_WARM: the warm start's recipe (config.WARM_STARTS, chosen on validation: results/pilots/README.md)
+# SVAMP_WARM: the warm start's recipe (config.WARM_STARTS, chosen on validation: results/pilots/README.md). Its
+# trained LoRA adapter is committed in results/embedded-full/warmstarts/ (20 MB): a fresh clone merges it in a minute
+# instead of training it again (about an hour on one core); a changed recipe or library version trains anew.
 SVAMP_WARM ?= sftepochmlp
-FULL_SVAMP := -p results_name embedded-full -p runs_dir ../results/embedded-full/runs -p model smollm2-135m+$(SVAMP_WARM) \
+SVAMP_BACKEND ?= static
+FULL_SVAMP := -p results_name embedded-full -p runs_dir ../results/embedded-full/runs/svamp-$(SVAMP_WARM) \
+              -p model smollm2-135m+$(SVAMP_WARM) -y "extra: {rollout_backend: $(SVAMP_BACKEND)}" \
               -y "seeds: [0, 1, 2, 3]" -p steps 40 -p eval_every 20 -p max_completion_length $(SVAMP_TOKENS)
 FULL_MUL   := -p results_name embedded-full -y "seeds: [0, 1, 2, 3, 4]"
 FULL_DIR   := results/embedded-full
@@ -59,7 +66,7 @@ reproduce-full-svamp: setup
 	validation (results/pilots/README.md), then make reproduce-full-svamp SVAMP_TOKENS=<cap>"; exit 2; }
 	@mkdir -p $(FULL_DIR)/notebooks
 	@start=$$(date +%s); \
-	$(VENV)/bin/tokeneff warmstart --model smollm2-135m+$(SVAMP_WARM) && \
+	$(VENV)/bin/tokeneff warmstart --model smollm2-135m+$(SVAMP_WARM) --adapters $(FULL_DIR)/warmstarts && \
 	$(VENV)/bin/papermill --cwd notebooks -p profile embedded $(FULL_SVAMP) notebooks/01_svamp.ipynb \
 	  $(FULL_DIR)/notebooks/01_svamp.ipynb && \
 	$(PY) -m tokeneff.analysis.summary --name embedded-full --part svamp --wall-seconds $$(( $$(date +%s) - start ))
@@ -78,7 +85,7 @@ reproduce-full-mul: setup
 # Pilot on the validation split (never the test problems): SVAMP's warm start (SVAMP_WARM) and its token budget.
 # One greedy evaluation at 200 new tokens gives every smaller cap's truncation and accuracy (analysis/budget.py).
 pilot-svamp-budget: setup
-	$(VENV)/bin/tokeneff warmstart --model smollm2-135m+$(SVAMP_WARM)
+	$(VENV)/bin/tokeneff warmstart --model smollm2-135m+$(SVAMP_WARM) --adapters $(FULL_DIR)/warmstarts
 	$(VENV)/bin/tokeneff evaluate --task svamp --model smollm2-135m+$(SVAMP_WARM) --split val \
 	  --out results/pilots/svamp_$(SVAMP_WARM)_val_200.json max_new_tokens=200
 	$(PY) -m tokeneff.analysis.budget results/pilots/svamp_$(SVAMP_WARM)_val_200.json \

@@ -79,6 +79,34 @@ def test_second_call_reuses_the_cache(built, monkeypatch):
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
 
 
+def test_a_kept_adapter_rebuilds_the_same_weights_without_training(built, tmp_path, monkeypatch):
+    """The adapter a build keeps, exported to a folder (as committed with the results), rebuilds the cache entry
+    in a fresh cache by merging alone, to the same bytes; an adapter of another recipe is refused."""
+    cfg, path = built
+    shelf = tmp_path / "warmstarts"
+    assert ws.build_warm_start(cfg, progress=False, adapters=shelf) == path  # cached: exported only
+    kept = shelf / path.name
+    assert sorted(p.name for p in kept.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "warmstart.json"]
+
+    monkeypatch.setenv("TOKENEFF_CACHE", str(tmp_path / "fresh"))
+    monkeypatch.setattr(ws, "_train_and_save", lambda *a, **k: pytest.fail("trained although an adapter was kept"))
+    again = ws.build_warm_start(cfg, progress=False, adapters=shelf)
+    assert again != path and again.name == path.name
+    assert (again / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()
+    assert json.loads((again / "warmstart.json").read_text())["merged_from_adapter"] == str(kept)
+
+    monkeypatch.setenv("TOKENEFF_CACHE", str(tmp_path / "other"))
+    info = json.loads((kept / "warmstart.json").read_text())
+    (kept / "warmstart.json").write_text(json.dumps(dict(info, recipe_hash="0" * 16)))
+    with pytest.raises(ConfigError, match="is for recipe '0000000000000000'"):
+        ws.build_warm_start(cfg, progress=False, adapters=shelf)
+    assert not (tmp_path / "other" / "warmstart" / path.name).exists()  # nothing half-built under its name
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="adapters=.*file.*not a folder"):
+        ws.build_warm_start(cfg, progress=False, adapters=tmp_path / "file")
+
+
 def test_changed_recipe_or_data_gives_another_folder(built, tmp_path):
     cfg, path = built
     for change in (dict(lr=2e-2), dict(seed=1), dict(max_examples=17), dict(lora_r=8), dict(num_shots=2),

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "e.g. smollm2-135m+sftmul")
     w.add_argument("overrides", nargs="*", metavar="key=value",
                    help="recipe field, e.g. max_examples=64 lr=2e-4 (see tokeneff.warmstart.WarmStartConfig)")
+    w.add_argument("--adapters", help="folder of trained adapters (e.g. results/embedded-full/warmstarts): where it "
+                                      "holds this recipe's, merge it instead of training; after a build, copy the "
+                                      "new adapter there")
 
     b = sub.add_parser("bench", help="peak memory and step time per algorithm")
     b.add_argument("--model", default="tiny-random")
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 over["model"] = args.model
             ws = make_warmstart_config(over)
             install_sigterm_handler()  # a polite kill cleans up the unfinished build's temporary folder, as Ctrl-C
-            path = build_warm_start(ws)
+            path = build_warm_start(ws, adapters=args.adapters)
             use = name_for(ws) or str(path)
             print(f"warm start: {path}\nrecipe hash: {recipe_hash(ws)}; train or evaluate it as model={use}")
         elif args.command == "bench":

@@ -60,6 +60,8 @@ from .tasks.svamp import SVAMP, default_dir, load_mawps_asdiv
 MUL_ONLY = ("digits_a", "digits_b", "answer_format")
 SAVE_STEPS = 10
 """optimizer steps between a build's trainer checkpoints (LoRA weights, optimiser, scheduler, RNGs: a few MB)"""
+ADAPTER = "adapter"
+"""the cache entry's folder holding the trained LoRA adapter (peft format), kept beside the merged weights"""
 BUILDER_VERSION = 1
 """bump when the way examples or training are built changes: it is part of the recipe hash"""
 
@@ -345,15 +347,53 @@ def is_complete(path: Path) -> bool:
     return (path / "model.safetensors").is_file() and (path / "warmstart.json").is_file()
 
 
-def build_warm_start(cfg: WarmStartConfig | None = None, progress: bool = True) -> Path:
+def shipped_adapter(cfg: WarmStartConfig, adapters: str | Path | None) -> Path | None:
+    """`adapters/<cache entry name>/` where it holds this recipe's trained adapter (peft files + warmstart.json);
+    the folder name carries the recipe hash, library versions included, so no other recipe's adapter matches."""
+    if adapters is None:
+        return None
+    src = Path(adapters).expanduser() / cache_path(cfg).name
+    need = ("adapter_model.safetensors", "adapter_config.json", "warmstart.json")
+    return src if all((src / n).is_file() for n in need) else None
+
+
+def export_adapter(built: Path, adapters: str | Path) -> Path | None:
+    """Copy a built entry's adapter and warmstart.json to `adapters/<entry name>/` (written whole under a
+    temporary name, then renamed); an existing copy is left as it is. None: the entry has no adapter (built
+    before adapters were kept)."""
+    if not (built / ADAPTER / "adapter_model.safetensors").is_file():
+        return None
+    dest = Path(adapters).expanduser() / built.name
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    try:
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copyfile(built / ADAPTER / name, tmp / name)
+        shutil.copyfile(built / "warmstart.json", tmp / "warmstart.json")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def build_warm_start(cfg: WarmStartConfig | None = None, progress: bool = True,
+                     adapters: str | Path | None = None) -> Path:
     """The cached warm-started checkpoint for this recipe; trained, merged and saved first if missing.
 
-    Concurrent callers (e.g. data-parallel ranks) wait on a file lock and then reuse the first one's result.
+    `adapters`: a folder of trained adapters (e.g. committed with the results). Where it holds this recipe's, the
+    entry is rebuilt by merging it into the base weights (a minute) instead of training (hours on a CPU), and
+    after a build the new adapter is copied there. Concurrent callers (e.g. data-parallel ranks) wait on a file
+    lock and then reuse the first one's result.
     """
     cfg = (cfg or WarmStartConfig()).validate()
+    if adapters is not None and Path(adapters).expanduser().exists() and not Path(adapters).expanduser().is_dir():
+        raise ConfigError(f"adapters={str(adapters)!r}: not a folder (a folder of trained adapters, or one to create)")
     target = cache_path(cfg)
     if is_complete(target):
-        return target
+        return _exported(target, adapters)
     check_model_path(cfg.model)  # a damaged local model: one line, before anything is written
     try:
         check_writable(target.parent, "cache")
@@ -369,15 +409,26 @@ def build_warm_start(cfg: WarmStartConfig | None = None, progress: bool = True) 
         target.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(target.parent / f".{target.name}.lock")):
             if is_complete(target):
-                return target
+                return _exported(target, adapters)
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
             try:
-                _train_and_save(cfg, tmp, progress)
+                src = shipped_adapter(cfg, adapters)
+                if src is not None:
+                    _merge_and_save(cfg, src, tmp)
+                else:
+                    _train_and_save(cfg, tmp, progress)
                 shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover of the final name, if any
                 os.replace(tmp, target)  # atomic: a half-written warm start is never seen under its name
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return _exported(target, adapters)
+
+
+def _exported(built: Path, adapters: str | Path | None) -> Path:
+    if adapters is not None:
+        with writing(f"the adapter in {str(adapters)!r}"):
+            export_adapter(built, adapters)
+    return built
 
 
 def resolve(name: str, build: bool = False) -> Path:
@@ -447,6 +498,9 @@ def _train_and_save(cfg: WarmStartConfig, out: Path, progress: bool) -> None:
         if last and progress:
             print(f"resuming the warm start from {last}", flush=True)
         result = trainer.train(resume_from_checkpoint=last)
+        # the LoRA adapter itself, beside the merged weights: a few MB that rebuild this entry in a minute
+        # (`tokeneff warmstart --adapters DIR`), where training it again takes hours on a CPU
+        trainer.model.save_pretrained(out / ADAPTER)
         merged = trainer.model.merge_and_unload()
         if not all(torch.isfinite(p).all() for p in merged.parameters()):  # never cached: later runs would reuse it
             shutil.rmtree(ckpts, ignore_errors=True)  # nor resumed
@@ -476,6 +530,31 @@ def _train_and_save(cfg: WarmStartConfig, out: Path, progress: bool) -> None:
     (out / "warmstart.json").write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(ckpts, ignore_errors=True)  # built: build_warm_start renames `out` into place next
     os.chmod(out, 0o755)  # mkdtemp made it private; the cache is an ordinary folder
+
+
+def _merge_and_save(cfg: WarmStartConfig, src: Path, out: Path) -> None:
+    """A cache entry from a trained adapter: the same merge `_train_and_save` ends with, so the same weights."""
+    import torch
+    from peft import PeftModel
+
+    start = time.perf_counter()
+    info = json.loads((src / "warmstart.json").read_text())
+    if info.get("recipe_hash") != recipe_hash(cfg):
+        raise ConfigError(f"{str(src)!r}: its warmstart.json is for recipe {info.get('recipe_hash')!r}, not "
+                          f"{recipe_hash(cfg)}: remove it or point --adapters elsewhere")
+    model, tok = load_model(cfg.model, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(src)).merge_and_unload()
+    if not all(torch.isfinite(p).all() for p in merged.parameters()):
+        raise ConfigError(f"{str(src)!r}: the adapter's weights are not finite: nothing was cached")
+    merged.save_pretrained(out, safe_serialization=True)
+    tok.padding_side = "left"
+    tok.save_pretrained(out)
+    (out / ADAPTER).mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copyfile(src / name, out / ADAPTER / name)
+    info.update(merged_from_adapter=str(src), merge_seconds=round(time.perf_counter() - start, 2))
+    (out / "warmstart.json").write_text(json.dumps(info, indent=2) + "\n")
+    os.chmod(out, 0o755)
 
 
 @contextlib.contextmanager
