@@ -73,12 +73,16 @@ def test_damaged_summary_or_wall_time_files_are_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "is damaged" in err and "0 problems" in err, err
 
 
-@pytest.mark.parametrize("tier,summary_md", [("embedded", "summary.md"), ("embedded-full", "embedded-full/summary.md")])
-def test_committed_summaries_equal_what_the_outcomes_rebuild(tmp_path, tier, summary_md):
+@pytest.mark.parametrize("under,tier,summary_md", [
+    ("", "embedded", "summary.md"), ("", "embedded-full", "embedded-full/summary.md"),
+    ("embedded-full", "svamp-sftepoch", "svamp-sftepoch/summary.md"),  # the SVAMP grid from the earlier warm start
+])
+def test_committed_summaries_equal_what_the_outcomes_rebuild(tmp_path, under, tier, summary_md):
     # a copy of the tier whose summaries lose every interval, verdict and base accuracy wherever an outcomes file
     # exists: the command must restore the committed files from the per-problem outcomes alone
+    src = RESULTS / under / tier
     dst = tmp_path / tier
-    shutil.copytree(RESULTS / tier, dst, ignore=shutil.ignore_patterns("*.png", "*.svg", "notebooks"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.png", "*.svg", "notebooks"))
     blanked = 0
     for f in dst.glob("*_summary.json"):
         if not (dst / f.name.replace("_summary.json", "_outcomes.csv")).is_file():
@@ -93,9 +97,9 @@ def test_committed_summaries_equal_what_the_outcomes_rebuild(tmp_path, tier, sum
         blanked += 1
     assert blanked >= 1
     assert main(["--results", str(tmp_path), "--name", tier, "--no-figures"]) == 0
-    for f in [*sorted((RESULTS / tier).glob("*_summary.json")), *sorted((RESULTS / tier).glob("*_final.*"))]:
+    for f in [*sorted(src.glob("*_summary.json")), *sorted(src.glob("*_final.*"))]:
         assert (dst / f.name).read_text() == f.read_text(), f"{tier}/{f.name} differs from what the outcomes give"
-    assert (tmp_path / summary_md).read_text() == (RESULTS / summary_md).read_text()
+    assert (tmp_path / summary_md).read_text() == (RESULTS / under / summary_md).read_text()
 
 
 def test_a_task_without_outcomes_is_not_audited(tmp_path):
