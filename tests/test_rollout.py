@@ -192,7 +192,8 @@ def test_rollout_options_are_checked():
                                                  rollout_merge_lora="yes"))
     assert cfg.rollout_options() == dict(backend="static", compile=True, merge_lora=True)
     for over, msg in ((dict(rollout_compile="maybe"), "rollout_compile='maybe': expected bool"),
-                      (dict(rollout_compile=True), "rollout_compile=True: applies to rollout_backend=static only"),
+                      (dict(rollout_backend="tokeneff", rollout_compile=True),
+                       "rollout_compile=True: applies to rollout_backend=static only"),
                       (dict(rollout_backend="hf", rollout_merge_lora=1),
                        "rollout_merge_lora=True: applies to rollout_backend=static only")):
         with pytest.raises(ConfigError, match=msg.replace("(", r"\(")) as e:

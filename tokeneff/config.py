@@ -125,7 +125,7 @@ class TrainConfig(LoraSettings):
     max_new_tokens: int = 200
     temperature: float = 1.0
     top_p: float = 1.0
-    rollout_backend: str = "tokeneff"
+    rollout_backend: str = "static"
     """tokeneff (prompt KV shared by its group, finished rows leave the batch) | static (the same on a preallocated
     KV cache and mask; finished rows leave when the running ones halve) | hf (transformers generate, shared prompt
     KV) | hf-static (generate with a static cache: compiled, CUDA graphs on a GPU)"""
