@@ -93,7 +93,8 @@ def test_a_kept_adapter_rebuilds_the_same_weights_without_training(built, tmp_pa
     monkeypatch.setattr(ws, "_train_and_save", lambda *a, **k: pytest.fail("trained although an adapter was kept"))
     again = ws.build_warm_start(cfg, progress=False, adapters=shelf)
     assert again != path and again.name == path.name
-    assert (again / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (again / name).read_bytes() == (path / name).read_bytes(), name
     assert json.loads((again / "warmstart.json").read_text())["merged_from_adapter"] == str(kept)
 
     monkeypatch.setenv("TOKENEFF_CACHE", str(tmp_path / "other"))

@@ -506,6 +506,7 @@ def _train_and_save(cfg: WarmStartConfig, out: Path, progress: bool) -> None:
             shutil.rmtree(ckpts, ignore_errors=True)  # nor resumed
             raise ConfigError(f"the warm start's weights are not finite after training (lr={cfg.lr:g}: too large?): "
                               "nothing was cached")
+        merged.config.use_cache = True  # the trainer turned it off for training; an inference checkpoint has it on
         merged.save_pretrained(out, safe_serialization=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     tok.padding_side = "left"
