@@ -35,16 +35,22 @@ reproduce: setup
 # (results/pilots/README.md). SVAMP_BACKEND: the rollout backend (the +sftepoch grid ran with tokeneff, the eager
 # loop; later grids with static, the default: same greedy completions, 1.3x faster decode step).
 SVAMP_TOKENS ?= 64
+FULL_DIR   := results/embedded-full
 # SVAMP_WARM: the warm start's recipe (config.WARM_STARTS, chosen on validation: results/pilots/README.md). Its
 # trained LoRA adapter is committed in results/embedded-full/warmstarts/ (20 MB): a fresh clone merges it in a minute
 # instead of training it again (about an hour on one core); a changed recipe or library version trains anew.
 SVAMP_WARM ?= sftepochmlp
-SVAMP_BACKEND ?= static
-FULL_SVAMP := -p results_name embedded-full -p runs_dir ../results/embedded-full/runs/svamp-$(SVAMP_WARM) \
+# Another recipe's grid writes its tables into results/embedded-full/svamp-<recipe>/, not over the tier's; the
+# +sftepoch grid (results/embedded-full/svamp-sftepoch) sampled with the eager loop.
+SVAMP_BACKEND ?= $(if $(filter sftepoch,$(SVAMP_WARM)),tokeneff,static)
+SVAMP_MAIN := $(filter sftepochmlp,$(SVAMP_WARM))
+SVAMP_DIR := $(if $(SVAMP_MAIN),$(FULL_DIR),$(FULL_DIR)/svamp-$(SVAMP_WARM))
+SVAMP_TIER := $(if $(SVAMP_MAIN),-p results_name embedded-full,-p results_dir ../$(FULL_DIR) -p results_name svamp-$(SVAMP_WARM))
+SVAMP_SUMMARY := $(if $(SVAMP_MAIN),--name embedded-full,--results $(FULL_DIR) --name svamp-$(SVAMP_WARM))
+FULL_SVAMP := $(SVAMP_TIER) -p runs_dir ../results/embedded-full/runs/svamp-$(SVAMP_WARM) \
               -p model smollm2-135m+$(SVAMP_WARM) -y "extra: {rollout_backend: $(SVAMP_BACKEND)}" \
               -y "seeds: [0, 1, 2, 3]" -p steps 40 -p eval_every 20 -p max_completion_length $(SVAMP_TOKENS)
 FULL_MUL   := -p results_name embedded-full -y "seeds: [0, 1, 2, 3, 4]"
-FULL_DIR   := results/embedded-full
 reproduce-full: reproduce-full-mulworked reproduce-full-svamp reproduce-full-mul
 
 # Worked-answer multiplication (notebook 06): the warm start (built once, cached), then GRPO, S-GRPO, T-SPMO with and
@@ -67,12 +73,12 @@ reproduce-full-mulworked: setup
 reproduce-full-svamp: setup
 	@[ -n "$(SVAMP_TOKENS)" ] || { echo "SVAMP_TOKENS is not chosen yet: run make pilot-svamp-budget and pick the cap on \
 	validation (results/pilots/README.md), then make reproduce-full-svamp SVAMP_TOKENS=<cap>"; exit 2; }
-	@mkdir -p $(FULL_DIR)/notebooks
+	@mkdir -p $(SVAMP_DIR)/notebooks
 	@start=$$(date +%s); \
 	$(VENV)/bin/tokeneff warmstart --model smollm2-135m+$(SVAMP_WARM) --adapters $(FULL_DIR)/warmstarts && \
 	$(VENV)/bin/papermill --cwd notebooks -p profile embedded $(FULL_SVAMP) notebooks/01_svamp.ipynb \
-	  $(FULL_DIR)/notebooks/01_svamp.ipynb && \
-	$(PY) -m tokeneff.analysis.summary --name embedded-full --part svamp --wall-seconds $$(( $$(date +%s) - start ))
+	  $(SVAMP_DIR)/notebooks/01_svamp.ipynb && \
+	$(PY) -m tokeneff.analysis.summary $(SVAMP_SUMMARY) --part svamp --wall-seconds $$(( $$(date +%s) - start ))
 
 reproduce-full-mul: setup
 	@mkdir -p $(FULL_DIR)/notebooks

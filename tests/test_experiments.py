@@ -211,14 +211,15 @@ def test_shared_settings_take_only_the_notebooks_own_parameters_and_build_a_name
     from tokeneff.analysis.experiments import shared_settings
 
     built = []
-    monkeypatch.setattr(ex, "resolve", lambda name, build=False: built.append((name, build)))
+    monkeypatch.setattr(ex, "resolve", lambda name, build=False, adapters=None: built.append((name, build, adapters)))
     nb02 = dict(extra={"lr": 1e-4, "eval_limit": 7}, eval_every=10, eval_limit=0, model="", seeds=[0], steps=3)
     assert shared_settings(nb02) == {"lr": 1e-4, "eval_every": 10, "eval_limit": 0}
     assert built == []
     nb01 = dict(extra={}, eval_every=20, eval_limit=0, eval_split="val", model="smollm2-135m+sftepoch",
-                max_completion_length=64)
+                max_completion_length=64, results_dir="../results")
     assert shared_settings(nb01, num_shots=0) == dict(eval_every=20, eval_limit=0, eval_split="val",
                                                      model="smollm2-135m+sftepoch", max_new_tokens=64, num_shots=0)
-    assert built == [("smollm2-135m+sftepoch", True)]
+    kept = Path("../results/embedded-full/warmstarts")  # a committed adapter is merged, not trained again
+    assert built == [("smollm2-135m+sftepoch", True, kept)]
     assert "max_new_tokens" not in shared_settings(dict(extra={}, model="smollm2-135m", max_completion_length=0))
-    assert built == [("smollm2-135m+sftepoch", True)]  # a plain model name is not a warm start: nothing built
+    assert built == [("smollm2-135m+sftepoch", True, kept)]  # a plain model name is not a warm start: nothing built

@@ -100,12 +100,68 @@ def test_a_kept_adapter_rebuilds_the_same_weights_without_training(built, tmp_pa
     monkeypatch.setenv("TOKENEFF_CACHE", str(tmp_path / "other"))
     info = json.loads((kept / "warmstart.json").read_text())
     (kept / "warmstart.json").write_text(json.dumps(dict(info, recipe_hash="0" * 16)))
-    with pytest.raises(ConfigError, match="is for recipe '0000000000000000'"):
+    with pytest.raises(ConfigError, match="warmstart.json is for recipe '0000000000000000'"):
         ws.build_warm_start(cfg, progress=False, adapters=shelf)
     assert not (tmp_path / "other" / "warmstart" / path.name).exists()  # nothing half-built under its name
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match="adapters=.*file.*not a folder"):
+    with pytest.raises(ConfigError, match="adapters=.*file.*: not a folder"):
         ws.build_warm_start(cfg, progress=False, adapters=tmp_path / "file")
+
+
+def _damage(folder: Path, how: str) -> None:
+    if how == "missing":
+        (folder / "adapter_config.json").unlink()
+    elif how == "bad json":
+        (folder / "warmstart.json").write_text('{"recipe_hash": ')
+    elif how == "not an object":
+        (folder / "adapter_config.json").write_text("[1, 2]")
+    elif how == "truncated weights":
+        data = (folder / "adapter_model.safetensors").read_bytes()
+        (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("how, needle", [
+    ("missing", "lacks adapter_config.json"),
+    ("bad json", "is unreadable or damaged"),
+    ("not an object", "is damaged (a JSON file is not an object)"),
+    ("truncated weights", "the adapter does not load"),
+])
+def test_a_damaged_kept_adapter_is_one_line_and_nothing_is_cached(built, tmp_path, monkeypatch, capsys, how, needle):
+    from tokeneff.cli import main
+
+    cfg, path = built
+    shelf = tmp_path / "warmstarts"
+    ws.export_adapter(path, shelf)
+    _damage(shelf / path.name, how)
+    monkeypatch.setenv("TOKENEFF_CACHE", str(tmp_path / "fresh"))
+    monkeypatch.setattr(ws, "_train_and_save", lambda *a, **k: pytest.fail("trained around a damaged adapter"))
+    argv = ["warmstart", "--model", "tiny-random", "--adapters", str(shelf)]
+    assert main(argv + [f"{k}={v}" for k, v in TINY.items() if k != "model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and path.name in err, err
+    assert not (tmp_path / "fresh" / "warmstart" / path.name).exists()
+
+
+@pytest.mark.parametrize("where, needle", [("", "adapters='': give a folder"),
+                                           ("file", "not a folder"), ("file/sub", "is a file, not a folder")])
+def test_a_bad_adapters_folder_is_refused_before_any_work(built, tmp_path, monkeypatch, where, needle):
+    cfg, _ = built
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("TOKENEFF_CACHE", str(tmp_path / "fresh"))  # not built: the check must come first
+    monkeypatch.setattr(ws, "_train_and_save", lambda *a, **k: pytest.fail("trained before checking --adapters"))
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        ws.build_warm_start(cfg, progress=False, adapters=str(tmp_path / where) if where else "")
+
+
+def test_cli_says_how_the_entry_was_built_and_where_its_adapter_is_kept(built, tmp_path, capsys):
+    from tokeneff.cli import main
+
+    cfg, path = built
+    argv = ["warmstart", "--model", "tiny-random", "--adapters", str(tmp_path / "kept")]
+    assert main(argv + [f"{k}={v}" for k, v in TINY.items() if k != "model"]) == 0
+    out = capsys.readouterr().out
+    assert f"built: trained; adapter: kept in '{tmp_path / 'kept' / path.name}'" in out
+    assert (tmp_path / "kept" / path.name / "adapter_model.safetensors").is_file()
 
 
 def test_changed_recipe_or_data_gives_another_folder(built, tmp_path):

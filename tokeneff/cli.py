@@ -16,7 +16,7 @@ from .errors import TokeneffError, clip
 from .evaluate import evaluate
 from .loop import install_sigterm_handler, train
 from .rundir import check_out_folder
-from .warmstart import build_warm_start, make_warmstart_config, name_for, recipe_hash
+from .warmstart import build_warm_start, describe_adapter, make_warmstart_config, name_for, recipe_hash
 
 
 class _Parser(argparse.ArgumentParser):
@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             path = build_warm_start(ws, adapters=args.adapters)
             use = name_for(ws) or str(path)
             print(f"warm start: {path}\nrecipe hash: {recipe_hash(ws)}; train or evaluate it as model={use}")
+            print(describe_adapter(path, args.adapters))
         elif args.command == "bench":
             args.out = str(check_out_folder(args.out))  # before the compute; `~` expanded once, here
             if args.decode_limit:

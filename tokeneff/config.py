@@ -276,7 +276,8 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     # The paper's settings (docs/paper.md): Qwen2-1.5B-Instruct, G=8, 200 new tokens, a few hundred updates.
     "paper": dict(model="Qwen/Qwen2-1.5B-Instruct", steps=300, group_size=8, prompts_per_step=4,
                   max_new_tokens=200, lr=2e-5, mixed_precision="bf16", gradient_checkpointing=True,
-                  eval_every=25, eval_batch_size=64, micro_batch_size=32),
+                  eval_every=25, eval_batch_size=64, micro_batch_size=32,
+                  rollout_backend="tokeneff"),  # static has not run on a GPU yet (docs/memory-and-speed.md)
     # Sized for a 2-core CPU: SmolLM2-135M, short answers (its few-shot answers are one line),
     # several prompts per step so that some groups have reward variance, a larger LoRA learning rate.
     # beta=0 skips the reference forward (a third of the step on a CPU); docs/paper.md allows it.

@@ -49,7 +49,7 @@ from filelock import FileLock
 
 from .checks import check_lora_targets, check_model_path
 from .config import MAX_LR, MAX_SEED, WARM_STARTS, LoraSettings, coerce
-from .errors import ConfigError, TokeneffError, show
+from .errors import ConfigError, TokeneffError, clip, show
 from .models import cache_dir, load_model
 from .rundir import check_writable, write_failure, writing
 from .tasks.answer import is_correct
@@ -347,14 +347,55 @@ def is_complete(path: Path) -> bool:
     return (path / "model.safetensors").is_file() and (path / "warmstart.json").is_file()
 
 
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "warmstart.json")
+"""what a kept adapter's folder holds: peft's two files and the build's record (its recipe hash)"""
+
+
+def check_adapters(adapters: str | Path | None, writable: bool = True) -> Path | None:
+    """The --adapters folder, checked before any work: a folder (or, `writable`, one that can be created and
+    written)."""
+    if adapters is None:
+        return None
+    if not str(adapters).strip():
+        raise ConfigError("adapters='': give a folder (e.g. results/embedded-full/warmstarts)")
+    path = Path(adapters).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"adapters={str(adapters)!r}: not a folder (a folder of trained adapters, or one to create)")
+    try:
+        if writable:
+            check_writable(path, "adapters", str(adapters))
+    except TokeneffError as e:
+        raise ConfigError(str(e)) from None
+    return path
+
+
 def shipped_adapter(cfg: WarmStartConfig, adapters: str | Path | None) -> Path | None:
-    """`adapters/<cache entry name>/` where it holds this recipe's trained adapter (peft files + warmstart.json);
-    the folder name carries the recipe hash, library versions included, so no other recipe's adapter matches."""
+    """`adapters/<cache entry name>/` where it holds this recipe's trained adapter (ADAPTER_FILES); the folder name
+    carries the recipe hash, library versions included, so no other recipe's adapter matches. A folder of that
+    name that is incomplete, unreadable or of another recipe is a one-line error, not silently trained around."""
     if adapters is None:
         return None
     src = Path(adapters).expanduser() / cache_path(cfg).name
-    need = ("adapter_model.safetensors", "adapter_config.json", "warmstart.json")
-    return src if all((src / n).is_file() for n in need) else None
+    try:
+        if not src.exists():
+            return None
+        missing = [n for n in ADAPTER_FILES if not (src / n).is_file()]
+        if missing:
+            raise ConfigError(f"adapters={str(adapters)!r}: {src.name}/ lacks {', '.join(missing)}: remove that "
+                              "folder (a build then trains and writes it whole) or restore the files")
+        info = json.loads((src / "warmstart.json").read_text())
+        peft_cfg = json.loads((src / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"adapters={str(adapters)!r}: {src.name}/ is unreadable or damaged "
+                          f"({getattr(e, 'strerror', None) or e}): remove it or point --adapters elsewhere") from None
+    if not isinstance(info, dict) or not isinstance(peft_cfg, dict):
+        raise ConfigError(f"adapters={str(adapters)!r}: {src.name}/ is damaged (a JSON file is not an object): "
+                          "remove it or point --adapters elsewhere")
+    if info.get("recipe_hash") != recipe_hash(cfg):
+        raise ConfigError(f"adapters={str(adapters)!r}: {src.name}/warmstart.json is for recipe "
+                          f"{show(info.get('recipe_hash'))}, not {recipe_hash(cfg)}: remove it or point --adapters "
+                          "elsewhere")
+    return src
 
 
 def export_adapter(built: Path, adapters: str | Path) -> Path | None:
@@ -369,31 +410,34 @@ def export_adapter(built: Path, adapters: str | Path) -> Path | None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
     try:
-        for name in ("adapter_model.safetensors", "adapter_config.json"):
-            shutil.copyfile(built / ADAPTER / name, tmp / name)
-        shutil.copyfile(built / "warmstart.json", tmp / "warmstart.json")
+        for name in ADAPTER_FILES:
+            shutil.copyfile(built / (name if name == "warmstart.json" else f"{ADAPTER}/{name}"), tmp / name)
         os.chmod(tmp, 0o755)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not dest.is_dir():  # else another process exported the same adapter first
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
 def build_warm_start(cfg: WarmStartConfig | None = None, progress: bool = True,
-                     adapters: str | Path | None = None) -> Path:
+                     adapters: str | Path | None = None, export: bool = True) -> Path:
     """The cached warm-started checkpoint for this recipe; trained, merged and saved first if missing.
 
     `adapters`: a folder of trained adapters (e.g. committed with the results). Where it holds this recipe's, the
-    entry is rebuilt by merging it into the base weights (a minute) instead of training (hours on a CPU), and
-    after a build the new adapter is copied there. Concurrent callers (e.g. data-parallel ranks) wait on a file
-    lock and then reuse the first one's result.
+    entry is built by merging it into the base weights (a minute) instead of training (hours on a CPU); with
+    `export`, the entry's adapter is then copied there if it is not yet. Concurrent callers (e.g. data-parallel
+    ranks) wait on a file lock and then reuse the first one's result.
     """
     cfg = (cfg or WarmStartConfig()).validate()
-    if adapters is not None and Path(adapters).expanduser().exists() and not Path(adapters).expanduser().is_dir():
-        raise ConfigError(f"adapters={str(adapters)!r}: not a folder (a folder of trained adapters, or one to create)")
+    adapters = check_adapters(adapters, writable=export)
     target = cache_path(cfg)
     if is_complete(target):
-        return _exported(target, adapters)
+        return _exported(target, adapters if export else None)
+    src = shipped_adapter(cfg, adapters)  # checked before anything is written
     check_model_path(cfg.model)  # a damaged local model: one line, before anything is written
     try:
         check_writable(target.parent, "cache")
@@ -408,39 +452,54 @@ def build_warm_start(cfg: WarmStartConfig | None = None, progress: bool = True,
     with writing(f"the warm start in {str(target.parent)!r}", cache_error):
         target.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(target.parent / f".{target.name}.lock")):
-            if is_complete(target):
-                return _exported(target, adapters)
-            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-            try:
-                src = shipped_adapter(cfg, adapters)
-                if src is not None:
-                    _merge_and_save(cfg, src, tmp)
-                else:
-                    _train_and_save(cfg, tmp, progress)
-                shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover of the final name, if any
-                os.replace(tmp, target)  # atomic: a half-written warm start is never seen under its name
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return _exported(target, adapters)
+            if not is_complete(target):
+                tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+                try:
+                    if src is not None:
+                        _merge_and_save(cfg, src, tmp)
+                    else:
+                        _train_and_save(cfg, tmp, progress)
+                    shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover of the final name, if any
+                    os.replace(tmp, target)  # atomic: a half-written warm start is never seen under its name
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+    return _exported(target, adapters if export else None)
 
 
-def _exported(built: Path, adapters: str | Path | None) -> Path:
+def describe_adapter(built: Path, adapters: str | Path | None) -> str:
+    """One line for the CLI: how the entry was built and where its adapter is kept."""
+    info = json.loads((built / "warmstart.json").read_text())
+    how = f"merged from the kept adapter {info['merged_from_adapter']}" if info.get("merged_from_adapter") else \
+        "trained"
+    if adapters is None:
+        return f"built: {how}"
+    kept = Path(adapters).expanduser() / built.name
+    where = f"kept in {str(kept)!r}" if kept.is_dir() else "none (this entry was built before adapters were kept)"
+    return f"built: {how}; adapter: {where}"
+
+
+def _exported(built: Path, adapters: Path | None) -> Path:
     if adapters is not None:
         with writing(f"the adapter in {str(adapters)!r}"):
             export_adapter(built, adapters)
     return built
 
 
-def resolve(name: str, build: bool = False) -> Path:
+KEPT_ADAPTERS = Path("embedded-full") / "warmstarts"
+"""where, under a results folder, the committed warm starts' adapters are kept (the Makefile's --adapters)"""
+
+
+def resolve(name: str, build: bool = False, adapters: str | Path | None = None) -> Path:
     """`<base>+sft` (and the other config.WARM_STARTS suffixes) -> the warm start's folder. Loading never trains:
-    without `build`, a warm start not built yet is a one-line error naming the command that builds it."""
+    without `build`, a warm start not built yet is a one-line error naming the command that builds it. With
+    `build`, a kept adapter in `adapters` is merged rather than trained (nothing is written there)."""
     parts = split_name(name)
     if parts is None:
         raise ConfigError(f"model={name!r}: a warm-start name is <base> followed by one of "
                           f"{', '.join(WARM_STARTS)}, e.g. smollm2-135m+sft")
     cfg = default_config(*parts)
     if build:
-        return build_warm_start(cfg)
+        return build_warm_start(cfg, adapters=adapters, export=False)
     target = cache_path(cfg)
     if not is_complete(target):
         raise TokeneffError(f"model={name!r}: this warm start is not built yet (recipe {recipe_hash(cfg)} in "
@@ -539,12 +598,13 @@ def _merge_and_save(cfg: WarmStartConfig, src: Path, out: Path) -> None:
     from peft import PeftModel
 
     start = time.perf_counter()
-    info = json.loads((src / "warmstart.json").read_text())
-    if info.get("recipe_hash") != recipe_hash(cfg):
-        raise ConfigError(f"{str(src)!r}: its warmstart.json is for recipe {info.get('recipe_hash')!r}, not "
-                          f"{recipe_hash(cfg)}: remove it or point --adapters elsewhere")
+    info = json.loads((src / "warmstart.json").read_text())  # checked by shipped_adapter
     model, tok = load_model(cfg.model, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, str(src)).merge_and_unload()
+    try:
+        merged = PeftModel.from_pretrained(model, str(src)).merge_and_unload()
+    except Exception as e:  # noqa: BLE001 - peft/safetensors raise many kinds for a damaged or mismatched adapter
+        raise ConfigError(f"{str(src)!r}: the adapter does not load ({type(e).__name__}: {clip(str(e), 160)}): "
+                          "remove that folder or point --adapters elsewhere") from None
     if not all(torch.isfinite(p).all() for p in merged.parameters()):
         raise ConfigError(f"{str(src)!r}: the adapter's weights are not finite: nothing was cached")
     merged.save_pretrained(out, safe_serialization=True)

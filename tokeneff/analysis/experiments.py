@@ -17,7 +17,7 @@ from ..config import check_name, make_config
 from ..errors import ConfigError
 from ..rundir import check_writable
 from ..utils import atomic_write_bytes, environment, write_json
-from ..warmstart import is_warm_start_name, resolve
+from ..warmstart import KEPT_ADAPTERS, is_warm_start_name, resolve
 from .claims import (
     PAPER_BASE,
     TOKEN_SHARE,
@@ -66,8 +66,8 @@ def shared_settings(params: dict[str, Any], **task_settings) -> dict[str, Any]:
     out = dict(params.get("extra") or {})
     out.update({k: params[k] for k in ("eval_every", "eval_limit", "eval_split") if k in params})
     if params.get("model"):
-        if is_warm_start_name(params["model"]):
-            resolve(params["model"], build=True)
+        if is_warm_start_name(params["model"]):  # a committed adapter is merged rather than trained (an hour)
+            resolve(params["model"], build=True, adapters=Path(params.get("results_dir", "../results")) / KEPT_ADAPTERS)
         out["model"] = params["model"]
     if params.get("max_completion_length"):
         out["max_new_tokens"] = params["max_completion_length"]

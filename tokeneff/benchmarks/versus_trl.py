@@ -73,17 +73,21 @@ def weights_only(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
+    # the profile's rollout backend for this device (static on a CPU; the eager loop on a GPU, where static is untried)
+    profile = "paper" if torch.cuda.is_available() else "embedded"
+    backend = spec.get("rollout_backend") or make_config(profile).rollout_backend
     with tempfile.TemporaryDirectory() as tmp:
         train(custom_task=synthetic_task() if spec.get("reward") == "synthetic" else None,
               profile="embedded", model=spec["model"], task="svamp", algo=spec["algo"], steps=spec["steps"],
               group_size=spec["group_size"], prompts_per_step=1, max_new_tokens=spec["max_new_tokens"],
               beta=0.0, log_kl=False, **dataclasses.asdict(LORA),
               lr=1e-5, eval_at_start=False, eval_limit=1, save_every=spec["steps"], out=tmp,
-              gradient_checkpointing=spec.get("gradient_checkpointing", False),
+              gradient_checkpointing=spec.get("gradient_checkpointing", False), rollout_backend=backend,
               mixed_precision="bf16" if torch.cuda.is_available() else "no", progress=False)
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "step_seconds" in r]
-    return dict(side=f"tokeneff-{spec['algo']}", step_seconds=[r["step_seconds"] for r in rows],
+    return dict(side=f"tokeneff-{spec['algo']}", rollout_backend=backend,
+                step_seconds=[r["step_seconds"] for r in rows],
                 rollout_seconds=[r["rollout_seconds"] for r in rows],
                 tokens_in_loss=[r["tokens_in_loss"] for r in rows],
                 completion_len_mean=[r["completion_len_mean"] for r in rows], peak_memory_mb=memory_mb(peak=True))
