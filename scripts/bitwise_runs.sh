@@ -5,7 +5,6 @@
 #   git worktree add /tmp/old <rev> && (cd /tmp/old && bash /path/to/scripts/bitwise_runs.sh /tmp/bw-old)
 #   bash scripts/bitwise_runs.sh /tmp/bw-new /tmp/bw-old      # prints the files that differ; exit 1 if any
 # ~1 min on one core. Config fields added since the old commit show up as a differing config.json: check them.
-# Across the change of the default rollout_backend (tokeneff -> static, 2026-12-01) set BW_EXTRA=rollout_backend=tokeneff.
 set -e
 OUT=$(realpath -m "$1"); REF=${2:+$(realpath -m "$2")}
 [ -n "$1" ] || { echo "usage: $0 OUTDIR [REFERENCE_OUTDIR]"; exit 2; }
@@ -14,7 +13,7 @@ mkdir -p "$OUT"
 export OMP_NUM_THREADS=1
 PY=${PY:-$(git rev-parse --show-toplevel)/.venv/bin/python}
 S="--model tiny-random --task multiplication digits_a=2 digits_b=1 max_new_tokens=12 group_size=4 prompts_per_step=2
-   eval_limit=4 eval_every=2 save_every=2 lr=1e-2 ${BW_EXTRA:-}"
+   eval_limit=4 eval_every=2 save_every=2 lr=1e-2"
 for a in grpo sgrpo tspmo; do
   $PY -m tokeneff train --algo $a --steps 4 --out "$OUT/$a" $S replay=on > "$OUT/$a.log" 2>&1
 done

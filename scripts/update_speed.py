@@ -8,7 +8,7 @@ machine with at least as many cores as backends:
     python scripts/update_speed.py                       # embedded multiplication, 12 updates, ~5 min
     python scripts/update_speed.py --task svamp key=value ...
 
-Writes results/benchmarks/update_speed_<device>_<model>_<task>.json and prints a markdown table.
+Writes results/benchmarks/update_speed_<device>_<model>_<task>[_<tag>].json and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12, help="updates per backend (the first is left out as warm-up)")
     p.add_argument("--backends", default="tokeneff,static")
     p.add_argument("--out", default="results/benchmarks")
+    p.add_argument("--tag", default="", help="appended to the file name, e.g. worked")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
     if args.steps < 3:
@@ -64,7 +65,8 @@ def main() -> None:
         r["update_speedup"] = ref["step_seconds"] / r["step_seconds"]
         r["rollout_speedup"] = ref["rollout_seconds"] / r["rollout_seconds"]
     tag = device_name().split()[0].lower()
-    out = Path(args.out) / f"update_speed_{tag}_{args.model.replace('/', '_')}_{args.task}.json"
+    name = f"update_speed_{tag}_{args.model.replace('/', '_')}_{args.task}{'_' + args.tag if args.tag else ''}.json"
+    out = Path(args.out) / name
     write_json(out, dict(model=args.model, task=args.task, algo=args.algo, steps=args.steps, overrides=args.overrides,
                          started=start, device=device_name(), environment=environment(), rows=rows))
     print(f"| backend | update (median) | rollout (median) | completion tokens (mean) | rollout ms per token | "

@@ -125,7 +125,7 @@ class TrainConfig(LoraSettings):
     max_new_tokens: int = 200
     temperature: float = 1.0
     top_p: float = 1.0
-    rollout_backend: str = "static"
+    rollout_backend: str = "tokeneff"
     """tokeneff (prompt KV shared by its group, finished rows leave the batch) | static (the same on a preallocated
     KV cache and mask; finished rows leave when the running ones halve) | hf (transformers generate, shared prompt
     KV) | hf-static (generate with a static cache: compiled, CUDA graphs on a GPU)"""
@@ -276,8 +276,7 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     # The paper's settings (docs/paper.md): Qwen2-1.5B-Instruct, G=8, 200 new tokens, a few hundred updates.
     "paper": dict(model="Qwen/Qwen2-1.5B-Instruct", steps=300, group_size=8, prompts_per_step=4,
                   max_new_tokens=200, lr=2e-5, mixed_precision="bf16", gradient_checkpointing=True,
-                  eval_every=25, eval_batch_size=64, micro_batch_size=32,
-                  rollout_backend="tokeneff"),  # static has not run on a GPU yet (docs/memory-and-speed.md)
+                  eval_every=25, eval_batch_size=64, micro_batch_size=32),
     # Sized for a 2-core CPU: SmolLM2-135M, short answers (its few-shot answers are one line),
     # several prompts per step so that some groups have reward variance, a larger LoRA learning rate.
     # beta=0 skips the reference forward (a third of the step on a CPU); docs/paper.md allows it.

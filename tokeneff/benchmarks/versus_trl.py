@@ -73,9 +73,7 @@ def weights_only(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
-    # the profile's rollout backend for this device (static on a CPU; the eager loop on a GPU, where static is untried)
-    profile = "paper" if torch.cuda.is_available() else "embedded"
-    backend = spec.get("rollout_backend") or make_config(profile).rollout_backend
+    backend = spec.get("rollout_backend") or make_config("embedded").rollout_backend  # recorded in the row
     with tempfile.TemporaryDirectory() as tmp:
         train(custom_task=synthetic_task() if spec.get("reward") == "synthetic" else None,
               profile="embedded", model=spec["model"], task="svamp", algo=spec["algo"], steps=spec["steps"],
