@@ -229,8 +229,11 @@ def test_ctrl_c_finishes_the_step_checkpoints_it_and_resumes_bit_for_bit(tmp_pat
             "eval_every=5", "save_every=1000", "lr=0.01", "replay=on"]
     cmd = [sys.executable, "-m", "tokeneff.cli", "train"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the child gets the default disposition: under nohup (pytest started so) SIGHUP is inherited ignored, and the run
+    # rightly keeps it ignored (install_sigterm_handler)
     proc = subprocess.Popen(cmd + args + ["--out", str(tmp_path / "r")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
     metrics = tmp_path / "r" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4):
