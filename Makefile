@@ -40,11 +40,12 @@ FULL_DIR   := results/embedded-full
 # SVAMP_WARM: the warm start's recipe (config.WARM_STARTS, chosen on validation: results/pilots/README.md). Its
 # trained LoRA adapter is committed in results/embedded-full/warmstarts/ (20 MB): a fresh clone merges it in a minute
 # instead of training it again (about an hour on one core); a changed recipe or library version trains anew.
-SVAMP_WARM ?= sftepochmlp
+SVAMP_CHOSEN := sftepochmlp
+SVAMP_WARM ?= $(SVAMP_CHOSEN)
 # Another recipe's grid writes its tables into results/embedded-full/svamp-<recipe>/, not over the tier's; the
 # +sftepoch grid (results/embedded-full/svamp-sftepoch) sampled with the eager loop.
 SVAMP_BACKEND ?= $(if $(filter sftepoch,$(SVAMP_WARM)),tokeneff,static)
-SVAMP_MAIN := $(filter sftepochmlp,$(SVAMP_WARM))
+SVAMP_MAIN := $(filter $(SVAMP_CHOSEN),$(SVAMP_WARM))
 SVAMP_DIR := $(if $(SVAMP_MAIN),$(FULL_DIR),$(FULL_DIR)/svamp-$(SVAMP_WARM))
 SVAMP_TIER := $(if $(SVAMP_MAIN),-p results_name embedded-full,-p results_dir ../$(FULL_DIR) -p results_name svamp-$(SVAMP_WARM))
 SVAMP_SUMMARY := $(if $(SVAMP_MAIN),--name embedded-full,--results $(FULL_DIR) --name svamp-$(SVAMP_WARM))

@@ -347,7 +347,8 @@ def is_complete(path: Path) -> bool:
     return (path / "model.safetensors").is_file() and (path / "warmstart.json").is_file()
 
 
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "warmstart.json")
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
+ADAPTER_FILES = (*PEFT_FILES, "warmstart.json")
 """what a kept adapter's folder holds: peft's two files and the build's record (its recipe hash)"""
 
 
@@ -410,8 +411,9 @@ def export_adapter(built: Path, adapters: str | Path) -> Path | None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
     try:
-        for name in ADAPTER_FILES:
-            shutil.copyfile(built / (name if name == "warmstart.json" else f"{ADAPTER}/{name}"), tmp / name)
+        for name in PEFT_FILES:
+            shutil.copyfile(built / ADAPTER / name, tmp / name)
+        shutil.copyfile(built / "warmstart.json", tmp / "warmstart.json")
         os.chmod(tmp, 0o755)
         try:
             os.replace(tmp, dest)
@@ -561,15 +563,12 @@ def _train_and_save(cfg: WarmStartConfig, out: Path, progress: bool) -> None:
         # (`tokeneff warmstart --adapters DIR`), where training it again takes hours on a CPU
         trainer.model.save_pretrained(out / ADAPTER)
         merged = trainer.model.merge_and_unload()
-        if not all(torch.isfinite(p).all() for p in merged.parameters()):  # never cached: later runs would reuse it
+        if not _all_finite(merged):  # never cached: later runs would reuse it
             shutil.rmtree(ckpts, ignore_errors=True)  # nor resumed
             raise ConfigError(f"the warm start's weights are not finite after training (lr={cfg.lr:g}: too large?): "
                               "nothing was cached")
-        merged.config.use_cache = True  # the trainer turned it off for training; an inference checkpoint has it on
-        merged.save_pretrained(out, safe_serialization=True)
+        _save_merged(merged, tok, out)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    tok.padding_side = "left"
-    tok.save_pretrained(out)
     info = {
         "label": f"{cfg.model} + SFT warm start",
         "recipe_hash": recipe_hash(cfg),
@@ -605,17 +604,29 @@ def _merge_and_save(cfg: WarmStartConfig, src: Path, out: Path) -> None:
     except Exception as e:  # noqa: BLE001 - peft/safetensors raise many kinds for a damaged or mismatched adapter
         raise ConfigError(f"{str(src)!r}: the adapter does not load ({type(e).__name__}: {clip(str(e), 160)}): "
                           "remove that folder or point --adapters elsewhere") from None
-    if not all(torch.isfinite(p).all() for p in merged.parameters()):
+    if not _all_finite(merged):
         raise ConfigError(f"{str(src)!r}: the adapter's weights are not finite: nothing was cached")
-    merged.save_pretrained(out, safe_serialization=True)
-    tok.padding_side = "left"
-    tok.save_pretrained(out)
+    _save_merged(merged, tok, out)
     (out / ADAPTER).mkdir()
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
+    for name in PEFT_FILES:
         shutil.copyfile(src / name, out / ADAPTER / name)
     info.update(merged_from_adapter=str(src), merge_seconds=round(time.perf_counter() - start, 2))
     (out / "warmstart.json").write_text(json.dumps(info, indent=2) + "\n")
     os.chmod(out, 0o755)
+
+
+def _all_finite(model) -> bool:
+    import torch
+
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _save_merged(merged, tok, out: Path) -> None:
+    """The cache entry's weights and tokenizer, as both ways of building it write them (the same bytes)."""
+    merged.config.use_cache = True  # the trainer turned it off for training; an inference checkpoint has it on
+    merged.save_pretrained(out, safe_serialization=True)
+    tok.padding_side = "left"  # as rollouts and evaluation pad
+    tok.save_pretrained(out)
 
 
 @contextlib.contextmanager
