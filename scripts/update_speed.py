@@ -1,20 +1,20 @@
-"""How much faster is a whole embedded update with the static decode loop than with the eager one? (issue 21)
+"""How much faster is a whole embedded update with another rollout backend than with the eager loop? (issue 21)
 
-Runs `tokeneff train` once per rollout backend, side by side (one process per core, one thread each, the same
-config and seed), and reports each update's median time, its rollout part and the mean completion length (the
-backends draw different samples, so lengths differ a little: compare per-token too). Run it on an otherwise idle
-machine with at least as many cores as backends:
+Runs `tokeneff train` once per backend (`--backends`, names as `tokeneff bench --decode-limit` takes them: static+bf16
+is static sampling from a bfloat16 copy of the weights), the same config and seed, one thread each, one process per
+core at a time (`--parallel 1`: each alone). Reports each update's median time, its rollout part and the rest
+(backward and optimizer step), the mean completion length and the tokens in the loss. The backends draw different
+samples (static draws by inverse CDF), so lengths and the tokens each update trains on differ: the rollout column
+compares the decode paths, the update column also carries that difference in work. On an otherwise idle machine:
 
-    python scripts/update_speed.py                       # embedded multiplication, 12 updates, ~5 min
-    python scripts/update_speed.py --task svamp key=value ...
-
-Writes results/benchmarks/update_speed_<device>_<model>_<task>[_<tag>].json and prints a markdown table.
-"""
+    python scripts/update_speed.py                       # embedded multiplication, 12 updates, ~6 min
+    python scripts/update_speed.py --task svamp key=value ..."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from tokeneff.benchmarks.benchio import device_name
+from tokeneff.benchmarks.decode_limit import BACKEND_SPECS, backend_overrides
 from tokeneff.utils import environment, write_json
 
 
@@ -32,24 +33,35 @@ def main() -> None:
     p.add_argument("--task", default="multiplication", choices=("multiplication", "svamp"))
     p.add_argument("--algo", default="grpo")
     p.add_argument("--steps", type=int, default=12, help="updates per backend (the first is left out as warm-up)")
-    p.add_argument("--backends", default="tokeneff,static")
+    p.add_argument("--backends", default="tokeneff,static,static+bf16", help=f"from {', '.join(BACKEND_SPECS)}")
     p.add_argument("--out", default="results/benchmarks")
     p.add_argument("--tag", default="", help="appended to the file name, e.g. worked")
+    p.add_argument("--parallel", type=int, default=0,
+                   help="runs at a time (default: one per core, at most one per backend); 1 runs each alone")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
     if args.steps < 3:
         p.error(f"--steps {args.steps}: give at least 3 (the first update is warm-up)")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in backends:
+        if b not in BACKEND_SPECS:
+            p.error(f"--backends: {b!r} is not one of {', '.join(BACKEND_SPECS)}")
+    if args.parallel < 0:
+        p.error(f"--parallel {args.parallel}: give 0 (one per core) or more")
+    parallel = args.parallel or min(len(backends), os.cpu_count() or 1)
     start = time.strftime("%Y-%m-%dT%H:%M:%S")
     with tempfile.TemporaryDirectory() as tmp:
-        procs = {b: subprocess.Popen(
-            [sys.executable, "-m", "tokeneff", "train", "--algo", args.algo, "--task", args.task, "--model", args.model,
-             "--steps", str(args.steps), "--seed", "0", "--out", f"{tmp}/{b}", f"rollout_backend={b}", "threads=1",
-             "eval_at_start=false", "eval_limit=1", f"save_every={args.steps}", *args.overrides],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for b in backends}
+        procs = {}
+        for i in range(0, len(backends), parallel):  # waves of `parallel` runs, one thread each
+            wave = {b: subprocess.Popen(
+                [sys.executable, "-m", "tokeneff", "train", "--algo", args.algo, "--task", args.task, "--model",
+                 args.model, "--steps", str(args.steps), "--seed", "0", "--out", f"{tmp}/{b}", *backend_overrides(b),
+                 "threads=1", "eval_at_start=false", "eval_limit=1", f"save_every={args.steps}", *args.overrides],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for b in backends[i: i + parallel]}
+            for b, proc in wave.items():
+                procs[b] = (proc, proc.communicate()[1])
         rows = []
-        for b, proc in procs.items():
-            _, err = proc.communicate()
+        for b, (proc, err) in procs.items():
             if proc.returncode:
                 sys.exit(f"update_speed: the {b} run failed: {err.strip().splitlines()[-1] if err.strip() else ''}")
             m = [json.loads(x) for x in Path(f"{tmp}/{b}/metrics.jsonl").read_text().splitlines()]
@@ -57,6 +69,8 @@ def main() -> None:
             tokens = [r["completion_len_mean"] for r in m]
             rows.append(dict(backend=b, updates=len(m), step_seconds=statistics.median(r["step_seconds"] for r in m),
                              rollout_seconds=statistics.median(r["rollout_seconds"] for r in m),
+                             rest_seconds=statistics.median(r["step_seconds"] - r["rollout_seconds"] for r in m),
+                             tokens_in_loss_mean=statistics.fmean(r["tokens_in_loss"] for r in m),
                              completion_len_mean=statistics.fmean(tokens),
                              rollout_ms_per_token=1000 * statistics.fmean(
                                  r["rollout_seconds"] / max(r["completion_len_mean"], 1) for r in m)))
@@ -68,12 +82,15 @@ def main() -> None:
     name = f"update_speed_{tag}_{args.model.replace('/', '_')}_{args.task}{'_' + args.tag if args.tag else ''}.json"
     out = Path(args.out) / name
     write_json(out, dict(model=args.model, task=args.task, algo=args.algo, steps=args.steps, overrides=args.overrides,
-                         started=start, device=device_name(), environment=environment(), rows=rows))
-    print(f"| backend | update (median) | rollout (median) | completion tokens (mean) | rollout ms per token | "
-          f"update vs {ref['backend']} |\n|---|---|---|---|---|---|")
+                         parallel=parallel, started=start, device=device_name(), environment=environment(),
+                         rows=rows))
+    print(f"| backend | update (median) | rollout (median) | rest (median) | tokens in the loss (mean) | completion "
+          f"tokens (mean) | rollout ms per token | rollout vs {ref['backend']} | update vs {ref['backend']} |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['backend']} | {r['step_seconds']:.2f} s | {r['rollout_seconds']:.2f} s | "
-              f"{r['completion_len_mean']:.1f} | {r['rollout_ms_per_token']:.0f} | {r['update_speedup']:.2f}× |")
+        print(f"| {r['backend']} | {r['step_seconds']:.2f} s | {r['rollout_seconds']:.2f} s | {r['rest_seconds']:.2f} s "
+              f"| {r['tokens_in_loss_mean']:.0f} | {r['completion_len_mean']:.1f} | {r['rollout_ms_per_token']:.0f} | "
+              f"{r['rollout_speedup']:.2f}× | {r['update_speedup']:.2f}× |")
     print(f"-> {out}")
 
 

@@ -109,7 +109,7 @@ def test_non_finite_logits_are_one_line_not_a_torch_traceback():
 
 def _model_where_rows_stop_at_different_steps():
     """The tiny model with EOS set to a token that greedy decoding emits in two of the three contexts, at different
-    steps, and not in the third: with G = 3, six of nine rows stop, the static loop's batch halves once."""
+    steps, and not in the third: with G = 3, six of nine rows stop, three at each of two steps."""
     model, tok = tiny_random(seed=1)
     model.eval()
     free = sample(model, tok, CONTEXTS, 1, 10, greedy=True).completions
@@ -121,7 +121,7 @@ def _model_where_rows_stop_at_different_steps():
     return model, tok
 
 
-def test_static_backend_greedy_matches_tokeneff_and_halves_its_batch():
+def test_static_backend_greedy_matches_tokeneff_and_drops_finished_rows():
     model, tok = _model_where_rows_stop_at_different_steps()
     want = sample(model, tok, CONTEXTS, 3, 10, greedy=True)
     sizes = []
@@ -131,9 +131,9 @@ def test_static_backend_greedy_matches_tokeneff_and_halves_its_batch():
     assert got.completions == want.completions and got.truncated == want.truncated
     assert torch.equal(got.completion_ids, want.completion_ids)
     assert sorted(len(c) for c in got.completions) == [3] * 3 + [6] * 3 + [10] * 3 and sum(got.truncated) == 3
-    # one prefill of the 3 contexts; then the forwards of tokens 1 to 9: all 9 rows while more than half run (3 stop
-    # at token 3), the 3 running rows only once 6 have stopped (at token 6)
-    assert sizes[0] == 3 and sizes[1:] == [9] * 5 + [3] * 4, sizes
+    # one prefill of the 3 contexts; then the forwards of tokens 1 to 9: all 9 rows, the 6 still running once 3 have
+    # stopped (at token 3), the last 3 once 6 have (at token 6): the same batches as the eager loop's
+    assert sizes[0] == 3 and sizes[1:] == [9] * 2 + [6] * 3 + [3] * 4, sizes
 
 
 def test_static_backend_sampled_logprobs_equal_the_training_forward(monkeypatch):
@@ -166,7 +166,7 @@ def test_static_backend_sampled_logprobs_equal_the_training_forward(monkeypatch)
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
     comps = roll.completions
     assert 1 < len({len(c) for c in comps}) and any(c[-1] in eos for c in comps)
-    # the sampler's rows at each step: all, then the running ones whenever they are at most half of the batch
+    # the sampler's rows at each step: the ones still running
     sampler_lp, batch = {}, list(range(len(comps)))
     for t, logits in enumerate(steps):
         assert len(logits) == len(batch)
@@ -174,9 +174,8 @@ def test_static_backend_sampled_logprobs_equal_the_training_forward(monkeypatch)
         for i, r in enumerate(batch):
             if t < len(comps[r]):
                 sampler_lp[r, t] = lp[i, comps[r][t]]
-        running = [r for r in batch if len(comps[r]) > t + 1]
-        batch = running if 2 * len(running) <= len(batch) else batch
-    assert len(steps[-1]) < len(comps), "the batch should have halved at least once"
+        batch = [r for r in batch if len(comps[r]) > t + 1]
+    assert len(steps[-1]) < len(comps), "rows should have left the batch"
     cells = sorted(sampler_lp)
     policy.eval()
     with torch.no_grad():
@@ -190,7 +189,7 @@ def test_static_backend_sampled_logprobs_equal_the_training_forward(monkeypatch)
 def test_rollout_options_are_checked():
     cfg = make_config("embedded", overrides=dict(rollout_backend="static", rollout_compile="true",
                                                  rollout_merge_lora="yes"))
-    assert cfg.rollout_options() == dict(backend="static", compile=True, merge_lora=True)
+    assert cfg.rollout_options() == dict(backend="static", compile=True, merge_lora=True, dtype="float32")
     for over, msg in ((dict(rollout_compile="maybe"), "rollout_compile='maybe': expected bool"),
                       (dict(rollout_backend="tokeneff", rollout_compile=True),
                        "rollout_compile=True: applies to rollout_backend=static only"),
@@ -211,3 +210,66 @@ def test_compiled_static_step_decodes_as_the_eager_one():
     torch._dynamo.utils.counters.clear()
     assert sample(model, tok, CONTEXTS, 3, 10, greedy=True, backend="static", compile=True).completions == want
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "the step should have run compiled"
+
+
+def _policy_with_a_live_adapter():
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny_random(seed=1)
+    torch.manual_seed(0)
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)  # B starts at zero: make the adapter change the model
+    return policy, tok
+
+
+def test_bfloat16_rollout_samples_the_merged_model_cast_to_bfloat16_and_leaves_the_weights():
+    """rollout_dtype=bfloat16: the sampler's tokens are those of the adapter merged into a copy of the model cast
+    to bfloat16 (built here with peft's own merge), and the float32 weights training owns stay as they were."""
+    import copy
+
+    policy, tok = _policy_with_a_live_adapter()
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    got = sample(policy, tok, CONTEXTS, 2, 10, greedy=True, backend="static", dtype="bfloat16")
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in policy.named_parameters())
+    ref_model = copy.deepcopy(policy).merge_and_unload().to(torch.bfloat16)
+    want = sample(ref_model, tok, CONTEXTS, 2, 10, greedy=True, backend="static")
+    assert got.completions == want.completions
+    with policy.disable_adapter():
+        base = sample(policy, tok, CONTEXTS, 2, 10, greedy=True, backend="static", dtype="bfloat16")
+    assert got.completions != base.completions, "the adapter should change what the model writes"
+
+
+def test_bfloat16_casts_are_kept_between_rollouts_until_a_weight_changes():
+    policy, tok = _policy_with_a_live_adapter()
+    sample(policy, tok, CONTEXTS, 2, 6, greedy=True, backend="static", dtype="bfloat16")
+    casts = dict(policy.__dict__["_tokeneff_casts"])
+    assert casts and all(t.dtype == torch.bfloat16 for t in casts.values())
+    sample(policy, tok, CONTEXTS, 2, 6, greedy=True, backend="static", dtype="bfloat16")
+    assert all(policy.__dict__["_tokeneff_casts"][k] is t for k, t in casts.items()), "the casts should be reused"
+    head = policy.get_base_model().lm_head.weight
+    with torch.no_grad():
+        head.mul_(-1)  # as an optimizer step would change a trained weight: in place
+    flipped = sample(policy, tok, CONTEXTS, 2, 6, greedy=True, backend="static", dtype="bfloat16")
+    now = policy.__dict__["_tokeneff_casts"]
+    assert len(now) == len(casts), "the stale cast should have been dropped, not kept beside the new one"
+    with torch.no_grad():
+        head.mul_(-1)
+    ref = sample(policy, tok, CONTEXTS, 2, 6, greedy=True, backend="static", dtype="bfloat16")
+    assert flipped.completions != ref.completions, "sampling should have seen the changed weight"
+
+
+def test_rollout_dtype_is_checked():
+    from tokeneff.errors import TokeneffError
+
+    model, tok = tiny_random(seed=1)
+    with pytest.raises(TokeneffError, match="rollout_dtype='float16': must be one of float32, bfloat16"):
+        sample(model, tok, CONTEXTS, 1, 2, dtype="float16")
+    for over, msg in ((dict(rollout_backend="static", rollout_dtype="fp8"),
+                       "rollout_dtype='fp8': must be one of float32, bfloat16"),
+                      (dict(rollout_dtype="bfloat16"), "rollout_dtype='bfloat16': applies to rollout_backend=static")):
+        with pytest.raises(ConfigError, match=msg):
+            make_config("embedded", overrides=over)
+    cfg = make_config("embedded", overrides=dict(rollout_backend="static", rollout_dtype="bfloat16"))
+    assert cfg.rollout_options()["dtype"] == "bfloat16" and cfg.rollout_options(evaluation=True)["dtype"] == "float32"

@@ -24,6 +24,7 @@ ALGOS = tuple(ALGORITHMS)  # the one list of algorithm names is algorithms.ALGOR
 TASKS = ("svamp", "multiplication")
 PROFILES = ("embedded", "paper")
 BACKENDS = ("tokeneff", "hf", "hf-static", "static")  # rollout backends (rollout.sample)
+ROLLOUT_DTYPES = ("float32", "bfloat16")  # the weights training rollouts sample with (rollout.sampling_weights)
 ANSWER_FORMATS = ("short", "worked")  # multiplication answers (tasks/multiplication.py)
 EVAL_SPLITS = ("test", "val")
 # Warm starts (warmstart.py) by model-name suffix: `<base><suffix>` loads the base's warm start built with this recipe
@@ -136,6 +137,11 @@ class TrainConfig(LoraSettings):
     """static backend: sample with the LoRA update merged into a copy of the adapted weights (one matrix product per
     layer instead of three; the originals are put back untouched): a small saving per step for a merge per rollout
     on a CPU (docs/memory-and-speed.md)"""
+    rollout_dtype: str = "float32"
+    """static backend: float32 | bfloat16, the training rollouts sampled from a bfloat16 copy of the (LoRA-merged)
+    weights while the loss stays in the model's own precision: ~3x faster matrix products on a CPU with AVX-512
+    BF16, for samples from a slightly different policy than the one trained (its log-probs differ in the
+    bfloat16 rounding; nothing corrects for it). Evaluation always runs the model's own weights."""
 
     # --- algorithm ---
     sgrpo_alpha: int = 25
@@ -194,7 +200,7 @@ class TrainConfig(LoraSettings):
 
         choices = {"algo": ALGOS, "task": TASKS, "profile": PROFILES,
                    "replay": ("on", "off", "auto"), "mixed_precision": ("no", "bf16", "fp16"),
-                   "rollout_backend": BACKENDS, "answer_format": ANSWER_FORMATS, "eval_split": EVAL_SPLITS}
+                   "rollout_backend": BACKENDS, "rollout_dtype": ROLLOUT_DTYPES, "answer_format": ANSWER_FORMATS, "eval_split": EVAL_SPLITS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {', '.join(allowed)}")
@@ -203,6 +209,8 @@ class TrainConfig(LoraSettings):
                 raise bad(name, "must be true or false")
             if getattr(self, name) and self.rollout_backend != "static":
                 raise bad(name, f"applies to rollout_backend=static only (it is {self.rollout_backend!r})")
+        if self.rollout_dtype != "float32" and self.rollout_backend != "static":
+            raise bad("rollout_dtype", f"applies to rollout_backend=static only (it is {self.rollout_backend!r})")
         if not isinstance(self.model, str) or not self.model.strip():
             raise bad("model", "must be a built-in name, a hub id or a local path")
         positive = ("steps", "group_size", "prompts_per_step", "max_new_tokens", "sgrpo_k",
@@ -263,9 +271,10 @@ class TrainConfig(LoraSettings):
             raise bad("out", "must be a directory path")
         return self
 
-    def rollout_options(self) -> dict[str, Any]:
-        """`rollout.sample`'s backend keywords."""
-        return dict(backend=self.rollout_backend, compile=self.rollout_compile, merge_lora=self.rollout_merge_lora)
+    def rollout_options(self, evaluation: bool = False) -> dict[str, Any]:
+        """`rollout.sample`'s backend keywords; an evaluation samples the model's own weights (no rollout_dtype)."""
+        return dict(backend=self.rollout_backend, compile=self.rollout_compile, merge_lora=self.rollout_merge_lora,
+                    dtype="float32" if evaluation else self.rollout_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -299,7 +308,7 @@ FIELD_RULES: dict[str, str] = dict(
     lora_r="-", lora_alpha="-", lora_dropout="-", lora_targets="-", algo="-", task="e", model="e", profile="-",
     steps="r", seed="-", out="r", threads="r", svamp_dir="e", extra_train="-", digits_a="e", digits_b="e",
     num_shots="e", answer_format="e", group_size="-", prompts_per_step="-", max_new_tokens="e", temperature="-",
-    top_p="-", rollout_backend="e", rollout_compile="e", rollout_merge_lora="-", sgrpo_alpha="-", sgrpo_p="-",
+    top_p="-", rollout_backend="e", rollout_compile="e", rollout_merge_lora="-", rollout_dtype="-", sgrpo_alpha="-", sgrpo_p="-",
     sgrpo_k="-", beta="-", log_kl="-", adv_eps="-", replay="-", replay_fraction="-", replay_buffer_size="-", lr="-",
     weight_decay="-", max_grad_norm="-", micro_batch_size="-", gradient_checkpointing="-", mixed_precision="-",
     lm_head_tile="-", eval_every="rm", eval_at_start="rm", eval_limit="rme", eval_split="me", eval_batch_size="r",

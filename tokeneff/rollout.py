@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import BACKENDS
+from .config import BACKENDS, ROLLOUT_DTYPES
 from .errors import TokeneffError
 
 
@@ -66,9 +66,15 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool = True
     return out.last_hidden_state, cache
 
 
-def pick_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-              greedy: bool = False) -> torch.Tensor:
-    """Next token per row: argmax, or a draw from softmax(logits / T) restricted to the top-p nucleus."""
+def pick_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+              draw: str = "multinomial") -> torch.Tensor:
+    """Next token per row: argmax, or a draw from softmax(logits / T) restricted to the top-p nucleus.
+
+    draw="multinomial" is torch.multinomial, which draws one exponential per vocabulary entry (49,152 per row for
+    SmolLM2: 12% of a CPU decode step at batch 24); "inverse-cdf" draws one uniform per row and finds it in the
+    running sum of the probabilities (float32, as GPU samplers do: each token's mass is off by at most half an ulp
+    of the sum before it, < 6e-8), 12x cheaper on a CPU. Both sample the same distribution from different random
+    numbers, so a seed gives different tokens under each."""
     if greedy:
         return logits.argmax(-1)
     scores = logits.float() / temperature
@@ -76,13 +82,21 @@ def pick_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0
         from transformers import TopPLogitsWarper
 
         scores = TopPLogitsWarper(top_p)(None, scores)
-    try:
-        return torch.multinomial(scores.softmax(-1), 1).squeeze(1)
-    except RuntimeError as e:  # torch's own check, no extra sync: the model's output is not finite
-        if "probability tensor" not in str(e):
-            raise
-        raise TokeneffError("sampling failed: the model's next-token probabilities are not finite (are its weights, or "
-                            "the LoRA update, finite? a damaged model folder or a too large lr)") from None
+    probs = scores.softmax(-1)
+    if draw == "inverse-cdf":
+        cdf = probs.cumsum(-1)
+        total = cdf[:, -1:]
+        if torch.isfinite(total).all():
+            u = torch.rand(total.shape, dtype=total.dtype, device=total.device) * total
+            return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)
+    else:
+        try:
+            return torch.multinomial(probs, 1).squeeze(1)
+        except RuntimeError as e:  # torch's own check, no extra sync: the model's output is not finite
+            if "probability tensor" not in str(e):
+                raise
+    raise TokeneffError("sampling failed: the model's next-token probabilities are not finite (are its weights, or "
+                        "the LoRA update, finite? a damaged model folder or a too large lr)")
 
 
 def _share_prefix(model, cache, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, min_shared: int = 8):
@@ -153,71 +167,145 @@ def decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_sample
     return gen
 
 
+def _sliced_cache(grown, capacity: int):
+    """`grown` (a DynamicCache) with each layer moved into buffers `capacity` tokens long."""
+    from transformers import DynamicLayer
+
+    class SlicedLayer(DynamicLayer):
+        """A DynamicLayer on preallocated buffers: `update` writes the new columns in place and returns views up to
+        the length so far, so a step neither copies the cache (DynamicLayer's torch.cat) nor attends past it."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+            super().__init__()
+            self.lazy_initialization(keys, values)
+            rows, heads, self.length, _ = keys.shape
+            self.kbuf = keys.new_empty(rows, heads, capacity, keys.shape[-1])
+            self.vbuf = values.new_empty(rows, heads, capacity, values.shape[-1])
+            self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length] = keys, values
+            self.keys, self.values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = self.length + key_states.shape[-2]
+            self.kbuf[:, :, self.length:end], self.vbuf[:, :, self.length:end] = key_states, value_states
+            self.length = end
+            self.keys, self.values = self.kbuf[:, :, :end], self.vbuf[:, :, :end]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            n, end = len(indices), self.length  # rows move up in place: no new buffer
+            self.kbuf[:n, :, :end], self.vbuf[:n, :, :end] = self.kbuf[indices, :, :end], self.vbuf[indices, :, :end]
+            self.kbuf, self.vbuf = self.kbuf[:n], self.vbuf[:n]
+            self.keys, self.values = self.kbuf[:, :, :end], self.vbuf[:, :, :end]
+
+    grown.layers = [SlicedLayer(layer.keys, layer.values) for layer in grown.layers]
+    return grown
+
+
 def static_decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int,
                        max_new_tokens: int, eos: set[int], compile: bool = False, **pick) -> list[list[int]]:
-    """decode_loop on preallocated tensors: the KV cache (a transformers StaticCache) and the attention mask are
-    sized context + max_new_tokens once, and each step writes one column in place instead of concatenating.
-    Finished rows stay in the batch until the running ones are at most half of it; then the batch shrinks to
-    them. Halving bounds the shapes a compiled step sees to log2(rows) and costs no more than shrinking at every
-    EOS on a CPU (README, "Memory and speed"). Rows run on past their EOS; `sample` cuts each at its first."""
+    """decode_loop on preallocated tensors: the KV cache and the attention mask are sized context + max_new_tokens
+    once, and each step writes one column in place instead of concatenating. Sampling draws by inverse CDF
+    (`pick_next`). Two shapes of step:
+    - eager (the default): each step attends only up to the length so far (views of the buffers), and a row that
+      emits EOS leaves the batch at once, as in `decode_loop`, whose batch shapes (and so greedy tokens) it keeps;
+    - `compile`: a fixed-shape step for torch.compile and CUDA graphs (a transformers StaticCache, the full-width
+      mask); finished rows stay in the batch until the running ones are at most half of it, so the compiled step
+      sees at most log2(rows) shapes.
+    Rows run on past their EOS where they stay in the batch; `sample` cuts each at its first."""
     from transformers import StaticCache
 
     logits, grown, ctx_mask = prefill_groups(model, ctx_ids, ctx_mask, num_samples)
     rows, width = ctx_mask.shape
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cache = StaticCache(config=base.config, max_cache_len=width + max_new_tokens - 1)
-    for layer, src in zip(cache.layers, grown.layers, strict=True):
-        layer.lazy_initialization(src.keys, src.values)
-        layer.keys[:, :, :width], layer.values[:, :, :width] = src.keys, src.values
-        layer.cumulative_length.fill_(width)
+    capacity = width + max_new_tokens - 1
+    if compile:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cache = StaticCache(config=base.config, max_cache_len=capacity)
+        for layer, src in zip(cache.layers, grown.layers, strict=True):
+            layer.lazy_initialization(src.keys, src.values)
+            layer.keys[:, :, :width], layer.values[:, :, :width] = src.keys, src.values
+            layer.cumulative_length.fill_(width)
+        forward = compiled_forward(model)
+    else:
+        cache, forward = _sliced_cache(grown, capacity), model
     del grown
-    mask = ctx_mask.new_zeros(rows, width + max_new_tokens - 1)
-    mask[:, :width] = ctx_mask
+    mask = torch.zeros((rows, 1, 1, capacity), dtype=torch.bool, device=ctx_mask.device)  # sdpa's: True attends
+    mask[:, 0, 0, :width] = ctx_mask.bool()
     ctx_len = ctx_mask.sum(-1)
     live = torch.arange(rows, device=mask.device)  # original row of each row in the batch
     done = torch.zeros(rows, dtype=torch.bool, device=mask.device)
     eos_ids = torch.tensor(sorted(eos), device=mask.device)
     gen = torch.zeros((rows, max_new_tokens), dtype=torch.long, device=mask.device)
-    forward = compiled_forward(model) if compile else model
     for t in range(max_new_tokens):
-        tok = pick_next(logits, **pick)
+        tok = pick_next(logits, draw="inverse-cdf", **pick)
         gen[live, t] = tok
         done |= torch.isin(tok, eos_ids)
         running = len(done) - int(done.sum())
         if t == max_new_tokens - 1 or running == 0:
             break
-        if 2 * running <= len(done):
+        if running < len(done) and (not compile or 2 * running <= len(done)):
             idx = (~done).nonzero().squeeze(1)
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+            if compile:
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+            else:
+                cache.batch_select_indices(idx)
             live, tok, mask, ctx_len, done = live[idx], tok[idx], mask[idx], ctx_len[idx], done[idx]
-        mask[:, width + t] = 1
-        logits = forward(input_ids=tok[:, None], attention_mask=mask, position_ids=(ctx_len + t)[:, None],
-                         past_key_values=cache, use_cache=True).logits[:, -1]
+        mask[:, 0, 0, width + t] = True
+        logits = forward(input_ids=tok[:, None], attention_mask=mask if compile else mask[..., :width + t + 1],
+                         position_ids=(ctx_len + t)[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
     return gen.tolist()
 
 
+DTYPES = dict(zip(ROLLOUT_DTYPES, (None, torch.bfloat16), strict=True))
+"""rollout_dtype: the model's own weights, or a bfloat16 copy for sampling"""
+
+
 @contextlib.contextmanager
-def merged_lora(model):
-    """Sample with each LoRA layer's weight W + scale * B @ A in place of W and the adapter switched off: one
-    matrix product per layer instead of three. The original weights are put back untouched (not un-merged by
-    subtraction, which would round them), so training continues on exactly the weights it had."""
+def sampling_weights(model, merge_lora: bool = False, dtype: torch.dtype | None = None):
+    """Sample with other weights than training's: each LoRA layer's W + scale * B @ A in place of W with the adapter
+    switched off (`merge_lora`: one matrix product per layer instead of three), and/or every weight cast to `dtype`
+    (a bfloat16 copy: a CPU with AVX-512 BF16 multiplies it ~3x faster than float32; the LoRA update is then merged
+    too). The originals are put back untouched (not un-merged or cast back, which would round them), so training
+    continues on exactly the weights it had. Casts of weights that training leaves alone are kept on the model
+    between rollouts; a weight's version counter says when one changed."""
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    if not layers or not hasattr(model, "disable_adapter") or any(m.merged or m.lora_variant for m in layers):
+    merge = (merge_lora or dtype is not None) and bool(layers) and hasattr(model, "disable_adapter")
+    if merge and any(m.merged or m.lora_variant or m.disable_adapters for m in layers):
+        merge = False  # a merged, DoRA-like or switched-off adapter: leave it as it is
+    swaps: dict[tuple[torch.nn.Module, str], torch.nn.Parameter] = {}
+    if merge:
+        for m in layers:
+            w = m.base_layer.weight
+            delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
+            swaps[m.base_layer, "weight"] = (w + delta).to(dtype or w.dtype)
+    if dtype is not None:
+        cache = model.__dict__.setdefault("_tokeneff_casts", {})
+        adapters = {id(p) for m in layers for p in (*m.lora_A.parameters(), *m.lora_B.parameters())}
+        for mod in model.modules():
+            for name, p in mod._parameters.items():
+                if p is None or (mod, name) in swaps or id(p) in adapters or not p.is_floating_point():
+                    continue
+                key = (id(p), p.data_ptr(), p._version)
+                if key not in cache:
+                    cache[key] = p.detach().to(dtype)
+                swaps[mod, name] = cache[key]
+        live = {(id(p), p.data_ptr(), p._version) for p in model.parameters()}
+        for key in [k for k in cache if k not in live]:  # a weight training changed: drop its old cast
+            del cache[key]
+    if not swaps:
         yield
         return
-    originals = [m.base_layer.weight for m in layers]
+    originals = {key: key[0]._parameters[key[1]] for key in swaps}
     try:
-        for m, w in zip(layers, originals, strict=True):
-            delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
-            m.base_layer.weight = torch.nn.Parameter(w + delta, requires_grad=False)
-        with model.disable_adapter():
+        for (mod, name), w in swaps.items():
+            mod._parameters[name] = torch.nn.Parameter(w, requires_grad=False)
+        with model.disable_adapter() if merge else contextlib.nullcontext():
             yield
     finally:
-        for m, w in zip(layers, originals, strict=True):
-            m.base_layer.weight = w
+        for (mod, name), w in originals.items():
+            mod._parameters[name] = w
 
 
 def compiled_forward(model):
@@ -253,12 +341,12 @@ def hf_generate(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor,
 
 def generate_rows(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int,
                   max_new_tokens: int, eos: set[int], backend: str = "tokeneff", compile: bool = False,
-                  merge_lora: bool = False, **pick) -> list[list[int]]:
+                  merge_lora: bool = False, dtype: str = "float32", **pick) -> list[list[int]]:
     """The backend's generated rows, each possibly running on past its first EOS (`eos` empty: full length)."""
     if backend == "tokeneff":
         return decode_loop(model, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, **pick)
     if backend == "static":
-        with merged_lora(model) if merge_lora else contextlib.nullcontext():
+        with sampling_weights(model, merge_lora, DTYPES[dtype]):
             return static_decode_loop(model, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, compile, **pick)
     return hf_generate(model, tokenizer, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos,
                        static=backend == "hf-static", **pick)
@@ -267,17 +355,20 @@ def generate_rows(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tenso
 @torch.no_grad()
 def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, backend: str = "tokeneff",
-           compile: bool = False, merge_lora: bool = False) -> Rollout:
+           compile: bool = False, merge_lora: bool = False, dtype: str = "float32") -> Rollout:
     """Generate `num_samples` completions for each context (token ids); rows are context-major.
 
     Backends: tokeneff, our loop (prompt KV shared by its group, finished rows leave the batch); static, the same
-    on a preallocated cache and mask (`compile`: its decode step under torch.compile; `merge_lora`: the adapter
-    merged into a sampling copy of the adapted weights); hf, transformers `generate` seeded with the shared prompt
+    on a preallocated cache and mask, drawing by inverse CDF (`compile`: its decode step under torch.compile;
+    `merge_lora`: the adapter merged into a sampling copy of the adapted weights; `dtype`: a bfloat16 sampling copy
+    of every weight); hf, transformers `generate` seeded with the shared prompt
     KV; hf-static, `generate` with a static KV cache (compiled forward and CUDA graphs on a GPU; prompts
     repeated, since a static cache cannot be seeded from another cache).
     """
     if backend not in BACKENDS:
         raise TokeneffError(f"rollout_backend={backend!r}: must be one of {', '.join(BACKENDS)}")
+    if dtype not in DTYPES:
+        raise TokeneffError(f"rollout_dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
     device = next(model.parameters()).device
     ctx_ids, ctx_mask = left_pad(contexts, tokenizer.pad_token_id)
     ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
@@ -289,7 +380,7 @@ def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_ne
     model.eval()
     try:
         gen = generate_rows(model, tokenizer, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, backend, compile,
-                            merge_lora, **pick)
+                            merge_lora, dtype, **pick)
     finally:
         model.train(was_training)
     completions, truncated = [], []

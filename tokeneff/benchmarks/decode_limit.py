@@ -52,15 +52,26 @@ def linear_shapes(model) -> Counter:
     return shapes
 
 
-BACKEND_SPECS = ("tokeneff", "static", "static+compile", "hf", "hf-static")
-"""what `--backends` may name: a rollout backend, or static with its decode step compiled"""
+BACKEND_SPECS = ("tokeneff", "static", "static+compile", "static+merge", "static+bf16", "hf", "hf-static")
+"""what `--backends` may name: a rollout backend, or static with its decode step compiled, its LoRA merged for
+sampling, or a bfloat16 sampling copy of the weights"""
+_EXTRAS = {"": {}, "compile": dict(compile=True), "merge": dict(merge_lora=True), "bf16": dict(dtype="bfloat16")}
 
 
 def _backend(spec: str) -> dict[str, Any]:
+    """`generate_rows`'s keywords for a --backends name."""
     if spec not in BACKEND_SPECS:
         raise TokeneffError(f"backend {spec!r}: must be one of {', '.join(BACKEND_SPECS)}")
     name, _, extra = spec.partition("+")
-    return dict(backend=name, compile=extra == "compile")
+    return dict(backend=name, **_EXTRAS[extra])
+
+
+def backend_overrides(spec: str) -> list[str]:
+    """The `key=value` config overrides of a --backends name, for `tokeneff train`."""
+    kw = _backend(spec)
+    keys = dict(backend="rollout_backend", compile="rollout_compile", merge_lora="rollout_merge_lora",
+                dtype="rollout_dtype")
+    return [f"{keys[k]}={v}" for k, v in kw.items()]
 
 
 @torch.no_grad()
