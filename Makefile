@@ -33,8 +33,8 @@ reproduce: setup
 # multiplication's, one folder per warm-start recipe (runs/svamp-<recipe>), so a later session continues the grid and
 # the grid from the earlier +sftepoch warm start stays committed beside it. SVAMP_TOKENS: chosen on validation
 # (results/pilots/README.md). SVAMP_BACKEND: the rollout backend (the +sftepoch grid ran with tokeneff, the eager
-# loop; the +sftepochmlp grid with static, the static-cache loop: same greedy completions, 1.3x faster decode step at a
-# fixed batch, not faster for a whole update: docs/memory-and-speed.md).
+# loop; the +sftepochmlp grid with static, the fixed-shape static-cache loop; both draw by torch.multinomial, unlike
+# today's default, sliced: docs/memory-and-speed.md). Pinned, so that the committed runs are reused.
 SVAMP_TOKENS ?= 64
 FULL_DIR   := results/embedded-full
 # SVAMP_WARM: the warm start's recipe (config.WARM_STARTS, chosen on validation: results/pilots/README.md). Its
@@ -61,8 +61,8 @@ reproduce-full: reproduce-full-mulworked reproduce-full-svamp reproduce-full-mul
 # checkpoints are not: .gitignore), so a later session or a fresh clone continues the grid instead of redoing it;
 # MULWORKED_RUNS=runs recomputes every run from scratch in runs/.
 MULWORKED_RUNS ?= results/embedded-full/runs
-# Its committed runs sampled with the eager loop (rollout_backend=tokeneff, the default): pinned, so that they are
-# reused rather than refused as different runs whatever the default.
+# Its committed runs sampled with the eager loop (rollout_backend=tokeneff, the default until 2026-12): pinned, so
+# that they are reused rather than refused as different runs whatever the default.
 FULL_MULWORKED := -p results_name embedded-full -p runs_dir ../$(MULWORKED_RUNS) -y "seeds: [0, 1, 2, 3, 4, 5, 6]" \
                   -y "extra: {rollout_backend: tokeneff}"
 reproduce-full-mulworked: setup

@@ -1,11 +1,12 @@
-"""Does the static rollout backend decode as the default one does? (issue 21)
+"""Do the preallocated rollout backends decode as the eager loop does? (issue 21)
 
-Greedy completions of `rollout_backend=static` against `tokeneff` for the embedded model in float32, on every
-multiplication (200) and SVAMP (300) test problem, evaluated as `tokeneff evaluate` does (embedded profile). The two
-loops compute the same function on different shapes (a fixed-width cache, rows leaving by halves), so logits may
-differ in the last bits and a near-tie may flip; this counts the flips and lists each one. On an idle machine:
+Greedy completions of each `--backends` entry (default: sliced, static) against `tokeneff` for the embedded model in
+float32, on every multiplication (200) and SVAMP (300) test problem, evaluated as `tokeneff evaluate` does (embedded
+profile). The loops compute the same function on other shapes (static: a fixed-width cache, rows leaving by halves),
+so logits may differ in the last bits and a near-tie may flip; this counts the flips and lists each one. On an idle
+machine:
 
-    python scripts/check_static_decode.py            # ~10 min on one thread; --limit 10 for a smoke check
+    python scripts/check_static_decode.py            # ~12 min on one thread; --limit 10 for a smoke check
 
 Writes results/benchmarks/static_decode_check_<device>_<model>.json (--out).
 """
@@ -16,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from tokeneff.benchmarks.benchio import device_name
-from tokeneff.benchmarks.decode_limit import eval_times
+from tokeneff.benchmarks.decode_limit import BACKEND_SPECS, eval_times
 from tokeneff.models import load_model
 from tokeneff.utils import set_threads, write_json
 
@@ -26,21 +27,26 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--limit", type=int, default=0, help="first N test problems of each task (0: all)")
     p.add_argument("--out", default="results/benchmarks")
+    p.add_argument("--backends", default="sliced,static", help="compared with tokeneff, comma-separated")
     args = p.parse_args()
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in backends:
+        if b not in BACKEND_SPECS:
+            p.error(f"--backends: {b!r} is not one of {', '.join(BACKEND_SPECS)}")
     set_threads(0)  # one thread, as every run
     model, tok = load_model(args.model)  # float32
     model.eval()
     rows = []
     for task in ("multiplication", "svamp"):
-        rows += eval_times(model, tok, args.model, ("tokeneff", "static"), args.limit, task)
-        r = rows[-1]
-        print(f"{task}: {r['flips']} of {r['n']} greedy completions differ (static vs tokeneff); accuracy "
-              f"{rows[-2]['accuracy']:.3f} -> {r['accuracy']:.3f}; {rows[-2]['eval_seconds']:.0f} s -> "
-              f"{r['eval_seconds']:.0f} s", flush=True)
+        got = eval_times(model, tok, args.model, ("tokeneff", *backends), args.limit, task)
+        rows += got
+        for r in got[1:]:
+            print(f"{task}: {r['flips']} of {r['n']} greedy completions differ ({r['backend']} vs tokeneff); accuracy "
+                  f"{got[0]['accuracy']:.3f} -> {r['accuracy']:.3f}; {got[0]['eval_seconds']:.0f} s -> "
+                  f"{r['eval_seconds']:.0f} s", flush=True)
     tag = device_name().split()[0].lower()
     path = Path(args.out) / f"static_decode_check_{tag}_{args.model.replace('/', '_')}.json"
-    write_json(path, dict(model=args.model, limit=args.limit, total_flips=sum(r["flips"] for r in rows[1::2]),
-                          rows=rows))
+    write_json(path, dict(model=args.model, limit=args.limit, total_flips=sum(r["flips"] for r in rows), rows=rows))
     print(f"written to {path}")
 
 

@@ -88,8 +88,9 @@ def main() -> None:
           f"tokens (mean) | rollout ms per token | rollout vs {ref['backend']} | update vs {ref['backend']} |\n"
           "|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['backend']} | {r['step_seconds']:.2f} s | {r['rollout_seconds']:.2f} s | {r['rest_seconds']:.2f} s "
-              f"| {r['tokens_in_loss_mean']:.0f} | {r['completion_len_mean']:.1f} | {r['rollout_ms_per_token']:.0f} | "
+        print(f"| {r['backend']} | {r['step_seconds']:.2f} s | {r['rollout_seconds']:.2f} s | "
+              f"{r['rest_seconds']:.2f} s | {r['tokens_in_loss_mean']:.0f} | {r['completion_len_mean']:.1f} | "
+              f"{r['rollout_ms_per_token']:.0f} | "
               f"{r['rollout_speedup']:.2f}× | {r['update_speedup']:.2f}× |")
     print(f"-> {out}")
 

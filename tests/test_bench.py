@@ -37,7 +37,7 @@ def test_bench_ladder_writes_every_variant(tmp_path):
     assert data["suite"] == "t"
     roll = data["rollout"]
     assert roll["tokeneff_sample_tokens_per_s"] > 0 and roll["hf_generate_static_tokens_per_s"] > 0
-    assert roll["static_sample_tokens_per_s"] > 0
+    assert roll["static_sample_tokens_per_s"] > 0 and roll["sliced_sample_tokens_per_s"] > 0
     assert len(pd.read_csv(tmp_path / "bench_cpu_tiny-random_t.csv")) == len(rows)
 
 
@@ -106,6 +106,7 @@ def test_bench_keeps_what_it_measured_when_a_configuration_fails(tmp_path, monke
     assert data["steps"] == [] and data["device"] == "GPU" and data["complete"] is False
     assert {k for k in data["rollout"] if k.endswith("_per_s")} == {"hf_generate_tokens_per_s",
                                                                    "tokeneff_sample_tokens_per_s",
+                                                                   "sliced_sample_tokens_per_s",
                                                                    "static_sample_tokens_per_s"}
     monkeypatch.setattr(bench, "_in_subprocess", _fail_on(0, roll))
     run_bench(completion_lens=(4,), out=str(tmp_path))
@@ -154,5 +155,5 @@ def test_decode_limit_puts_the_backends_side_by_side(tmp_path):
         ("tokeneff", "multiplication", 3, "tokeneff"), ("static", "multiplication", 3, "tokeneff")]
     assert evals[1]["flips"] == len(evals[1]["differ"]) == 0 and evals[1]["accuracy"] == evals[0]["accuracy"]
     assert json.loads((tmp_path / "decode_limit_cpu_tiny-random.json").read_text()) == rows
-    with pytest.raises(TokeneffError, match="backend 'vllm': must be one of tokeneff, static"):
+    with pytest.raises(TokeneffError, match="backend 'vllm': must be one of sliced, sliced"):
         decode_limit("tiny-random", backends=("vllm",))

@@ -121,22 +121,27 @@ def _model_where_rows_stop_at_different_steps():
     return model, tok
 
 
-def test_static_backend_greedy_matches_tokeneff_and_drops_finished_rows():
+# forwards after the prefill of the 3 contexts, for tokens 1 to 9 (3 rows stop at token 3, 3 more at token 6):
+# sliced runs the rows still running, as the eager loop does; static keeps all 9 while more than half run
+BATCHES = dict(sliced=[9] * 2 + [6] * 3 + [3] * 4, static=[9] * 5 + [3] * 4)
+
+
+@pytest.mark.parametrize("backend", ["sliced", "static"])
+def test_preallocated_backends_greedy_match_tokeneff_and_drop_finished_rows(backend):
     model, tok = _model_where_rows_stop_at_different_steps()
-    want = sample(model, tok, CONTEXTS, 3, 10, greedy=True)
+    want = sample(model, tok, CONTEXTS, 3, 10, greedy=True, backend="tokeneff")
     sizes = []
     hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: sizes.append(o.shape[0]))
-    got = sample(model, tok, CONTEXTS, 3, 10, greedy=True, backend="static")
+    got = sample(model, tok, CONTEXTS, 3, 10, greedy=True, backend=backend)
     hook.remove()
     assert got.completions == want.completions and got.truncated == want.truncated
     assert torch.equal(got.completion_ids, want.completion_ids)
     assert sorted(len(c) for c in got.completions) == [3] * 3 + [6] * 3 + [10] * 3 and sum(got.truncated) == 3
-    # one prefill of the 3 contexts; then the forwards of tokens 1 to 9: all 9 rows, the 6 still running once 3 have
-    # stopped (at token 3), the last 3 once 6 have (at token 6): the same batches as the eager loop's
-    assert sizes[0] == 3 and sizes[1:] == [9] * 2 + [6] * 3 + [3] * 4, sizes
+    assert sizes[0] == 3 and sizes[1:] == BATCHES[backend], sizes
 
 
-def test_static_backend_sampled_logprobs_equal_the_training_forward(monkeypatch):
+@pytest.mark.parametrize("backend", ["sliced", "static"])
+def test_preallocated_backends_sampled_logprobs_equal_the_training_forward(monkeypatch, backend):
     """With LoRA merged for sampling, the sampler's log pi(token) at every sampled token equals what the loss
     (SelectiveLogProbs on the unmerged adapter) computes, and sampling leaves the trained weights untouched."""
     from peft import LoraConfig, get_peft_model
@@ -153,7 +158,7 @@ def test_static_backend_sampled_logprobs_equal_the_training_forward(monkeypatch)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     temperature, G = 0.8, 4
     torch.manual_seed(1)
-    free = sample(policy, tok, CONTEXTS, G, 8, temperature, backend="static").completions
+    free = sample(policy, tok, CONTEXTS, G, 8, temperature, backend=backend).completions
     # four frequent tokens end a completion: rows stop at various steps, most before the end
     eos = [t for t, _ in Counter(t for row in free for t in row[1:6]).most_common(4)]
     policy.generation_config.eos_token_id = eos
@@ -162,11 +167,11 @@ def test_static_backend_sampled_logprobs_equal_the_training_forward(monkeypatch)
     real_pick = rollout.pick_next
     monkeypatch.setattr(rollout, "pick_next", lambda logits, **kw: steps.append(logits) or real_pick(logits, **kw))
     torch.manual_seed(2)
-    roll = sample(policy, tok, CONTEXTS, G, 8, temperature, backend="static", merge_lora=True)
+    roll = sample(policy, tok, CONTEXTS, G, 8, temperature, backend=backend, merge_lora=True)
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
     comps = roll.completions
     assert 1 < len({len(c) for c in comps}) and any(c[-1] in eos for c in comps)
-    # the sampler's rows at each step: the ones still running
+    # the sampler's rows at each step: the ones still running (static: all until at most half of them run)
     sampler_lp, batch = {}, list(range(len(comps)))
     for t, logits in enumerate(steps):
         assert len(logits) == len(batch)
@@ -174,7 +179,8 @@ def test_static_backend_sampled_logprobs_equal_the_training_forward(monkeypatch)
         for i, r in enumerate(batch):
             if t < len(comps[r]):
                 sampler_lp[r, t] = lp[i, comps[r][t]]
-        batch = [r for r in batch if len(comps[r]) > t + 1]
+        running = [r for r in batch if len(comps[r]) > t + 1]
+        batch = running if backend == "sliced" or 2 * len(running) <= len(batch) else batch
     assert len(steps[-1]) < len(comps), "rows should have left the batch"
     cells = sorted(sampler_lp)
     policy.eval()
@@ -193,8 +199,10 @@ def test_rollout_options_are_checked():
     for over, msg in ((dict(rollout_compile="maybe"), "rollout_compile='maybe': expected bool"),
                       (dict(rollout_backend="tokeneff", rollout_compile=True),
                        "rollout_compile=True: applies to rollout_backend=static only"),
+                      (dict(rollout_compile=True), "rollout_compile=True: applies to rollout_backend=static only "
+                                                   "(it is 'sliced')"),
                       (dict(rollout_backend="hf", rollout_merge_lora=1),
-                       "rollout_merge_lora=True: applies to rollout_backend=static only")):
+                       "rollout_merge_lora=True: applies to rollout_backend=static or sliced only")):
         with pytest.raises(ConfigError, match=msg.replace("(", r"\(")) as e:
             make_config("embedded", overrides=over)
         assert "\n" not in str(e.value)
@@ -231,32 +239,32 @@ def test_bfloat16_rollout_samples_the_merged_model_cast_to_bfloat16_and_leaves_t
 
     policy, tok = _policy_with_a_live_adapter()
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    got = sample(policy, tok, CONTEXTS, 2, 10, greedy=True, backend="static", dtype="bfloat16")
+    got = sample(policy, tok, CONTEXTS, 2, 10, greedy=True, dtype="bfloat16")
     assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in policy.named_parameters())
     ref_model = copy.deepcopy(policy).merge_and_unload().to(torch.bfloat16)
-    want = sample(ref_model, tok, CONTEXTS, 2, 10, greedy=True, backend="static")
+    want = sample(ref_model, tok, CONTEXTS, 2, 10, greedy=True)
     assert got.completions == want.completions
     with policy.disable_adapter():
-        base = sample(policy, tok, CONTEXTS, 2, 10, greedy=True, backend="static", dtype="bfloat16")
+        base = sample(policy, tok, CONTEXTS, 2, 10, greedy=True, dtype="bfloat16")
     assert got.completions != base.completions, "the adapter should change what the model writes"
 
 
 def test_bfloat16_casts_are_kept_between_rollouts_until_a_weight_changes():
     policy, tok = _policy_with_a_live_adapter()
-    sample(policy, tok, CONTEXTS, 2, 6, greedy=True, backend="static", dtype="bfloat16")
+    sample(policy, tok, CONTEXTS, 2, 6, greedy=True, dtype="bfloat16")
     casts = dict(policy.__dict__["_tokeneff_casts"])
     assert casts and all(t.dtype == torch.bfloat16 for t in casts.values())
-    sample(policy, tok, CONTEXTS, 2, 6, greedy=True, backend="static", dtype="bfloat16")
+    sample(policy, tok, CONTEXTS, 2, 6, greedy=True, dtype="bfloat16")
     assert all(policy.__dict__["_tokeneff_casts"][k] is t for k, t in casts.items()), "the casts should be reused"
     head = policy.get_base_model().lm_head.weight
     with torch.no_grad():
         head.mul_(-1)  # as an optimizer step would change a trained weight: in place
-    flipped = sample(policy, tok, CONTEXTS, 2, 6, greedy=True, backend="static", dtype="bfloat16")
+    flipped = sample(policy, tok, CONTEXTS, 2, 6, greedy=True, dtype="bfloat16")
     now = policy.__dict__["_tokeneff_casts"]
     assert len(now) == len(casts), "the stale cast should have been dropped, not kept beside the new one"
     with torch.no_grad():
         head.mul_(-1)
-    ref = sample(policy, tok, CONTEXTS, 2, 6, greedy=True, backend="static", dtype="bfloat16")
+    ref = sample(policy, tok, CONTEXTS, 2, 6, greedy=True, dtype="bfloat16")
     assert flipped.completions != ref.completions, "sampling should have seen the changed weight"
 
 
@@ -268,8 +276,9 @@ def test_rollout_dtype_is_checked():
         sample(model, tok, CONTEXTS, 1, 2, dtype="float16")
     for over, msg in ((dict(rollout_backend="static", rollout_dtype="fp8"),
                        "rollout_dtype='fp8': must be one of float32, bfloat16"),
-                      (dict(rollout_dtype="bfloat16"), "rollout_dtype='bfloat16': applies to rollout_backend=static")):
+                      (dict(rollout_backend="tokeneff", rollout_dtype="bfloat16"),
+                       "rollout_dtype='bfloat16': applies to rollout_backend=static or sliced only")):
         with pytest.raises(ConfigError, match=msg):
             make_config("embedded", overrides=over)
-    cfg = make_config("embedded", overrides=dict(rollout_backend="static", rollout_dtype="bfloat16"))
+    cfg = make_config("embedded", overrides=dict(rollout_dtype="bfloat16"))  # the default backend, sliced
     assert cfg.rollout_options()["dtype"] == "bfloat16" and cfg.rollout_options(evaluation=True)["dtype"] == "float32"

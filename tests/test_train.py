@@ -60,11 +60,11 @@ def test_tiny_run_writes_metrics_adapter_and_changes_lora(tiny_cfg, tmp_path, to
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "LoRA B starts at zero and must have moved"
 
 
-@pytest.mark.parametrize("algo, rollout", [("sgrpo", {}), ("tspmo", {}),  # the default rollout: the eager loop
+@pytest.mark.parametrize("algo, rollout", [("sgrpo", {}), ("tspmo", {}),  # the default rollout: sliced
+                                           ("sgrpo", dict(rollout_backend="tokeneff")),
                                            ("sgrpo", dict(rollout_backend="static", rollout_merge_lora=True)),
-                                           ("sgrpo", dict(rollout_backend="static")),
-                                           ("sgrpo", dict(rollout_backend="static", rollout_dtype="bfloat16"))],
-                         ids=["sgrpo", "tspmo", "sgrpo-static-merged", "sgrpo-static", "sgrpo-static-bf16"])
+                                           ("sgrpo", dict(rollout_dtype="bfloat16"))],
+                         ids=["sgrpo", "tspmo", "sgrpo-tokeneff", "sgrpo-static-merged", "sgrpo-bf16"])
 def test_training_raises_reward(tiny_cfg, toy_task, algo, rollout):
     cfg = tiny_cfg(algo=algo, steps=30, group_size=8, prompts_per_step=4, max_new_tokens=4, lr=0.03,
                    beta=0.0, lora_dropout=0.0, eval_limit=1, save_every=100, **rollout)

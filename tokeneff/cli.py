@@ -10,7 +10,7 @@ import sys
 
 from . import __version__, loaded
 from .benchmarks.bench import bench_cli
-from .benchmarks.decode_limit import decode_limit
+from .benchmarks.decode_limit import BACKEND_SPECS, decode_limit
 from .config import ALGOS, PROFILES, TASKS, make_config, parse_overrides
 from .errors import TokeneffError, clip
 from .evaluate import evaluate
@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-limit", action="store_true",
                    help="only: one decode step of --model (default here: smollm2-135m) against this machine's "
                         "measured GEMM rate on the step's shapes, 1 thread")
-    b.add_argument("--backends", default="tokeneff",
+    b.add_argument("--backends", default="sliced",
                    help="--decode-limit: rollout backends side by side, comma-separated, from "
-                        "tokeneff,static,static+compile,hf,hf-static")
+                        f"{','.join(BACKEND_SPECS)}")
     b.add_argument("--eval-limit", type=int, default=0,
                    help="--decode-limit: also time a greedy evaluation of this many test problems per backend")
     b.add_argument("--task", choices=TASKS, default="multiplication", help="--decode-limit --eval-limit: the task")

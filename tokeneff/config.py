@@ -23,7 +23,7 @@ from .errors import ConfigError, clip, show
 ALGOS = tuple(ALGORITHMS)  # the one list of algorithm names is algorithms.ALGORITHMS
 TASKS = ("svamp", "multiplication")
 PROFILES = ("embedded", "paper")
-BACKENDS = ("tokeneff", "hf", "hf-static", "static")  # rollout backends (rollout.sample)
+BACKENDS = ("sliced", "tokeneff", "hf", "hf-static", "static")  # rollout backends (rollout.sample)
 ROLLOUT_DTYPES = ("float32", "bfloat16")  # the weights training rollouts sample with (rollout.sampling_weights)
 ANSWER_FORMATS = ("short", "worked")  # multiplication answers (tasks/multiplication.py)
 EVAL_SPLITS = ("test", "val")
@@ -126,22 +126,25 @@ class TrainConfig(LoraSettings):
     max_new_tokens: int = 200
     temperature: float = 1.0
     top_p: float = 1.0
-    rollout_backend: str = "tokeneff"
-    """tokeneff (prompt KV shared by its group, finished rows leave the batch) | static (the same on a preallocated
-    KV cache and mask; finished rows leave when the running ones halve) | hf (transformers generate, shared prompt
-    KV) | hf-static (generate with a static cache: compiled, CUDA graphs on a GPU)"""
+    rollout_backend: str = "sliced"
+    """sliced (our loop on a preallocated KV cache and mask: the prompt KV shared by its group, each step attending
+    only up to the length so far, finished rows leaving the batch at their EOS, draws by inverse CDF) | tokeneff (the
+    same loop on a cache grown by concatenation, draws by torch.multinomial: the default before 2026-12) | static
+    (fixed shapes for torch.compile and CUDA graphs; finished rows leave when the running ones halve) | hf
+    (transformers generate, shared prompt KV) | hf-static (generate with a static KV cache: compiled, CUDA graphs on
+    a GPU)"""
     rollout_compile: bool = False
     """static backend: its decode step under torch.compile (inductor; CUDA graphs on a GPU). Compiling costs minutes
     and did not speed up a 1-thread CPU step (docs/memory-and-speed.md)"""
     rollout_merge_lora: bool = False
-    """static backend: sample with the LoRA update merged into a copy of the adapted weights (one matrix product per
-    layer instead of three; the originals are put back untouched): a small saving per step for a merge per rollout
-    on a CPU (docs/memory-and-speed.md)"""
+    """sliced and static backends: sample with the LoRA update merged into a copy of the adapted weights (one matrix
+    product per layer instead of three; the originals are put back untouched): no saving measurable on a CPU
+    (docs/memory-and-speed.md)"""
     rollout_dtype: str = "float32"
-    """static backend: float32 | bfloat16, the training rollouts sampled from a bfloat16 copy of the (LoRA-merged)
-    weights while the loss stays in the model's own precision: ~3x faster matrix products on a CPU with AVX-512
-    BF16, for samples from a slightly different policy than the one trained (its log-probs differ in the
-    bfloat16 rounding; nothing corrects for it). Evaluation always runs the model's own weights."""
+    """sliced and static backends: float32 | bfloat16: training rollouts sampled from a bfloat16 copy of the
+    LoRA-merged weights while the loss stays in the model's own precision. A CPU with AVX-512 BF16 decodes ~2.5x
+    faster, from a slightly different policy than the one trained (log-probs differ by the bfloat16 rounding,
+    scripts/bf16_rollout_gap.py; nothing corrects for it). Evaluation always runs the model's own weights."""
 
     # --- algorithm ---
     sgrpo_alpha: int = 25
@@ -200,17 +203,20 @@ class TrainConfig(LoraSettings):
 
         choices = {"algo": ALGOS, "task": TASKS, "profile": PROFILES,
                    "replay": ("on", "off", "auto"), "mixed_precision": ("no", "bf16", "fp16"),
-                   "rollout_backend": BACKENDS, "rollout_dtype": ROLLOUT_DTYPES, "answer_format": ANSWER_FORMATS, "eval_split": EVAL_SPLITS}
+                   "rollout_backend": BACKENDS, "rollout_dtype": ROLLOUT_DTYPES, "answer_format": ANSWER_FORMATS,
+                   "eval_split": EVAL_SPLITS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {', '.join(allowed)}")
         for name in ("rollout_compile", "rollout_merge_lora"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
-            if getattr(self, name) and self.rollout_backend != "static":
-                raise bad(name, f"applies to rollout_backend=static only (it is {self.rollout_backend!r})")
-        if self.rollout_dtype != "float32" and self.rollout_backend != "static":
-            raise bad("rollout_dtype", f"applies to rollout_backend=static only (it is {self.rollout_backend!r})")
+        own = dict(rollout_compile=("static",), rollout_merge_lora=("static", "sliced"),
+                   rollout_dtype=("static", "sliced"))  # the options only these backends have
+        for name, backends in own.items():
+            if getattr(self, name) not in (False, "float32") and self.rollout_backend not in backends:
+                raise bad(name, f"applies to rollout_backend={' or '.join(backends)} only (it is "
+                                f"{self.rollout_backend!r})")
         if not isinstance(self.model, str) or not self.model.strip():
             raise bad("model", "must be a built-in name, a hub id or a local path")
         positive = ("steps", "group_size", "prompts_per_step", "max_new_tokens", "sgrpo_k",
@@ -308,9 +314,10 @@ FIELD_RULES: dict[str, str] = dict(
     lora_r="-", lora_alpha="-", lora_dropout="-", lora_targets="-", algo="-", task="e", model="e", profile="-",
     steps="r", seed="-", out="r", threads="r", svamp_dir="e", extra_train="-", digits_a="e", digits_b="e",
     num_shots="e", answer_format="e", group_size="-", prompts_per_step="-", max_new_tokens="e", temperature="-",
-    top_p="-", rollout_backend="e", rollout_compile="e", rollout_merge_lora="-", rollout_dtype="-", sgrpo_alpha="-", sgrpo_p="-",
-    sgrpo_k="-", beta="-", log_kl="-", adv_eps="-", replay="-", replay_fraction="-", replay_buffer_size="-", lr="-",
-    weight_decay="-", max_grad_norm="-", micro_batch_size="-", gradient_checkpointing="-", mixed_precision="-",
+    top_p="-", rollout_backend="e", rollout_compile="e", rollout_merge_lora="-", rollout_dtype="-", sgrpo_alpha="-",
+    sgrpo_p="-", sgrpo_k="-", beta="-", log_kl="-", adv_eps="-", replay="-", replay_fraction="-",
+    replay_buffer_size="-", lr="-", weight_decay="-", max_grad_norm="-", micro_batch_size="-",
+    gradient_checkpointing="-", mixed_precision="-",
     lm_head_tile="-", eval_every="rm", eval_at_start="rm", eval_limit="rme", eval_split="me", eval_batch_size="r",
     eval_max_new_tokens="rme", save_every="r", max_bad_steps="r")
 RESUMABLE_KEYS = tuple(k for k, v in FIELD_RULES.items() if "r" in v)

@@ -89,8 +89,8 @@ def evaluate(task: str = "svamp", model: str = "smollm2-135m", adapter: str | No
                                 "a diverged or damaged adapter")
     if torch.cuda.is_available():
         lm = lm.to("cuda")
-    result = evaluate_model(lm, tok, t, problems, cfg.eval_batch_size,
-                            cfg.eval_max_new_tokens or cfg.max_new_tokens, progress, **cfg.rollout_options(evaluation=True))
+    result = evaluate_model(lm, tok, t, problems, cfg.eval_batch_size, cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                            progress, **cfg.rollout_options(evaluation=True))
     result.update(model=cfg.model, adapter=adapter, split=split, profile=cfg.profile, num_shots=cfg.num_shots,
                   max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens)
     if out:

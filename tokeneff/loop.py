@@ -232,7 +232,8 @@ def _train(cfg: TrainConfig, accel, run: Run, task: Task, progress: bool) -> dic
     def evaluate_now() -> float:
         t = time.perf_counter()
         res = evaluate_model(policy, tok, task, test_problems, cfg.eval_batch_size,
-                             cfg.eval_max_new_tokens or cfg.max_new_tokens, progress and main, **cfg.rollout_options(evaluation=True))
+                             cfg.eval_max_new_tokens or cfg.max_new_tokens, progress and main,
+                             **cfg.rollout_options(evaluation=True))
         state.evals.append(dict(step=state.step, accuracy=res["accuracy"], n=res["n"],
                                 seconds=time.perf_counter() - t))
         run.record_eval(state.step, res)

@@ -168,7 +168,8 @@ def decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_sample
 
 
 def _sliced_cache(grown, capacity: int):
-    """`grown` (a DynamicCache) with each layer moved into buffers `capacity` tokens long."""
+    """`grown` (a DynamicCache) with each layer moved into buffers `capacity` tokens long; left as it is where a
+    layer is of another kind (a sliding window), which then keeps growing by concatenation."""
     from transformers import DynamicLayer
 
     class SlicedLayer(DynamicLayer):
@@ -197,61 +198,63 @@ def _sliced_cache(grown, capacity: int):
             self.kbuf, self.vbuf = self.kbuf[:n], self.vbuf[:n]
             self.keys, self.values = self.kbuf[:, :, :end], self.vbuf[:, :, :end]
 
-    grown.layers = [SlicedLayer(layer.keys, layer.values) for layer in grown.layers]
+    if all(type(layer) is DynamicLayer for layer in grown.layers):  # not sliding-window or linear-attention layers
+        grown.layers = [SlicedLayer(layer.keys, layer.values) for layer in grown.layers]
     return grown
 
 
 def static_decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int,
-                       max_new_tokens: int, eos: set[int], compile: bool = False, **pick) -> list[list[int]]:
+                       max_new_tokens: int, eos: set[int], compile: bool = False, sliced: bool = False,
+                       **pick) -> list[list[int]]:
     """decode_loop on preallocated tensors: the KV cache and the attention mask are sized context + max_new_tokens
-    once, and each step writes one column in place instead of concatenating. Sampling draws by inverse CDF
-    (`pick_next`). Two shapes of step:
-    - eager (the default): each step attends only up to the length so far (views of the buffers), and a row that
-      emits EOS leaves the batch at once, as in `decode_loop`, whose batch shapes (and so greedy tokens) it keeps;
-    - `compile`: a fixed-shape step for torch.compile and CUDA graphs (a transformers StaticCache, the full-width
-      mask); finished rows stay in the batch until the running ones are at most half of it, so the compiled step
-      sees at most log2(rows) shapes.
+    once, and each step writes one column in place instead of concatenating. Two shapes of step:
+    - `sliced` (rollout_backend=sliced): each step attends only up to the length so far (views of the buffers), a
+      row that emits EOS leaves the batch at once, as in `decode_loop`, whose batch shapes (and so greedy tokens)
+      it keeps, and tokens are drawn by inverse CDF (`pick_next`);
+    - fixed (rollout_backend=static): a transformers StaticCache and the full-width mask, shapes that torch.compile
+      and CUDA graphs (`compile`) can replay; finished rows stay in the batch until the running ones are at most
+      half of it, so a compiled step sees at most log2(rows) shapes, and tokens are drawn by torch.multinomial.
     Rows run on past their EOS where they stay in the batch; `sample` cuts each at its first."""
     from transformers import StaticCache
 
     logits, grown, ctx_mask = prefill_groups(model, ctx_ids, ctx_mask, num_samples)
     rows, width = ctx_mask.shape
     capacity = width + max_new_tokens - 1
-    if compile:
+    if sliced:
+        cache, forward = _sliced_cache(grown, capacity), model
+    else:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         cache = StaticCache(config=base.config, max_cache_len=capacity)
         for layer, src in zip(cache.layers, grown.layers, strict=True):
             layer.lazy_initialization(src.keys, src.values)
             layer.keys[:, :, :width], layer.values[:, :, :width] = src.keys, src.values
             layer.cumulative_length.fill_(width)
-        forward = compiled_forward(model)
-    else:
-        cache, forward = _sliced_cache(grown, capacity), model
+        forward = compiled_forward(model) if compile else model
     del grown
-    mask = torch.zeros((rows, 1, 1, capacity), dtype=torch.bool, device=ctx_mask.device)  # sdpa's: True attends
-    mask[:, 0, 0, :width] = ctx_mask.bool()
+    mask = ctx_mask.new_zeros(rows, capacity)
+    mask[:, :width] = ctx_mask
     ctx_len = ctx_mask.sum(-1)
     live = torch.arange(rows, device=mask.device)  # original row of each row in the batch
     done = torch.zeros(rows, dtype=torch.bool, device=mask.device)
     eos_ids = torch.tensor(sorted(eos), device=mask.device)
     gen = torch.zeros((rows, max_new_tokens), dtype=torch.long, device=mask.device)
     for t in range(max_new_tokens):
-        tok = pick_next(logits, draw="inverse-cdf", **pick)
+        tok = pick_next(logits, draw="inverse-cdf" if sliced else "multinomial", **pick)
         gen[live, t] = tok
         done |= torch.isin(tok, eos_ids)
         running = len(done) - int(done.sum())
         if t == max_new_tokens - 1 or running == 0:
             break
-        if running < len(done) and (not compile or 2 * running <= len(done)):
+        if running < len(done) and (sliced or 2 * running <= len(done)):
             idx = (~done).nonzero().squeeze(1)
-            if compile:
+            if sliced:
+                cache.batch_select_indices(idx)
+            else:
                 for layer in cache.layers:
                     layer.keys, layer.values = layer.keys[idx], layer.values[idx]
-            else:
-                cache.batch_select_indices(idx)
             live, tok, mask, ctx_len, done = live[idx], tok[idx], mask[idx], ctx_len[idx], done[idx]
-        mask[:, 0, 0, width + t] = True
-        logits = forward(input_ids=tok[:, None], attention_mask=mask if compile else mask[..., :width + t + 1],
+        mask[:, width + t] = 1
+        logits = forward(input_ids=tok[:, None], attention_mask=mask[:, :width + t + 1] if sliced else mask,
                          position_ids=(ctx_len + t)[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
     return gen.tolist()
 
@@ -340,30 +343,33 @@ def hf_generate(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor,
 
 
 def generate_rows(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int,
-                  max_new_tokens: int, eos: set[int], backend: str = "tokeneff", compile: bool = False,
+                  max_new_tokens: int, eos: set[int], backend: str = "sliced", compile: bool = False,
                   merge_lora: bool = False, dtype: str = "float32", **pick) -> list[list[int]]:
     """The backend's generated rows, each possibly running on past its first EOS (`eos` empty: full length)."""
     if backend == "tokeneff":
         return decode_loop(model, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, **pick)
-    if backend == "static":
+    if backend in ("static", "sliced"):
         with sampling_weights(model, merge_lora, DTYPES[dtype]):
-            return static_decode_loop(model, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, compile, **pick)
+            return static_decode_loop(model, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, compile,
+                                      backend == "sliced", **pick)
     return hf_generate(model, tokenizer, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos,
                        static=backend == "hf-static", **pick)
 
 
 @torch.no_grad()
 def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_new_tokens: int,
-           temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, backend: str = "tokeneff",
+           temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, backend: str = "sliced",
            compile: bool = False, merge_lora: bool = False, dtype: str = "float32") -> Rollout:
     """Generate `num_samples` completions for each context (token ids); rows are context-major.
 
-    Backends: tokeneff, our loop (prompt KV shared by its group, finished rows leave the batch); static, the same
-    on a preallocated cache and mask, drawing by inverse CDF (`compile`: its decode step under torch.compile;
-    `merge_lora`: the adapter merged into a sampling copy of the adapted weights; `dtype`: a bfloat16 sampling copy
-    of every weight); hf, transformers `generate` seeded with the shared prompt
-    KV; hf-static, `generate` with a static KV cache (compiled forward and CUDA graphs on a GPU; prompts
-    repeated, since a static cache cannot be seeded from another cache).
+    Backends: sliced (the default), our loop on a preallocated KV cache and mask (prompt KV shared by its group,
+    each step attending up to the length so far, finished rows leaving the batch, draws by inverse CDF); tokeneff,
+    the same on a KV cache grown by concatenation (draws by torch.multinomial); static, fixed shapes for
+    torch.compile and CUDA graphs (`compile`; rows leave by halves); hf, transformers `generate` seeded with the
+    shared prompt KV; hf-static, `generate` with a static KV cache (compiled, CUDA graphs on a GPU; prompts
+    repeated, since a static cache cannot be seeded from another cache). sliced and static sample with other
+    weights on request: `merge_lora`, the adapter merged into a copy of the adapted weights; `dtype`="bfloat16", a
+    bfloat16 copy of every weight (`sampling_weights`).
     """
     if backend not in BACKENDS:
         raise TokeneffError(f"rollout_backend={backend!r}: must be one of {', '.join(BACKENDS)}")

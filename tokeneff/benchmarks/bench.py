@@ -145,12 +145,13 @@ def rollout_throughput(spec: dict[str, Any]) -> dict[str, Any]:
                        do_sample=True, top_k=0, pad_token_id=0, **kw)
         return B * G * L
 
-    def ours(backend: str = "tokeneff") -> int:  # stops a row at the tokenizer's EOS (rare with random weights)
-        return sum(len(c) for c in sample(model, tok, prompts, G, L, backend=backend).completions)
+    def ours(backend: str = "tokeneff", **kw) -> int:  # stops a row at the tokenizer's EOS (rare: random weights)
+        return sum(len(c) for c in sample(model, tok, prompts, G, L, backend=backend, **kw).completions)
 
     # static: a fixed-shape KV cache, which transformers compiles (CUDA graphs) on a GPU; its first call compiles.
     # `tokeneff bench` runs it in a process of its own, so that a compilation cut short leaves the others measured.
-    backends = dict(hf_generate=hf, tokeneff_sample=ours, static_sample=lambda: ours("static"),
+    backends = dict(hf_generate=hf, tokeneff_sample=ours, sliced_sample=lambda: ours("sliced"),
+                    static_sample=lambda: ours("static"), static_compiled_sample=lambda: ours("static", compile=True),
                     hf_generate_static=lambda: hf(cache_implementation="static"))
     out = {}
     for name in spec.get("backends", list(backends)):
@@ -216,7 +217,8 @@ def run_bench(model: str = "tiny-random", shape: str | None = None, completion_l
         spec = dict(model=model, shape=shape, vocab_size=vocab_size, completion_len=int(completion_lens[0]),
                     group_size=int(group_sizes[0]), prompt_len=prompt_len, kind="rollout",
                     prompts=8 if shape else 2)  # GPU: 8 prompts x G=8 = 64 rows; CPU: 16 rows
-        for backends in (["hf_generate", "tokeneff_sample", "static_sample"], ["hf_generate_static"]):
+        compiled = ["hf_generate_static"] + (["static_compiled_sample"] if torch.cuda.is_available() else [])
+        for backends in (["hf_generate", "tokeneff_sample", "sliced_sample", "static_sample"], compiled):
             rollout_row = dict(rollout_row or {}, **_in_subprocess(dict(spec, backends=backends)))
             rollout_row.pop("backends")
             save(complete=False)

@@ -52,9 +52,9 @@ def linear_shapes(model) -> Counter:
     return shapes
 
 
-BACKEND_SPECS = ("tokeneff", "static", "static+compile", "static+merge", "static+bf16", "hf", "hf-static")
-"""what `--backends` may name: a rollout backend, or static with its decode step compiled, its LoRA merged for
-sampling, or a bfloat16 sampling copy of the weights"""
+BACKEND_SPECS = ("sliced", "sliced+merge", "sliced+bf16", "tokeneff", "static", "static+compile", "hf", "hf-static")
+"""what `--backends` may name: a rollout backend; sliced with its LoRA merged for sampling or a bfloat16 sampling
+copy of the weights; static with its decode step compiled"""
 _EXTRAS = {"": {}, "compile": dict(compile=True), "merge": dict(merge_lora=True), "bf16": dict(dtype="bfloat16")}
 
 
