@@ -1,4 +1,5 @@
 import dataclasses
+import re
 from collections import Counter
 
 import pytest
@@ -203,7 +204,7 @@ def test_rollout_options_are_checked():
                                                    "(it is 'sliced')"),
                       (dict(rollout_backend="hf", rollout_merge_lora=1),
                        "rollout_merge_lora=True: applies to rollout_backend=static or sliced only")):
-        with pytest.raises(ConfigError, match=msg.replace("(", r"\(")) as e:
+        with pytest.raises(ConfigError, match=re.escape(msg)) as e:
             make_config("embedded", overrides=over)
         assert "\n" not in str(e.value)
     bad = dataclasses.replace(cfg, rollout_compile="yes")  # built in code, not parsed: still refused

@@ -75,7 +75,7 @@ def backend_overrides(spec: str) -> list[str]:
 
 
 @torch.no_grad()
-def decode_step_seconds(model, tokenizer, batch: int, context: int, backend: str = "tokeneff", steps: int = 12,
+def decode_step_seconds(model, tokenizer, batch: int, context: int, backend: str = "tokeneff", steps: int = 28,
                         repeats: int = 2) -> float:
     """Wall time of one decode step at `batch` rows after a `context`-token prefill, through the backend's own
     loop (forward, sampling, bookkeeping): runs of 4 and 4 + `steps` new tokens with no EOS, best of `repeats`
