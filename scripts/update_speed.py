@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--task", default="multiplication", choices=("multiplication", "svamp"))
     p.add_argument("--algo", default="grpo")
     p.add_argument("--steps", type=int, default=12, help="updates per backend (the first is left out as warm-up)")
-    p.add_argument("--backends", default="tokeneff,static,static+bf16", help=f"from {', '.join(BACKEND_SPECS)}")
+    p.add_argument("--backends", default="tokeneff,sliced,sliced+bf16", help=f"from {', '.join(BACKEND_SPECS)}")
     p.add_argument("--out", default="results/benchmarks")
     p.add_argument("--tag", default="", help="appended to the file name, e.g. worked")
     p.add_argument("--parallel", type=int, default=0,

@@ -283,3 +283,18 @@ def test_rollout_dtype_is_checked():
             make_config("embedded", overrides=over)
     cfg = make_config("embedded", overrides=dict(rollout_dtype="bfloat16"))  # the default backend, sliced
     assert cfg.rollout_options()["dtype"] == "bfloat16" and cfg.rollout_options(evaluation=True)["dtype"] == "float32"
+
+
+def test_sliced_refuses_a_model_with_sliding_window_layers():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tokeneff.errors import TokeneffError
+
+    _, tok = tiny_random(seed=1)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True, sliding_window=4,
+                      max_window_layers=1)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with pytest.raises(TokeneffError, match="rollout_backend=sliced: the model has DynamicSlidingWindowLayer"):
+        sample(model, tok, CONTEXTS, 2, 4)
+    assert len(sample(model, tok, CONTEXTS, 2, 4, backend="tokeneff").completions) == 6
