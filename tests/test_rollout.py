@@ -63,14 +63,15 @@ def test_rollout_with_activation_checkpointing_in_train_mode_keeps_its_cache(bac
     assert model.training
 
 
-def test_pick_next_draws_from_tempered_softmax_and_nucleus():
+@pytest.mark.parametrize("draw", ["multinomial", "inverse-cdf"])
+def test_pick_next_draws_from_tempered_softmax_and_nucleus(draw):
     torch.manual_seed(0)
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))[None].expand(20000, 4)
     for temperature in (1.0, 0.5):
-        freq = torch.bincount(pick_next(logits, temperature), minlength=4).float() / len(logits)
+        freq = torch.bincount(pick_next(logits, temperature, draw=draw), minlength=4).float() / len(logits)
         assert torch.allclose(freq, torch.softmax(logits[0] / temperature, -1), atol=0.015)
-    # top-p 0.7: the nucleus is {0.5, 0.3}, renormalised to 5/8, 3/8
-    freq = torch.bincount(pick_next(logits, top_p=0.7), minlength=4).float() / len(logits)
+    # top-p 0.7: the nucleus is {0.5, 0.3}, renormalised to 5/8, 3/8: the other two are never drawn
+    freq = torch.bincount(pick_next(logits, top_p=0.7, draw=draw), minlength=4).float() / len(logits)
     assert torch.allclose(freq, torch.tensor([0.625, 0.375, 0, 0]), atol=0.015)
     assert torch.equal(pick_next(logits[:2], greedy=True), torch.tensor([0, 0]))
 
@@ -103,9 +104,13 @@ def test_non_finite_logits_are_one_line_not_a_torch_traceback():
     from tokeneff.errors import TokeneffError
     from tokeneff.rollout import pick_next
 
-    with pytest.raises(TokeneffError, match="not finite"):
-        pick_next(torch.full((2, 5), float("nan")))
-    assert pick_next(torch.tensor([[0.0, 50.0, 0.0]])).tolist() == [1]
+    for draw in ("multinomial", "inverse-cdf"):
+        with pytest.raises(TokeneffError, match="not finite"):
+            pick_next(torch.full((2, 5), float("nan")), draw=draw)
+        assert pick_next(torch.tensor([[0.0, 50.0, 0.0]]), draw=draw).tolist() == [1]
+        # a token of zero mass (-inf) is never drawn, whatever the uniform: not the last, not past the end
+        assert set(pick_next(torch.tensor([[0.0, float("-inf")]]).expand(2000, 2), draw=draw).tolist()) == {0}
+        assert set(pick_next(torch.tensor([[float("-inf"), 0.0]]).expand(2000, 2), draw=draw).tolist()) == {1}
 
 
 def _model_where_rows_stop_at_different_steps():
