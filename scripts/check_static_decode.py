@@ -17,7 +17,8 @@ import argparse
 from pathlib import Path
 
 from tokeneff.benchmarks.benchio import device_name
-from tokeneff.benchmarks.decode_limit import BACKEND_SPECS, eval_times
+from tokeneff.benchmarks.decode_limit import eval_times, parse_backends
+from tokeneff.errors import TokeneffError
 from tokeneff.models import load_model
 from tokeneff.utils import set_threads, write_json
 
@@ -29,10 +30,10 @@ def main() -> None:
     p.add_argument("--out", default="results/benchmarks")
     p.add_argument("--backends", default="sliced,static", help="compared with tokeneff, comma-separated")
     args = p.parse_args()
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    for b in backends:
-        if b not in BACKEND_SPECS:
-            p.error(f"--backends: {b!r} is not one of {', '.join(BACKEND_SPECS)}")
+    try:
+        backends = parse_backends(args.backends)
+    except TokeneffError as e:
+        p.error(f"--backends: {e}")
     set_threads(0)  # one thread, as every run
     model, tok = load_model(args.model)  # float32
     model.eval()

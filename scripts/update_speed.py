@@ -1,10 +1,10 @@
 """How much faster is a whole embedded update with another rollout backend than with the eager loop? (issue 21)
 
-Runs `tokeneff train` once per backend (`--backends`, names as `tokeneff bench --decode-limit` takes them: static+bf16
-is static sampling from a bfloat16 copy of the weights), the same config and seed, one thread each, one process per
+Runs `tokeneff train` once per backend (`--backends`, names as `tokeneff bench --decode-limit` takes them: sliced+bf16
+is sliced sampling from a bfloat16 copy of the weights), the same config and seed, one thread each, one process per
 core at a time (`--parallel 1`: each alone). Reports each update's median time, its rollout part and the rest
 (backward and optimizer step), the mean completion length and the tokens in the loss. The backends draw different
-samples (static draws by inverse CDF), so lengths and the tokens each update trains on differ: the rollout column
+samples (sliced draws by inverse CDF), so lengths and the tokens each update trains on differ: the rollout column
 compares the decode paths, the update column also carries that difference in work. On an otherwise idle machine:
 
     python scripts/update_speed.py                       # embedded multiplication, 12 updates, ~6 min
@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from tokeneff.benchmarks.benchio import device_name
-from tokeneff.benchmarks.decode_limit import BACKEND_SPECS, backend_overrides
+from tokeneff.benchmarks.decode_limit import BACKEND_SPECS, backend_overrides, parse_backends
+from tokeneff.errors import TokeneffError
 from tokeneff.utils import environment, write_json
 
 
@@ -42,20 +43,21 @@ def main() -> None:
     args = p.parse_args()
     if args.steps < 3:
         p.error(f"--steps {args.steps}: give at least 3 (the first update is warm-up)")
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    for b in backends:
-        if b not in BACKEND_SPECS:
-            p.error(f"--backends: {b!r} is not one of {', '.join(BACKEND_SPECS)}")
+    try:
+        backends = parse_backends(args.backends)
+    except TokeneffError as e:
+        p.error(f"--backends: {e}")
     if args.parallel < 0:
         p.error(f"--parallel {args.parallel}: give 0 (one per core) or more")
     parallel = args.parallel or min(len(backends), os.cpu_count() or 1)
+    own = {b: [f"{k}={v}" for k, v in backend_overrides(b).items()] for b in backends}
     start = time.strftime("%Y-%m-%dT%H:%M:%S")
     with tempfile.TemporaryDirectory() as tmp:
         procs = {}
         for i in range(0, len(backends), parallel):  # waves of `parallel` runs, one thread each
             wave = {b: subprocess.Popen(
                 [sys.executable, "-m", "tokeneff", "train", "--algo", args.algo, "--task", args.task, "--model",
-                 args.model, "--steps", str(args.steps), "--seed", "0", "--out", f"{tmp}/{b}", *backend_overrides(b),
+                 args.model, "--steps", str(args.steps), "--seed", "0", "--out", f"{tmp}/{b}", *own[b],
                  "threads=1", "eval_at_start=false", "eval_limit=1", f"save_every={args.steps}", *args.overrides],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for b in backends[i: i + parallel]}
             for b, proc in wave.items():

@@ -10,7 +10,7 @@ import sys
 
 from . import __version__, loaded
 from .benchmarks.bench import bench_cli
-from .benchmarks.decode_limit import BACKEND_SPECS, decode_limit
+from .benchmarks.decode_limit import BACKEND_SPECS, decode_limit, parse_backends
 from .config import ALGOS, PROFILES, TASKS, make_config, parse_overrides
 from .errors import TokeneffError, clip
 from .evaluate import evaluate
@@ -155,9 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                 model = "smollm2-135m" if args.model == "tiny-random" else args.model
                 if args.eval_limit < 0:
                     raise TokeneffError(f"--eval-limit {args.eval_limit}: must not be negative")
-                backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-                for r in decode_limit(model, out=args.out, backends=backends, eval_limit=args.eval_limit,
-                                      eval_task=args.task):
+                for r in decode_limit(model, out=args.out, backends=parse_backends(args.backends),
+                                      eval_limit=args.eval_limit, eval_task=args.task):
                     if r.get("kind") == "eval":
                         print(f"{r['model']} {r['backend']:<15} greedy evaluation of {r['n']} {r['task']} problems: "
                               f"{r['eval_seconds']:.1f} s, accuracy {r['accuracy']:.3f}, {r['flips']} completions "

@@ -55,11 +55,16 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def _base(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool = True):
     """Run the body over left-padded contexts; returns (last hidden states, KV cache)."""
     from transformers import DynamicCache
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     cache = DynamicCache(config=base.config) if use_cache else None
     out = base.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                              past_key_values=cache, use_cache=use_cache)
@@ -104,8 +109,7 @@ def _body(model):
     row's last position only, and applies it to that 2-D slice: transformers' `logits_to_keep=1` hands the head a
     strided [rows, 1, hidden] view, which a bfloat16 product on a CPU expands into a batched product copying the
     head's weight once per row (8 s for 50 rows of SmolLM2's 49,152 x 576 head, against 10 ms)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder()
+    return _base(model).get_decoder()
 
 
 def _share_prefix(model, cache, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, min_shared: int = 8):
@@ -138,7 +142,7 @@ def prefill_groups(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_sam
     Returns the first token's logits, the DynamicCache and the attention mask, all with U * G rows."""
     from transformers import DynamicCache
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     cache = DynamicCache(config=base.config)
     ids, ctx_mask, pos = _share_prefix(model, cache, ctx_ids, ctx_mask)
     hidden = _body(model)(input_ids=ids, attention_mask=ctx_mask, position_ids=pos, past_key_values=cache,
@@ -236,7 +240,7 @@ def static_decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num
     if sliced:
         cache, forward = _sliced_cache(grown, capacity), model
     else:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = _base(model)
         cache = StaticCache(config=base.config, max_cache_len=capacity)
         for layer, src in zip(cache.layers, grown.layers, strict=True):
             layer.lazy_initialization(src.keys, src.values)

@@ -55,23 +55,33 @@ def linear_shapes(model) -> Counter:
 BACKEND_SPECS = ("sliced", "sliced+merge", "sliced+bf16", "tokeneff", "static", "static+compile", "hf", "hf-static")
 """what `--backends` may name: a rollout backend; sliced with its LoRA merged for sampling or a bfloat16 sampling
 copy of the weights; static with its decode step compiled"""
-_EXTRAS = {"": {}, "compile": dict(compile=True), "merge": dict(merge_lora=True), "bf16": dict(dtype="bfloat16")}
+_EXTRAS = {"": {}, "compile": dict(rollout_compile=True), "merge": dict(rollout_merge_lora=True),
+           "bf16": dict(rollout_dtype="bfloat16")}
+
+
+def _check(spec: str) -> None:
+    if spec not in BACKEND_SPECS:
+        raise TokeneffError(f"backend {spec!r}: must be one of {', '.join(BACKEND_SPECS)}")
+
+
+def parse_backends(text: str) -> list[str]:
+    """The comma-separated --backends names, each checked."""
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    for spec in names:
+        _check(spec)
+    return names
+
+
+def backend_overrides(spec: str) -> dict[str, Any]:
+    """The config overrides a --backends name stands for (`tokeneff train key=value`)."""
+    _check(spec)
+    name, _, extra = spec.partition("+")
+    return dict(rollout_backend=name, **_EXTRAS[extra])
 
 
 def _backend(spec: str) -> dict[str, Any]:
-    """`generate_rows`'s keywords for a --backends name."""
-    if spec not in BACKEND_SPECS:
-        raise TokeneffError(f"backend {spec!r}: must be one of {', '.join(BACKEND_SPECS)}")
-    name, _, extra = spec.partition("+")
-    return dict(backend=name, **_EXTRAS[extra])
-
-
-def backend_overrides(spec: str) -> list[str]:
-    """The `key=value` config overrides of a --backends name, for `tokeneff train`."""
-    kw = _backend(spec)
-    keys = dict(backend="rollout_backend", compile="rollout_compile", merge_lora="rollout_merge_lora",
-                dtype="rollout_dtype")
-    return [f"{keys[k]}={v}" for k, v in kw.items()]
+    """`generate_rows`'s keywords for a --backends name, as a run with its overrides passes them."""
+    return make_config("embedded", overrides=backend_overrides(spec)).rollout_options()
 
 
 @torch.no_grad()
@@ -101,7 +111,7 @@ def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: in
     backend: the greedy evaluation of that many `eval_task` test problems (embedded profile), its wall time and
     its completions that differ from the first backend's (greedy flips)."""
     for b in backends:
-        _backend(b)  # a misspelt name fails before anything is measured
+        _check(b)  # a misspelt name fails before anything is measured
     set_threads(threads)
     model, tok = load_model(model_folder(model_name))
     model.eval()
