@@ -1,5 +1,5 @@
-"""What several test files share: the tiny run's command-line settings, the one-line error contract, and a
-snapshot of a folder (to prove that nothing in it changed)."""
+"""What several test files share: the tiny run's command-line settings, the one-line error contract, a
+snapshot of a folder (to prove that nothing in it changed) and a tiny policy whose adapter changes its output."""
 
 from __future__ import annotations
 
@@ -46,3 +46,19 @@ def tree(folder: Path) -> dict[str, bytes]:
 def refused_last_line(capsys, argv, needle: str) -> str:
     """`refused`, for commands that may print progress before their error (a run that fails while training)."""
     return refused(capsys, argv, needle, alone=False)
+
+
+def policy_with_a_live_adapter(targets=("q_proj", "v_proj", "o_proj")):
+    """The tiny random model under a LoRA adapter whose B is not zero (as after training), and its tokenizer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tokeneff.models import tiny_random
+
+    model, tok = tiny_random(seed=1)
+    torch.manual_seed(0)
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)  # B starts at zero: make the adapter change the model
+    return policy, tok

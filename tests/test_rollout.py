@@ -4,6 +4,7 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import policy_with_a_live_adapter
 
 from tokeneff import make_config
 from tokeneff.errors import ConfigError
@@ -201,7 +202,8 @@ def test_preallocated_backends_sampled_logprobs_equal_the_training_forward(monke
 def test_rollout_options_are_checked():
     cfg = make_config("embedded", overrides=dict(rollout_backend="static", rollout_compile="true",
                                                  rollout_merge_lora="yes"))
-    assert cfg.rollout_options() == dict(backend="static", compile=True, merge_lora=True, dtype="float32")
+    assert cfg.rollout_options() == dict(backend="static", compile=True, merge_lora=True, dtype="float32",
+                                         gemm="auto")
     for over, msg in ((dict(rollout_compile="maybe"), "rollout_compile='maybe': expected bool"),
                       (dict(rollout_backend="tokeneff", rollout_compile=True),
                        "rollout_compile=True: applies to rollout_backend=static only"),
@@ -226,24 +228,12 @@ def test_compiled_static_step_decodes_as_the_eager_one():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "the step should have run compiled"
 
 
-def _policy_with_a_live_adapter():
-    from peft import LoraConfig, get_peft_model
-
-    model, tok = tiny_random(seed=1)
-    torch.manual_seed(0)
-    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
-    for name, p in policy.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.2)  # B starts at zero: make the adapter change the model
-    return policy, tok
-
-
 def test_bfloat16_rollout_samples_the_merged_model_cast_to_bfloat16_and_leaves_the_weights():
     """rollout_dtype=bfloat16: the sampler's tokens are those of the adapter merged into a copy of the model cast
     to bfloat16 (built here with peft's own merge), and the float32 weights training owns stay as they were."""
     import copy
 
-    policy, tok = _policy_with_a_live_adapter()
+    policy, tok = policy_with_a_live_adapter()
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     got = sample(policy, tok, CONTEXTS, 2, 10, greedy=True, dtype="bfloat16")
     assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in policy.named_parameters())
@@ -256,7 +246,7 @@ def test_bfloat16_rollout_samples_the_merged_model_cast_to_bfloat16_and_leaves_t
 
 
 def test_bfloat16_casts_are_kept_between_rollouts_until_a_weight_changes():
-    policy, tok = _policy_with_a_live_adapter()
+    policy, tok = policy_with_a_live_adapter()
     sample(policy, tok, CONTEXTS, 2, 6, greedy=True, dtype="bfloat16")
     casts = dict(policy.__dict__["_tokeneff_casts"])
     assert casts and all(t.dtype == torch.bfloat16 for t in casts.values())
@@ -272,6 +262,73 @@ def test_bfloat16_casts_are_kept_between_rollouts_until_a_weight_changes():
         head.mul_(-1)
     ref = sample(policy, tok, CONTEXTS, 2, 6, greedy=True, dtype="bfloat16")
     assert flipped.completions != ref.completions, "sampling should have seen the changed weight"
+
+
+def _linears(model):
+    return [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+
+def test_onednn_products_agree_with_torch_and_the_layers_are_restored():
+    """rollout_gemm=onednn: while sampling every linear layer (adapters and LM head too) multiplies through oneDNN on
+    a packed weight; its logits are torch's to float32 rounding, and afterwards the layers are torch's again."""
+    from tokeneff.kernels import onednn_linears
+
+    policy, tok = policy_with_a_live_adapter()
+    ids = torch.tensor([CONTEXTS[0]])
+    with torch.no_grad():
+        want = policy(input_ids=ids).logits
+        with onednn_linears(policy):
+            assert all("forward" in m.__dict__ for m in _linears(policy))
+            got = policy(input_ids=ids).logits
+        assert not any("forward" in m.__dict__ for m in _linears(policy))
+        assert torch.equal(policy(input_ids=ids).logits, want)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    ours = sample(policy, tok, CONTEXTS, 2, 10, greedy=True, gemm="onednn")
+    assert ours.completions == sample(policy, tok, CONTEXTS, 2, 10, greedy=True, gemm="torch").completions
+
+
+@pytest.mark.parametrize("backend, gemm, expect", [("sliced", "auto", True), ("static", "auto", False),
+                                                   ("static", "onednn", True), ("sliced", "torch", False)])
+def test_rollout_gemm_auto_picks_onednn_for_sliced_on_a_cpu(backend, gemm, expect):
+    model, tok = tiny_random(seed=1)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append("forward" in m.__dict__))
+    sample(model, tok, CONTEXTS, 2, 4, greedy=True, backend=backend, gemm=gemm)
+    hook.remove()
+    assert seen and set(seen) == {expect}
+
+
+def test_packed_weights_are_kept_between_rollouts_until_a_weight_changes():
+    from tokeneff.kernels import _PACKED
+
+    policy, tok = policy_with_a_live_adapter()
+    sample(policy, tok, CONTEXTS, 2, 6, greedy=True)
+    weights = [m.weight for m in _linears(policy)]
+    packed = [_PACKED[w][1] for w in weights]
+    sample(policy, tok, CONTEXTS, 2, 6, greedy=True)
+    assert all(_PACKED[w][1] is p for w, p in zip(weights, packed, strict=True)), "the copies should be reused"
+    lora_b = next(p for n, p in policy.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        lora_b.mul_(-3)  # as an optimizer step changes a trained weight: in place
+    changed = sample(policy, tok, CONTEXTS, 2, 6, greedy=True)
+    old = next(p for w, p in zip(weights, packed, strict=True) if w is lora_b)
+    assert _PACKED[lora_b][1] is not old, "the changed weight should be packed anew"
+    assert changed.completions == sample(policy, tok, CONTEXTS, 2, 6, greedy=True, gemm="torch").completions
+
+
+def test_rollout_gemm_is_checked():
+    from tokeneff.errors import TokeneffError
+
+    model, tok = tiny_random(seed=1)
+    with pytest.raises(TokeneffError, match="rollout_gemm='mkl': must be one of auto, onednn, torch"):
+        sample(model, tok, CONTEXTS, 1, 2, gemm="mkl")
+    for over, msg in ((dict(rollout_gemm="blas"), "rollout_gemm='blas': must be one of auto, onednn, torch"),
+                      (dict(train_gemm="mkl"), "train_gemm='mkl': must be one of auto, onednn, torch"),
+                      (dict(rollout_backend="hf", rollout_gemm="onednn"),
+                       "rollout_gemm='onednn': applies to rollout_backend=static or sliced only")):
+        with pytest.raises(ConfigError, match=msg):
+            make_config("embedded", overrides=over)
+    assert make_config("embedded", overrides=dict(rollout_backend="hf", rollout_gemm="auto"))
 
 
 def test_rollout_dtype_is_checked():

@@ -25,6 +25,7 @@ TASKS = ("svamp", "multiplication")
 PROFILES = ("embedded", "paper")
 BACKENDS = ("sliced", "tokeneff", "hf", "hf-static", "static")  # rollout backends (rollout.sample)
 ROLLOUT_DTYPES = ("float32", "bfloat16")  # the weights training rollouts sample with (rollout.sampling_weights)
+GEMMS = ("auto", "onednn", "torch")  # the linear layers' products on a CPU (kernels.onednn_linears)
 ANSWER_FORMATS = ("short", "worked")  # multiplication answers (tasks/multiplication.py)
 EVAL_SPLITS = ("test", "val")
 # Warm starts (warmstart.py) by model-name suffix: `<base><suffix>` loads the base's warm start built with this recipe
@@ -145,6 +146,12 @@ class TrainConfig(LoraSettings):
     LoRA-merged weights while the loss stays in the model's own precision. A CPU with AVX-512 BF16 decodes ~2.5x
     faster, from a slightly different policy than the one trained (log-probs differ by the bfloat16 rounding,
     scripts/bf16_rollout_gap.py; nothing corrects for it). Evaluation always runs the model's own weights."""
+    rollout_gemm: str = "auto"
+    """sliced and static backends: the linear layers' matrix products while sampling (rollouts and evaluation):
+    onednn (oneDNN's kernel on weights packed once into its blocked layout: a second copy of them, kept while they
+    live) | torch (torch's own: MKL's sgemm for float32 on a CPU, cuBLAS on a GPU) | auto: onednn for sliced on a
+    CPU, torch otherwise (static keeps what its committed runs used). Both are float32 arithmetic summed in other
+    orders; on an AMD CPU MKL takes a generic path and oneDNN decodes ~2x faster (docs/memory-and-speed.md)."""
 
     # --- algorithm ---
     sgrpo_alpha: int = 25
@@ -178,6 +185,11 @@ class TrainConfig(LoraSettings):
     """no | bf16 | fp16 (accelerate)"""
     lm_head_tile: int = 8192
     """vocabulary columns per tile of the chunked LM head (TRL's kernel; smaller = less memory, more passes)"""
+    train_gemm: str = "auto"
+    """the loss's forward and backward through the frozen linear layers: onednn (oneDNN's kernel on the weight and its
+    transpose packed: two more copies of the frozen weights, kept while they live; LoRA's own layers keep torch's) |
+    torch | auto: onednn on a CPU, torch on a GPU. float32 either way (under mixed_precision, autocast's products);
+    ~2x faster products on an AMD CPU (docs/memory-and-speed.md). Runs before 2026-12-01 trained with torch's."""
     # LoRA: lora_r, lora_alpha, lora_dropout, lora_targets (LoraSettings)
 
     # --- evaluation and checkpoints ---
@@ -203,7 +215,8 @@ class TrainConfig(LoraSettings):
 
         choices = {"algo": ALGOS, "task": TASKS, "profile": PROFILES,
                    "replay": ("on", "off", "auto"), "mixed_precision": ("no", "bf16", "fp16"),
-                   "rollout_backend": BACKENDS, "rollout_dtype": ROLLOUT_DTYPES, "answer_format": ANSWER_FORMATS,
+                   "rollout_backend": BACKENDS, "rollout_dtype": ROLLOUT_DTYPES, "rollout_gemm": GEMMS,
+                   "train_gemm": GEMMS, "answer_format": ANSWER_FORMATS,
                    "eval_split": EVAL_SPLITS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -211,10 +224,10 @@ class TrainConfig(LoraSettings):
         for name in ("rollout_compile", "rollout_merge_lora"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
-        own = dict(rollout_compile=("static",), rollout_merge_lora=("static", "sliced"),
-                   rollout_dtype=("static", "sliced"))  # the options only these backends have
+        own = dict(rollout_compile=("static",), rollout_merge_lora=("static", "sliced"),  # these backends' own
+                   rollout_dtype=("static", "sliced"), rollout_gemm=("static", "sliced"))
         for name, backends in own.items():
-            if getattr(self, name) not in (False, "float32") and self.rollout_backend not in backends:
+            if getattr(self, name) not in (False, "float32", "auto", "torch") and self.rollout_backend not in backends:
                 raise bad(name, f"applies to rollout_backend={' or '.join(backends)} only (it is "
                                 f"{self.rollout_backend!r})")
         if not isinstance(self.model, str) or not self.model.strip():
@@ -280,7 +293,7 @@ class TrainConfig(LoraSettings):
     def rollout_options(self, evaluation: bool = False) -> dict[str, Any]:
         """`rollout.sample`'s backend keywords; an evaluation samples the model's own weights (no rollout_dtype)."""
         return dict(backend=self.rollout_backend, compile=self.rollout_compile, merge_lora=self.rollout_merge_lora,
-                    dtype="float32" if evaluation else self.rollout_dtype)
+                    dtype="float32" if evaluation else self.rollout_dtype, gemm=self.rollout_gemm)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -314,10 +327,10 @@ FIELD_RULES: dict[str, str] = dict(
     lora_r="-", lora_alpha="-", lora_dropout="-", lora_targets="-", algo="-", task="e", model="e", profile="-",
     steps="r", seed="-", out="r", threads="r", svamp_dir="e", extra_train="-", digits_a="e", digits_b="e",
     num_shots="e", answer_format="e", group_size="-", prompts_per_step="-", max_new_tokens="e", temperature="-",
-    top_p="-", rollout_backend="e", rollout_compile="e", rollout_merge_lora="-", rollout_dtype="-", sgrpo_alpha="-",
-    sgrpo_p="-", sgrpo_k="-", beta="-", log_kl="-", adv_eps="-", replay="-", replay_fraction="-",
+    top_p="-", rollout_backend="e", rollout_compile="e", rollout_merge_lora="-", rollout_dtype="-", rollout_gemm="e",
+    sgrpo_alpha="-", sgrpo_p="-", sgrpo_k="-", beta="-", log_kl="-", adv_eps="-", replay="-", replay_fraction="-",
     replay_buffer_size="-", lr="-", weight_decay="-", max_grad_norm="-", micro_batch_size="-",
-    gradient_checkpointing="-", mixed_precision="-",
+    gradient_checkpointing="-", mixed_precision="-", train_gemm="-",
     lm_head_tile="-", eval_every="rm", eval_at_start="rm", eval_limit="rme", eval_split="me", eval_batch_size="r",
     eval_max_new_tokens="rme", save_every="r", max_bad_steps="r")
 RESUMABLE_KEYS = tuple(k for k, v in FIELD_RULES.items() if "r" in v)

@@ -27,6 +27,7 @@ from .checks import check_context, check_lora_targets, check_model_path, check_p
 from .config import TrainConfig, make_config
 from .errors import TokeneffError
 from .evaluate import evaluate_model
+from .kernels import onednn_context
 from .loss import SelectiveLogProbs, policy_loss
 from .mechanisms import step_mechanisms
 from .models import load_model
@@ -145,7 +146,7 @@ def backward(cfg: TrainConfig, accel, policy_lp, roll: Rollout, credits: StepCre
                      pos=torch.tensor([c.cols[j] for j in idx], device=device))
         adv = torch.tensor([c.adv[j] for j in idx], device=device)
         weight = torch.tensor([c.weight[j] for j in idx], device=device)
-        with accel.autocast():
+        with accel.autocast(), onednn_context(lp, "train_gemm", cfg.train_gemm, True, backward=True):
             logp = policy_lp(**batch)
             ref = None
             if cfg.beta > 0 or cfg.log_kl:

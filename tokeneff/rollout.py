@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import BACKENDS, ROLLOUT_DTYPES
+from .config import BACKENDS, GEMMS, ROLLOUT_DTYPES
 from .errors import TokeneffError
+from .kernels import onednn_context
 
 
 @dataclass
@@ -315,8 +316,8 @@ def sampling_weights(model, merge_lora: bool = False, dtype: torch.dtype | None 
                 if p is None or (mod, name) in swaps or id(p) in adapters or not p.is_floating_point():
                     continue
                 key = (id(p), p.data_ptr(), p._version)
-                if key not in cache:
-                    cache[key] = p.detach().to(dtype)
+                if key not in cache:  # a Parameter, kept as one object: oneDNN's packed copy follows its identity
+                    cache[key] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
                 swaps[mod, name] = cache[key]
         live = {(id(p), p.data_ptr(), p._version) for p in model.parameters()}
         for key in [k for k in cache if k not in live]:  # a weight training changed: drop its old cast
@@ -327,7 +328,8 @@ def sampling_weights(model, merge_lora: bool = False, dtype: torch.dtype | None 
     originals = {key: key[0]._parameters[key[1]] for key in swaps}
     try:
         for (mod, name), w in swaps.items():
-            mod._parameters[name] = torch.nn.Parameter(w, requires_grad=False)
+            is_param = isinstance(w, torch.nn.Parameter)
+            mod._parameters[name] = w if is_param else torch.nn.Parameter(w, requires_grad=False)
         with model.disable_adapter() if merge else contextlib.nullcontext():
             yield
     finally:
@@ -368,12 +370,13 @@ def hf_generate(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor,
 
 def generate_rows(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int,
                   max_new_tokens: int, eos: set[int], backend: str = "sliced", compile: bool = False,
-                  merge_lora: bool = False, dtype: str = "float32", **pick) -> list[list[int]]:
+                  merge_lora: bool = False, dtype: str = "float32", gemm: str = "auto", **pick) -> list[list[int]]:
     """The backend's generated rows, each possibly running on past its first EOS (`eos` empty: full length)."""
     if backend == "tokeneff":
         return decode_loop(model, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, **pick)
     if backend in ("static", "sliced"):
-        with sampling_weights(model, merge_lora, DTYPES[dtype]):
+        with sampling_weights(model, merge_lora, DTYPES[dtype]), onednn_context(model, "rollout_gemm", gemm,
+                                                                           backend == "sliced"):
             return static_decode_loop(model, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, compile,
                                       backend == "sliced", **pick)
     return hf_generate(model, tokenizer, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos,
@@ -383,7 +386,7 @@ def generate_rows(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tenso
 @torch.no_grad()
 def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, backend: str = "sliced",
-           compile: bool = False, merge_lora: bool = False, dtype: str = "float32") -> Rollout:
+           compile: bool = False, merge_lora: bool = False, dtype: str = "float32", gemm: str = "auto") -> Rollout:
     """Generate `num_samples` completions for each context (token ids); rows are context-major.
 
     Backends: sliced (the default), our loop on a preallocated KV cache and mask (prompt KV shared by its group,
@@ -393,12 +396,15 @@ def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_ne
     shared prompt KV; hf-static, `generate` with a static KV cache (compiled, CUDA graphs on a GPU; prompts
     repeated, since a static cache cannot be seeded from another cache). sliced and static sample with other
     weights on request: `merge_lora`, the adapter merged into a copy of the adapted weights; `dtype`="bfloat16", a
-    bfloat16 copy of every weight (`sampling_weights`).
+    bfloat16 copy of every weight (`sampling_weights`); `gemm` (rollout_gemm): their linear layers' products through
+    oneDNN on packed weights (`onednn_linears`; auto: with sliced on a CPU) or torch's own.
     """
     if backend not in BACKENDS:
         raise TokeneffError(f"rollout_backend={backend!r}: must be one of {', '.join(BACKENDS)}")
     if dtype not in DTYPES:
         raise TokeneffError(f"rollout_dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
+    if gemm not in GEMMS:
+        raise TokeneffError(f"rollout_gemm={gemm!r}: must be one of {', '.join(GEMMS)}")
     device = next(model.parameters()).device
     ctx_ids, ctx_mask = left_pad(contexts, tokenizer.pad_token_id)
     ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
@@ -410,7 +416,7 @@ def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_ne
     model.eval()
     try:
         gen = generate_rows(model, tokenizer, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, backend, compile,
-                            merge_lora, dtype, **pick)
+                            merge_lora, dtype, gemm, **pick)
     finally:
         model.train(was_training)
     completions, truncated = [], []

@@ -2,7 +2,8 @@
 
 One decode step of a causal LM at batch B is, apart from attention over the cache, one matrix product per
 linear layer: [B, in] x [in, out]. Its floor on this machine is the sum over the step's linear layers of
-    2 * B * in * out / (the GEMM rate this machine reaches on exactly that shape, on the same threads),
+    2 * B * in * out / (the GEMM rate this machine reaches on exactly that shape, on the same threads, by the faster
+                       of torch's own kernel and oneDNN's on a packed weight),
 plus attention (2 * 2 * B * context * hidden per layer) at the best of those rates. We time the real step of
 each rollout backend (its own loop: forward with a KV cache, sampling, bookkeeping) and report floor / measured:
 the fraction of the machine's matrix-product speed that the rollout reaches. Both sides run on the threads the
@@ -29,18 +30,26 @@ from ..warmstart import model_folder
 from .benchio import device_name
 
 
-def _gemm_rate(m: int, k: int, n: int, min_seconds: float = 0.2) -> float:
-    """FLOP/s of a float32 [m, k] x [k, n] product, the best of three timed bursts."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    a @ b
-    best = 0.0
-    for _ in range(3):
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < min_seconds / 3:
-            a @ b
-            reps += 1
-        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0))
-    return best
+def _gemm_rate(m: int, k: int, n: int, min_seconds: float = 0.2) -> dict[str, float]:
+    """FLOP/s of a float32 [m, k] x [k, n] product, the best of three timed bursts, by each kernel a step can use:
+    torch's own (`a @ b`: MKL's sgemm on this CPU) and oneDNN's on a packed weight (rollout_gemm=onednn)."""
+    a, w = torch.randn(m, k), torch.randn(n, k)
+    kernels = {"torch": (lambda: a @ w.T)}
+    if torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 32)
+        kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    rates = {}
+    for name, product in kernels.items():
+        product()
+        best = 0.0
+        for _ in range(3):
+            reps, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < min_seconds / 3:
+                product()
+                reps += 1
+            best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0))
+        rates[name] = best
+    return rates
 
 
 def linear_shapes(model) -> Counter:
@@ -52,11 +61,14 @@ def linear_shapes(model) -> Counter:
     return shapes
 
 
-BACKEND_SPECS = ("sliced", "sliced+merge", "sliced+bf16", "tokeneff", "static", "static+compile", "hf", "hf-static")
-"""what `--backends` may name: a rollout backend; sliced with its LoRA merged for sampling or a bfloat16 sampling
-copy of the weights; static with its decode step compiled"""
+BACKEND_SPECS = ("sliced", "sliced+torch", "sliced+merge", "sliced+bf16", "tokeneff", "tokeneff+torch", "static",
+                 "static+onednn", "static+compile", "hf", "hf-static")
+"""what `--backends` may name: a rollout backend; +torch: torch's own matrix products on a CPU where the default is
+oneDNN's (rollout_gemm and train_gemm; tokeneff+torch is the default before 2026-12-01); sliced with its LoRA
+merged for sampling or a bfloat16 sampling copy of the weights; static with oneDNN's products or compiled"""
 _EXTRAS = {"": {}, "compile": dict(rollout_compile=True), "merge": dict(rollout_merge_lora=True),
-           "bf16": dict(rollout_dtype="bfloat16")}
+           "bf16": dict(rollout_dtype="bfloat16"), "torch": dict(rollout_gemm="torch", train_gemm="torch"),
+           "onednn": dict(rollout_gemm="onednn")}
 
 
 def _check(spec: str) -> None:
@@ -119,7 +131,8 @@ def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: in
     cfg = model.config
     rows = []
     for b in batches:
-        rates = {s: _gemm_rate(b, *s) for s in shapes}
+        by_kernel = {s: _gemm_rate(b, *s) for s in shapes}
+        rates = {s: max(r.values()) for s, r in by_kernel.items()}  # the floor takes the faster kernel per shape
         floor = sum(n * 2 * b * s[0] * s[1] / rates[s] for s, n in shapes.items())
         attn_flops = 4 * b * context * cfg.hidden_size * cfg.num_hidden_layers
         floor += attn_flops / max(rates.values())
@@ -130,7 +143,8 @@ def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: in
                              context=context, step_ms=1000 * measured, floor_ms=1000 * floor,
                              fraction_of_limit=floor / measured, gflop_per_step=flops / 1e9,
                              achieved_gflops=flops / measured / 1e9,
-                             gemm_gflops_by_shape={f"{b}x{k}x{n}": r / 1e9 for (k, n), r in rates.items()},
+                             gemm_gflops_by_shape={f"{b}x{k}x{n}": {name: r / 1e9 for name, r in rs.items()}
+                                                   for (k, n), rs in by_kernel.items()},
                              tokens_per_s=b / measured))
     if eval_limit:
         rows += eval_times(model, tok, model_name, backends, eval_limit, eval_task)

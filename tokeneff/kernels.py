@@ -1,0 +1,96 @@
+"""oneDNN matrix products for the linear layers on a CPU (the options rollout_gemm and train_gemm).
+
+torch's own float32 product on a CPU is MKL's sgemm, which on an AMD CPU takes MKL's generic path: about half of the
+rate oneDNN's kernel (torch.ops.mkldnn._linear_pointwise, the one inductor uses) reaches on a weight packed once into
+oneDNN's blocked layout (results/benchmarks/decode_limit_cpu_*.json). Same float32 arithmetic, summed in another
+order. Here each CPU nn.Linear runs through oneDNN inside a `with onednn_linears(model)` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .errors import TokeneffError
+
+_PACKED = WeakIdKeyDictionary()
+"""weight -> (its version when packed, packed W, packed W^T or None). Keyed by the weight's identity and dropped with
+it, so a weight freed and another made at its address cannot meet a stale copy; a weight changed in place (a new
+version, as an optimizer step makes) is packed anew."""
+
+
+def packed(w: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """`w` (or its transpose, for products with the gradient) in oneDNN's blocked layout, kept while `w` lives."""
+    version, pw, pwt = _PACKED.get(w, (None, None, None))
+    if version != w._version:
+        pw, pwt = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 32), None
+    if transposed and pwt is None:
+        pwt = torch.ops.mkldnn._reorder_linear_weight(w.detach().t().contiguous(), 32)
+    _PACKED[w] = (w._version, pw, pwt)
+    return pwt if transposed else pw
+
+
+def _product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.to(weight.dtype), weight, bias, "none", [], "")
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """x W^T + b for a weight and bias that take no gradient; x's gradient g W is a product with packed W^T."""
+
+    @staticmethod
+    def forward(ctx, x, w, wt, bias):
+        ctx.wt = wt
+        return _product(w, bias, x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _product(ctx.wt, None, g.contiguous()), None, None, None
+
+
+def _frozen_forward(mod: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if torch.is_autocast_enabled("cpu"):  # mixed precision: autocast's own bfloat16 product
+        return torch.nn.functional.linear(x, mod.weight, mod.bias)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FrozenLinear.apply(x, packed(mod.weight), packed(mod.weight, True), mod.bias)
+    return _product(packed(mod.weight), mod.bias, x)
+
+
+@contextlib.contextmanager
+def onednn_linears(model, backward: bool = False):
+    """Every CPU float32 / bfloat16 nn.Linear of `model` multiplies through oneDNN on packed weights inside the block.
+    `backward`: for a loss to backpropagate through (gradients reach the inputs, through packed W^T, a second copy);
+    layers whose weight or bias takes a gradient (LoRA's A and B) then keep torch's product. Without it (sampling
+    under no_grad) every layer goes through oneDNN. A layer whose forward a hook already wraps (accelerate's
+    offloading) is left alone."""
+    patched = []
+    for mod in model.modules():
+        w = mod._parameters.get("weight") if type(mod) is torch.nn.Linear else None
+        if w is None or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) \
+                or "forward" in mod.__dict__:
+            continue
+        if backward:
+            if w.requires_grad or (mod.bias is not None and mod.bias.requires_grad):
+                continue
+            mod.forward = functools.partial(_frozen_forward, mod)
+        else:
+            mod.forward = functools.partial(_product, packed(w), mod.bias)
+        patched.append(mod)
+    try:
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
+
+
+def onednn_context(model, option: str, value: str, auto: bool, backward: bool = False):
+    """`onednn_linears(model, backward)` where the option (rollout_gemm / train_gemm) asks for it: onednn, or auto
+    where the caller's CPU default applies (`auto`) and the model is on a CPU; otherwise torch's own products."""
+    cpu = next(model.parameters()).device.type == "cpu" and torch.backends.mkldnn.is_available()
+    if value == "onednn" and not cpu:
+        raise TokeneffError(f"{option}=onednn: needs the model on a CPU and a torch built with oneDNN; use "
+                            f"{option}=auto or torch")
+    use = value == "onednn" or (value == "auto" and auto and cpu)
+    return onednn_linears(model, backward) if use else contextlib.nullcontext()
