@@ -47,9 +47,10 @@ def test_versus_trl_same_settings(tmp_path):
 
     # shape "tiny": random weights saved as a local checkpoint, as `--shape qwen2-1.5b` does on a GPU
     res = versus_trl(shape="tiny", group_size=2, max_new_tokens=6, steps=2, algos=("grpo", "tspmo"),
-                     out=str(tmp_path), progress=False, trl_trainers=("tspmo",))
+                     out=str(tmp_path), progress=False, trl_trainers=("tspmo",), gemm="torch")
     trl, *ours, trl_ours = res["rows"]
     assert trl["side"] == "trl-grpo" and [r["side"] for r in ours] == ["tokeneff-grpo", "tokeneff-tspmo"]
+    assert res["gemm"] == "torch" and all(r["gemm"] == "torch" for r in ours)  # like for like: TRL's products
     assert trl_ours["side"] == "trl-tspmo"  # our TSPMOTrainer inside TRL
     for r in res["rows"]:
         assert len(r["step_seconds"]) == 2 and all(0 < n <= 6 for n in r["completion_len_mean"])

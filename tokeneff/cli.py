@@ -11,7 +11,7 @@ import sys
 from . import __version__, loaded
 from .benchmarks.bench import bench_cli
 from .benchmarks.decode_limit import BACKEND_SPECS, decode_limit, parse_backends
-from .config import ALGOS, PROFILES, TASKS, make_config, parse_overrides
+from .config import ALGOS, GEMMS, PROFILES, TASKS, make_config, parse_overrides
 from .errors import TokeneffError, clip
 from .evaluate import evaluate
 from .loop import install_sigterm_handler, train
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--vs-trl: skip our SGRPOTrainer/TSPMOTrainer inside TRL (two sides fewer)")
     b.add_argument("--algos", default=",".join(ALGOS),
                    help="--vs-trl: our algorithms to compare with TRL, comma-separated (default: all three)")
+    b.add_argument("--gemm", choices=GEMMS, default="auto",
+                   help="--vs-trl: our side's linear-layer products (rollout_gemm and train_gemm); torch: TRL's own, "
+                        "like for like (auto: oneDNN on a CPU)")
     b.add_argument("--gradient-checkpointing", action="store_true")
     b.add_argument("--ladder", action="store_true",
                    help="also the naive full-logits step and each saving in turn (where the memory goes)")

@@ -294,7 +294,7 @@ def bench_cli(args) -> None:
             raise TokeneffError(f"--algos={args.algos!r}: expected a comma-separated subset of {','.join(ALGOS)}")
         res = versus_trl(model=args.model, shape=args.shape, group_size=ints(args.group_sizes, "--group-sizes")[0],
                          max_new_tokens=args.max_new_tokens, steps=args.steps, algos=algos,
-                         gradient_checkpointing=args.gradient_checkpointing, out=args.out,
+                         gradient_checkpointing=args.gradient_checkpointing, out=args.out, gemm=args.gemm,
                          **({"trl_trainers": ()} if args.no_trl_trainers else {}))
         print_versus(res)
         print(f"written to {args.out}/")

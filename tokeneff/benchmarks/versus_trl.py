@@ -81,10 +81,11 @@ def tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
               beta=0.0, log_kl=False, **dataclasses.asdict(LORA),
               lr=1e-5, eval_at_start=False, eval_limit=1, save_every=spec["steps"], out=tmp,
               gradient_checkpointing=spec.get("gradient_checkpointing", False), rollout_backend=backend,
+              rollout_gemm=spec.get("gemm", "auto"), train_gemm=spec.get("gemm", "auto"),
               mixed_precision="bf16" if torch.cuda.is_available() else "no", progress=False)
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "step_seconds" in r]
-    return dict(side=f"tokeneff-{spec['algo']}", rollout_backend=backend,
+    return dict(side=f"tokeneff-{spec['algo']}", rollout_backend=backend, gemm=spec.get("gemm", "auto"),
                 step_seconds=[r["step_seconds"] for r in rows],
                 rollout_seconds=[r["rollout_seconds"] for r in rows],
                 tokens_in_loss=[r["tokens_in_loss"] for r in rows],
@@ -154,20 +155,20 @@ def versus_trl(model: str = "smollm2-135m", shape: str | None = None, group_size
                steps: int = 3,
                algos: tuple[str, ...] = ALGOS, gradient_checkpointing: bool = False,
                out: str | None = "results/benchmarks", progress: bool = True,
-               trl_trainers: tuple[str, ...] = ("sgrpo", "tspmo")) -> dict[str, Any]:
+               trl_trainers: tuple[str, ...] = ("sgrpo", "tspmo"), gemm: str = "auto") -> dict[str, Any]:
     """TRL first, then each of our algorithms; returns rows plus ratios to TRL (time per warm step, peak memory
     above the weights). Writes vs_trl_<device>_<model>.json and .csv into `out` unless it is None, rewritten after
     each side (`complete` false until the last), so an interrupted run keeps the sides it finished.
     `shape` (e.g. qwen2-1.5b, GPU only): random weights of that shape instead of `model`, saved to a temp dir, and
     `synthetic_reward` on both sides (random weights earn no reward, so no group would carry signal).
     `trl_trainers`: also our SGRPOTrainer / TSPMOTrainer (trl_trainers.py) inside TRL, as rows `trl-sgrpo` /
-    `trl-tspmo`, run last."""
+    `trl-tspmo`, run last. `gemm`: our side's rollout_gemm and train_gemm (torch: the products TRL uses)."""
     if importlib.util.find_spec("trl") is None:
         raise TokeneffError("--vs-trl needs trl: pip install 'trl==1.16.0'")
     if steps < 2:
         raise TokeneffError(f"--steps={steps}: --vs-trl needs at least 2 steps (the first one is warm-up)")
     base = dict(group_size=group_size, max_new_tokens=max_new_tokens, steps=steps,
-                gradient_checkpointing=gradient_checkpointing)
+                gradient_checkpointing=gradient_checkpointing, gemm=gemm)
     if not shape:
         return _compare(dict(base, model=model, reward="task"), algos, out, Path(model).name, model, progress,
                         trl_trainers)
