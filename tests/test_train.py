@@ -74,6 +74,24 @@ def test_training_raises_reward(tiny_cfg, toy_task, algo, rollout):
     assert last > first + 0.3, (first, last)
 
 
+@pytest.mark.parametrize("gemm", ["onednn", "torch"])
+def test_checkpointed_training_raises_reward(tiny_cfg, toy_task, gemm, monkeypatch):
+    """Activation checkpointing recomputes the forward inside backward: with train_gemm=onednn that recomputation
+    must run through the same oneDNN layers as the forward (torch's checkpoint compares what each saved), and the
+    run must learn. (At this lr the toy run collapses after ~24 updates with or without checkpointing: 15 here.)"""
+    import tokeneff.kernels as kernels
+
+    calls = []
+    apply = kernels._FrozenLinear.apply
+    monkeypatch.setattr(kernels._FrozenLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    cfg = tiny_cfg(algo="sgrpo", steps=15, group_size=8, prompts_per_step=4, max_new_tokens=4, lr=0.03, beta=0.0,
+                   lora_dropout=0.0, eval_limit=1, save_every=100, gradient_checkpointing=True, train_gemm=gemm)
+    train(cfg, progress=False, custom_task=toy_task)
+    rewards = [r["reward_mean"] for r in _metrics(__import__("pathlib").Path(cfg.out))[1:]]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.3, rewards
+    assert bool(calls) == (gemm == "onednn")
+
+
 def test_same_seed_same_metrics_and_resume_continues_identically(tiny_cfg, tmp_path, capsys):
     a = tiny_cfg(steps=4, out=str(tmp_path / "a"), save_every=2, eval_every=2)
     b = tiny_cfg(steps=4, out=str(tmp_path / "b"), save_every=2, eval_every=2)

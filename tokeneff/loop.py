@@ -146,15 +146,18 @@ def backward(cfg: TrainConfig, accel, policy_lp, roll: Rollout, credits: StepCre
                      pos=torch.tensor([c.cols[j] for j in idx], device=device))
         adv = torch.tensor([c.adv[j] for j in idx], device=device)
         weight = torch.tensor([c.weight[j] for j in idx], device=device)
-        with accel.autocast(), onednn_context(lp, "train_gemm", cfg.train_gemm, True, backward=True):
-            logp = policy_lp(**batch)
-            ref = None
-            if cfg.beta > 0 or cfg.log_kl:
-                with torch.no_grad(), lp.model.disable_adapter():
-                    ref = lp(**batch)
-            loss, kl = policy_loss(logp, adv, weight, ref, cfg.beta)
-        with accel.no_sync(policy_lp) if bi < len(batches) - 1 else contextlib.nullcontext():
-            accel.backward(loss)
+        # oneDNN's products (train_gemm) over the backward too: activation checkpointing recomputes the forward
+        # there, and must meet the layers the forward ran through
+        with onednn_context(lp, "train_gemm", cfg.train_gemm, True, backward=True):
+            with accel.autocast():
+                logp = policy_lp(**batch)
+                ref = None
+                if cfg.beta > 0 or cfg.log_kl:
+                    with torch.no_grad(), lp.model.disable_adapter():
+                        ref = lp(**batch)
+                loss, kl = policy_loss(logp, adv, weight, ref, cfg.beta)
+            with accel.no_sync(policy_lp) if bi < len(batches) - 1 else contextlib.nullcontext():
+                accel.backward(loss)
         loss_total += float(loss.detach())
         kl_total += float(kl)
     return loss_total, kl_total
