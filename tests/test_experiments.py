@@ -223,3 +223,19 @@ def test_shared_settings_take_only_the_notebooks_own_parameters_and_build_a_name
     assert built == [("smollm2-135m+sftepoch", True, kept)]
     assert "max_new_tokens" not in shared_settings(dict(extra={}, model="smollm2-135m", max_completion_length=0))
     assert built == [("smollm2-135m+sftepoch", True, kept)]  # a plain model name is not a warm start: nothing built
+
+
+def test_committed_base_evaluations_keep_their_cache_names():
+    """A config field added later (rollout_gemm) must not rename the base evaluations a committed grid cached: the
+    SVAMP grid from +sftepochmlp (sampled with static) finds its committed file, and another product is another key."""
+    from pathlib import Path
+
+    from tokeneff.analysis.grid import eval_digest
+    from tokeneff.config import make_config
+
+    over = dict(task="svamp", model="smollm2-135m+sftepochmlp", rollout_backend="static", max_new_tokens=64,
+                eval_limit=0)
+    digest = eval_digest(make_config("embedded", overrides=over))
+    runs = Path(__file__).resolve().parents[1] / "results/embedded-full/runs/svamp-sftepochmlp/embedded"
+    assert (runs / f"base_svamp_smollm2-135m+sftepochmlp_n0_{digest}.json").is_file()
+    assert eval_digest(make_config("embedded", overrides=dict(over, rollout_gemm="onednn"))) != digest
