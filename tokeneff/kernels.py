@@ -24,16 +24,19 @@ version, as an optimizer step makes) is packed anew."""
 
 def packed(w: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """`w` (or its transpose, for products with the gradient) in oneDNN's blocked layout, kept while `w` lives."""
-    version, pw, pwt = _PACKED.get(w, (None, None, None))
-    if version != w._version:
-        pw, pwt = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 32), None
-    if transposed and pwt is None:
-        pwt = torch.ops.mkldnn._reorder_linear_weight(w.detach().t().contiguous(), 32)
-    _PACKED[w] = (w._version, pw, pwt)
-    return pwt if transposed else pw
+    entry = _PACKED.get(w)
+    if entry is None or entry[0] != w._version or (transposed and entry[2] is None):
+        pw = entry[1] if entry is not None and entry[0] == w._version else _reorder(w.detach())
+        pwt = _reorder(w.detach().t().contiguous()) if transposed else None
+        entry = _PACKED[w] = (w._version, pw, pwt)
+    return entry[2] if transposed else entry[1]
 
 
-def _product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+def _reorder(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w, 32)  # 32: the batch size oneDNN tunes the layout for
+
+
+def product(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x.to(weight.dtype), weight, bias, "none", [], "")
 
 
@@ -43,11 +46,11 @@ class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, wt, bias):
         ctx.wt = wt
-        return _product(w, bias, x)
+        return product(w, bias, x)
 
     @staticmethod
     def backward(ctx, g):
-        return _product(ctx.wt, None, g.contiguous()), None, None, None
+        return product(ctx.wt, None, g.contiguous()), None, None, None
 
 
 def _frozen_forward(mod: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +58,7 @@ def _frozen_forward(mod: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, mod.weight, mod.bias)
     if torch.is_grad_enabled() and x.requires_grad:
         return _FrozenLinear.apply(x, packed(mod.weight), packed(mod.weight, True), mod.bias)
-    return _product(packed(mod.weight), mod.bias, x)
+    return product(packed(mod.weight), mod.bias, x)
 
 
 @contextlib.contextmanager
@@ -76,7 +79,7 @@ def onednn_linears(model, backward: bool = False):
                 continue
             mod.forward = functools.partial(_frozen_forward, mod)
         else:
-            mod.forward = functools.partial(_product, packed(w), mod.bias)
+            mod.forward = functools.partial(product, packed(w), mod.bias)
         patched.append(mod)
     try:
         yield

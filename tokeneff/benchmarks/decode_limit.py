@@ -12,6 +12,7 @@ runs use (1). With `eval_limit`, also a greedy evaluation per backend: its time 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from ..config import make_config
 from ..errors import TokeneffError
 from ..evaluate import evaluate_model
+from ..kernels import packed, product
 from ..models import load_model
 from ..rollout import generate_rows, left_pad
 from ..tasks import make_task
@@ -36,16 +38,15 @@ def _gemm_rate(m: int, k: int, n: int, min_seconds: float = 0.2) -> dict[str, fl
     a, w = torch.randn(m, k), torch.randn(n, k)
     kernels = {"torch": (lambda: a @ w.T)}
     if torch.backends.mkldnn.is_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 32)
-        kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+        kernels["onednn"] = functools.partial(product, packed(w), None, a)
     rates = {}
-    for name, product in kernels.items():
-        product()
+    for name, run in kernels.items():
+        run()
         best = 0.0
         for _ in range(3):
             reps, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < min_seconds / 3:
-                product()
+                run()
                 reps += 1
             best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0))
         rates[name] = best

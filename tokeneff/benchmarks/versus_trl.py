@@ -74,6 +74,7 @@ def weights_only(spec: dict[str, Any]) -> dict[str, Any]:
 
 def tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
     backend = spec.get("rollout_backend") or make_config("embedded").rollout_backend  # recorded in the row
+    gemm = spec.get("gemm", "auto")
     with tempfile.TemporaryDirectory() as tmp:
         train(custom_task=synthetic_task() if spec.get("reward") == "synthetic" else None,
               profile="embedded", model=spec["model"], task="svamp", algo=spec["algo"], steps=spec["steps"],
@@ -81,11 +82,11 @@ def tokeneff_side(spec: dict[str, Any]) -> dict[str, Any]:
               beta=0.0, log_kl=False, **dataclasses.asdict(LORA),
               lr=1e-5, eval_at_start=False, eval_limit=1, save_every=spec["steps"], out=tmp,
               gradient_checkpointing=spec.get("gradient_checkpointing", False), rollout_backend=backend,
-              rollout_gemm=spec.get("gemm", "auto"), train_gemm=spec.get("gemm", "auto"),
+              rollout_gemm=gemm, train_gemm=gemm,
               mixed_precision="bf16" if torch.cuda.is_available() else "no", progress=False)
         rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "step_seconds" in r]
-    return dict(side=f"tokeneff-{spec['algo']}", rollout_backend=backend, gemm=spec.get("gemm", "auto"),
+    return dict(side=f"tokeneff-{spec['algo']}", rollout_backend=backend, gemm=gemm,
                 step_seconds=[r["step_seconds"] for r in rows],
                 rollout_seconds=[r["rollout_seconds"] for r in rows],
                 tokens_in_loss=[r["tokens_in_loss"] for r in rows],
