@@ -148,8 +148,11 @@ def test_decode_limit_puts_the_backends_side_by_side(tmp_path):
 
     rows = decode_limit("tiny-random", batches=(4,), context=8, out=str(tmp_path), backends=("tokeneff", "static"),
                         eval_limit=3)
-    steps, evals = rows[:2], rows[2:]
-    assert [(r["batch"], r["backend"]) for r in steps] == [(4, "tokeneff"), (4, "static")]
+    steps, evals = rows[:4], rows[4:]
+    assert [(r["contexts"], r["batch"], r["backend"]) for r in steps] == [
+        ("random", 4, "tokeneff"), ("random", 4, "static"), ("multiplication", 4, "tokeneff"),
+        ("multiplication", 4, "static")]
+    assert steps[0]["context"] == 8 and steps[2]["context"] > 8  # a prompt: instruction, worked example, problem
     assert all(r["floor_ms"] > 0 and r["fraction_of_limit"] == pytest.approx(r["floor_ms"] / r["step_ms"])
                for r in steps)
     assert [(r["backend"], r["task"], r["n"], r["flips_vs"]) for r in evals] == [
@@ -158,3 +161,5 @@ def test_decode_limit_puts_the_backends_side_by_side(tmp_path):
     assert json.loads((tmp_path / "decode_limit_cpu_tiny-random.json").read_text()) == rows
     with pytest.raises(TokeneffError, match="backend 'vllm': must be one of sliced, sliced"):
         decode_limit("tiny-random", backends=("vllm",))
+    with pytest.raises(TokeneffError, match="contexts 'real': must be random or task"):
+        decode_limit("tiny-random", contexts=("real",))

@@ -7,7 +7,7 @@ import torch
 from helpers import policy_with_a_live_adapter
 
 from tokeneff import make_config
-from tokeneff.errors import ConfigError
+from tokeneff.errors import ConfigError, TokeneffError
 from tokeneff.models import tiny_random
 from tokeneff.rollout import pick_next, sample
 
@@ -147,14 +147,23 @@ def test_preallocated_backends_greedy_match_tokeneff_and_drop_finished_rows(back
     assert sizes[0] == 3 and sizes[1:] == BATCHES[backend], sizes
 
 
-@pytest.mark.parametrize("backend", ["sliced", "static"])
-def test_preallocated_backends_sampled_logprobs_equal_the_training_forward(monkeypatch, backend):
+@pytest.mark.parametrize("backend,head", [("sliced", 0), ("sliced", 12), ("static", 0), ("static", 12)])
+def test_preallocated_backends_sampled_logprobs_equal_the_training_forward(monkeypatch, backend, head):
     """With LoRA merged for sampling, the sampler's log pi(token) at every sampled token equals what the loss
-    (SelectiveLogProbs on the unmerged adapter) computes, and sampling leaves the trained weights untouched."""
+    (SelectiveLogProbs on the unmerged adapter) computes, and sampling leaves the trained weights untouched. With
+    `head` tokens every context starts with, sliced attends to them once for all rows (tokeneff.attention)."""
     from peft import LoraConfig, get_peft_model
 
+    import tokeneff.attention as attention
     import tokeneff.rollout as rollout
     from tokeneff.loss import SelectiveLogProbs
+
+    contexts = [list(range(20, 20 + head)) + c for c in CONTEXTS]
+    prefix_steps = []
+    real_attention = attention.shared_prefix_attention
+    monkeypatch.setattr(attention, "shared_prefix_attention", lambda *a, shared_prefix=None, **kw: (
+        prefix_steps.append(shared_prefix[0][0].shape[1]) if shared_prefix else None,
+        real_attention(*a, shared_prefix=shared_prefix, **kw))[1])
 
     model, tok = tiny_random(seed=1)
     torch.manual_seed(0)  # LoRA's A is drawn from the global generator
@@ -165,7 +174,7 @@ def test_preallocated_backends_sampled_logprobs_equal_the_training_forward(monke
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     temperature, G = 0.8, 4
     torch.manual_seed(1)
-    free = sample(policy, tok, CONTEXTS, G, 8, temperature, backend=backend).completions
+    free = sample(policy, tok, contexts, G, 8, temperature, backend=backend).completions
     # four frequent tokens end a completion: rows stop at various steps, most before the end
     eos = [t for t, _ in Counter(t for row in free for t in row[1:6]).most_common(4)]
     policy.generation_config.eos_token_id = eos
@@ -174,7 +183,7 @@ def test_preallocated_backends_sampled_logprobs_equal_the_training_forward(monke
     real_pick = rollout.pick_next
     monkeypatch.setattr(rollout, "pick_next", lambda logits, **kw: steps.append(logits) or real_pick(logits, **kw))
     torch.manual_seed(2)
-    roll = sample(policy, tok, CONTEXTS, G, 8, temperature, backend=backend, merge_lora=True)
+    roll = sample(policy, tok, contexts, G, 8, temperature, backend=backend, merge_lora=True)
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
     comps = roll.completions
     assert 1 < len({len(c) for c in comps}) and any(c[-1] in eos for c in comps)
@@ -188,7 +197,9 @@ def test_preallocated_backends_sampled_logprobs_equal_the_training_forward(monke
                 sampler_lp[r, t] = lp[i, comps[r][t]]
         running = [r for r in batch if len(comps[r]) > t + 1]
         batch = running if backend == "sliced" or 2 * len(running) <= len(batch) else batch
-    assert len(steps[-1]) < len(comps), "rows should have left the batch"
+    assert head or len(steps[-1]) < len(comps), "rows should have left the batch"  # (static with head: they don't)
+    assert set(prefix_steps) == ({head} if head and backend == "sliced" else set()), \
+        "sliced attends once to a prefix every context shares"
     cells = sorted(sampler_lp)
     policy.eval()
     with torch.no_grad():
@@ -203,7 +214,7 @@ def test_rollout_options_are_checked():
     cfg = make_config("embedded", overrides=dict(rollout_backend="static", rollout_compile="true",
                                                  rollout_merge_lora="yes"))
     assert cfg.rollout_options() == dict(backend="static", compile=True, merge_lora=True, dtype="float32",
-                                         gemm="auto")
+                                         gemm="auto", attention="auto")
     for over, msg in ((dict(rollout_compile="maybe"), "rollout_compile='maybe': expected bool"),
                       (dict(rollout_backend="tokeneff", rollout_compile=True),
                        "rollout_compile=True: applies to rollout_backend=static only"),
@@ -329,6 +340,33 @@ def test_rollout_gemm_is_checked():
         with pytest.raises(ConfigError, match=msg):
             make_config("embedded", overrides=over)
     assert make_config("embedded", overrides=dict(rollout_backend="hf", rollout_gemm="auto"))
+
+
+HEAD = list(range(20, 32))  # 12 tokens every context starts with, as an instruction and worked examples do
+
+
+@pytest.mark.parametrize("attention, shared", [("auto", True), ("shared-prefix", True), ("sdpa", False)])
+def test_rollout_attention_keeps_the_shared_prefix_once_and_decodes_the_same(monkeypatch, attention, shared):
+    import tokeneff.rollout as rollout
+
+    model, tok = tiny_random(seed=1)
+    contexts = [HEAD + c for c in CONTEXTS]
+    caches = []
+    real = rollout._sliced_cache
+    monkeypatch.setattr(rollout, "_sliced_cache", lambda *a: caches.append(real(*a)) or caches[-1])
+    got = sample(model, tok, contexts, 2, 8, greedy=True, attention=attention)
+    assert [layer.prefix[0].shape[1] for layer in caches[0].layers] == [12 if shared else 0] * 2
+    assert model.config._attn_implementation == "sdpa", "the model's own attention is put back"
+    assert got.completions == sample(model, tok, contexts, 2, 8, greedy=True, backend="tokeneff").completions
+    with pytest.raises(TokeneffError, match="rollout_attention='flash': must be one of auto, shared-prefix, sdpa"):
+        sample(model, tok, contexts, 1, 2, attention="flash")
+    for over, msg in ((dict(rollout_attention="cascade"),
+                       "rollout_attention='cascade': must be one of auto, shared-prefix, sdpa"),
+                      (dict(rollout_backend="static", rollout_attention="shared-prefix"),
+                       "rollout_attention='shared-prefix': applies to rollout_backend=sliced only")):
+        with pytest.raises(ConfigError, match=msg):
+            make_config("embedded", overrides=over)
+    assert make_config("embedded", overrides=dict(rollout_backend="hf", rollout_attention="sdpa"))
 
 
 def test_rollout_dtype_is_checked():

@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                               f"{r['eval_seconds']:.1f} s, accuracy {r['accuracy']:.3f}, {r['flips']} completions "
                               f"differ from {r['flips_vs']}")
                         continue
-                    print(f"{r['model']} {r['backend']:<15} batch {r['batch']}: decode step {r['step_ms']:.0f} ms, "
+                    print(f"{r['model']} {r['backend']:<15} batch {r['batch']}, {r['contexts']} contexts "
+                          f"({r['context']:.0f} tokens): decode step {r['step_ms']:.0f} ms, "
                           f"machine floor {r['floor_ms']:.0f} ms -> {r['fraction_of_limit']:.0%} of the limit "
                           f"({r['achieved_gflops']:.1f} GFLOP/s, {r['tokens_per_s']:.0f} tokens/s)")
             else:

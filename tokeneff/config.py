@@ -26,6 +26,7 @@ PROFILES = ("embedded", "paper")
 BACKENDS = ("sliced", "tokeneff", "hf", "hf-static", "static")  # rollout backends (rollout.sample)
 ROLLOUT_DTYPES = ("float32", "bfloat16")  # the weights training rollouts sample with (rollout.sampling_weights)
 GEMMS = ("auto", "onednn", "torch")  # the linear layers' products on a CPU (kernels.onednn_linears)
+ATTENTIONS = ("auto", "shared-prefix", "sdpa")  # the sliced decode step's attention (tokeneff.attention)
 ANSWER_FORMATS = ("short", "worked")  # multiplication answers (tasks/multiplication.py)
 EVAL_SPLITS = ("test", "val")
 # Warm starts (warmstart.py) by model-name suffix: `<base><suffix>` loads the base's warm start built with this recipe
@@ -152,6 +153,12 @@ class TrainConfig(LoraSettings):
     live) | torch (torch's own: MKL's sgemm for float32 on a CPU, cuBLAS on a GPU) | auto: onednn for sliced on a
     CPU, torch otherwise (static keeps what its committed runs used). Both are float32 arithmetic summed in other
     orders; on an AMD CPU MKL takes a generic path and oneDNN decodes ~2x faster (docs/memory-and-speed.md)."""
+    rollout_attention: str = "auto"
+    """sliced backend: the decode step's attention (rollouts and evaluation): shared-prefix (the tokens every prompt
+    of the batch starts with, its instruction and worked examples, are kept once in the KV cache and attended by one
+    product for all rows) | sdpa (that prefix repeated in every row, torch's scaled_dot_product_attention, as
+    transformers runs it) | auto: shared-prefix on a CPU (1.2-1.4x per step there), sdpa on a GPU (not measured).
+    Both are float32 attention summed in other orders (docs/memory-and-speed.md)."""
 
     # --- algorithm ---
     sgrpo_alpha: int = 25
@@ -216,7 +223,7 @@ class TrainConfig(LoraSettings):
         choices = {"algo": ALGOS, "task": TASKS, "profile": PROFILES,
                    "replay": ("on", "off", "auto"), "mixed_precision": ("no", "bf16", "fp16"),
                    "rollout_backend": BACKENDS, "rollout_dtype": ROLLOUT_DTYPES, "rollout_gemm": GEMMS,
-                   "train_gemm": GEMMS, "answer_format": ANSWER_FORMATS,
+                   "rollout_attention": ATTENTIONS, "train_gemm": GEMMS, "answer_format": ANSWER_FORMATS,
                    "eval_split": EVAL_SPLITS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -224,10 +231,13 @@ class TrainConfig(LoraSettings):
         for name in ("rollout_compile", "rollout_merge_lora"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
-        own = dict(rollout_compile=("static",), rollout_merge_lora=("static", "sliced"),  # these backends' own
-                   rollout_dtype=("static", "sliced"), rollout_gemm=("static", "sliced"))
-        for name, backends in own.items():
-            if getattr(self, name) not in (False, "float32", "auto", "torch") and self.rollout_backend not in backends:
+        # these backends' own options, and the values that mean what every other backend does anyway
+        own = dict(rollout_compile=(("static",), (False,)), rollout_merge_lora=(("static", "sliced"), (False,)),
+                   rollout_dtype=(("static", "sliced"), ("float32",)),
+                   rollout_gemm=(("static", "sliced"), ("auto", "torch")),
+                   rollout_attention=(("sliced",), ("auto", "sdpa")))
+        for name, (backends, neutral) in own.items():
+            if getattr(self, name) not in neutral and self.rollout_backend not in backends:
                 raise bad(name, f"applies to rollout_backend={' or '.join(backends)} only (it is "
                                 f"{self.rollout_backend!r})")
         if not isinstance(self.model, str) or not self.model.strip():
@@ -293,7 +303,8 @@ class TrainConfig(LoraSettings):
     def rollout_options(self, evaluation: bool = False) -> dict[str, Any]:
         """`rollout.sample`'s backend keywords; an evaluation samples the model's own weights (no rollout_dtype)."""
         return dict(backend=self.rollout_backend, compile=self.rollout_compile, merge_lora=self.rollout_merge_lora,
-                    dtype="float32" if evaluation else self.rollout_dtype, gemm=self.rollout_gemm)
+                    dtype="float32" if evaluation else self.rollout_dtype, gemm=self.rollout_gemm,
+                    attention=self.rollout_attention)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -328,6 +339,7 @@ FIELD_RULES: dict[str, str] = dict(
     steps="r", seed="-", out="r", threads="r", svamp_dir="e", extra_train="-", digits_a="e", digits_b="e",
     num_shots="e", answer_format="e", group_size="-", prompts_per_step="-", max_new_tokens="e", temperature="-",
     top_p="-", rollout_backend="e", rollout_compile="e", rollout_merge_lora="-", rollout_dtype="-", rollout_gemm="e",
+    rollout_attention="e",
     sgrpo_alpha="-", sgrpo_p="-", sgrpo_k="-", beta="-", log_kl="-", adv_eps="-", replay="-", replay_fraction="-",
     replay_buffer_size="-", lr="-", weight_decay="-", max_grad_norm="-", micro_batch_size="-",
     gradient_checkpointing="-", mixed_precision="-", train_gemm="-",

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import BACKENDS, GEMMS, ROLLOUT_DTYPES
+from .attention import shared_prefix_context
+from .config import ATTENTIONS, BACKENDS, GEMMS, ROLLOUT_DTYPES
 from .errors import TokeneffError
 from .kernels import onednn_context
 
@@ -118,7 +119,8 @@ def _share_prefix(model, cache, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, m
 
     Prompts of one task share their instruction and worked examples (most of an evaluation prompt), so a batch
     of U contexts prefills that part once instead of U times. Returns the ids still to forward, the attention
-    mask over [shared | ids] (padding sits between the two, masked out) and the position ids of `ids`."""
+    mask over [shared | ids] (padding sits between the two, masked out), the position ids of `ids`, and the number
+    of shared tokens (0: nothing forwarded)."""
     lens = ctx_mask.sum(-1)
     width = ctx_ids.shape[1]
     rows = [ctx_ids[i, width - int(n):] for i, n in enumerate(lens.tolist())]
@@ -128,31 +130,32 @@ def _share_prefix(model, cache, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, m
         same = (torch.stack([r[:limit] for r in rows]) == rows[0][:limit]).all(0)
         shared = int(same.int().cumprod(0).sum())
     if shared < min_shared:
-        return ctx_ids, ctx_mask, (ctx_mask.cumsum(-1) - 1).clamp(min=0)
+        return ctx_ids, ctx_mask, (ctx_mask.cumsum(-1) - 1).clamp(min=0), 0
     # the shared tokens sit right-aligned in every row: all rows are at least `shared` long
     _body(model)(input_ids=rows[0][None, :shared], past_key_values=cache, use_cache=True)  # the cache only
     cache.batch_repeat_interleave(len(rows))
     suffix_ids, suffix_mask = left_pad([r[shared:].tolist() for r in rows], 0)
     suffix_ids, suffix_mask = suffix_ids.to(ctx_ids.device), suffix_mask.to(ctx_ids.device)
     full = torch.cat([suffix_mask.new_ones(len(rows), shared), suffix_mask], 1)
-    return suffix_ids, full, (full.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    return suffix_ids, full, (full.cumsum(-1) - 1).clamp(min=0)[:, shared:], shared
 
 
 def prefill_groups(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int):
     """Prefill each context once (the prefix all contexts share only once) and repeat its cache to its G rows.
-    Returns the first token's logits, the DynamicCache and the attention mask, all with U * G rows."""
+    Returns the first token's logits, the DynamicCache and the attention mask, all with U * G rows, and how many
+    leading tokens every row shares."""
     from transformers import DynamicCache
 
     base = _base(model)
     cache = DynamicCache(config=base.config)
-    ids, ctx_mask, pos = _share_prefix(model, cache, ctx_ids, ctx_mask)
+    ids, ctx_mask, pos, shared = _share_prefix(model, cache, ctx_ids, ctx_mask)
     hidden = _body(model)(input_ids=ids, attention_mask=ctx_mask, position_ids=pos, past_key_values=cache,
                           use_cache=True).last_hidden_state[:, -1]
     logits = base.get_output_embeddings()(hidden)
     cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)  # as the model's forward does
     logits = (torch.tanh(logits / cap) * cap if cap else logits).repeat_interleave(num_samples, 0)
     cache.batch_repeat_interleave(num_samples)
-    return logits, cache, ctx_mask.repeat_interleave(num_samples, 0)
+    return logits, cache, ctx_mask.repeat_interleave(num_samples, 0), shared
 
 
 def decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int, max_new_tokens: int,
@@ -160,7 +163,7 @@ def decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_sample
     """Token-by-token sampling with a KV cache. Each context is prefilled once and its cache copied to its G
     rows; a row that emits EOS leaves the batch (its cache rows are dropped), so the step's cost follows the
     rows still running rather than the longest one, which `generate` pays for every row."""
-    logits, cache, mask = prefill_groups(model, ctx_ids, ctx_mask, num_samples)
+    logits, cache, mask, _ = prefill_groups(model, ctx_ids, ctx_mask, num_samples)
     live = torch.arange(mask.shape[0], device=mask.device)  # original row of each row still in the batch
     next_pos = mask.sum(-1)
     eos_ids = torch.tensor(sorted(eos), device=mask.device)
@@ -183,20 +186,24 @@ def decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_sample
     return gen
 
 
-def _sliced_cache(grown, capacity: int):
-    """`grown` (a DynamicCache of full-attention layers) with each layer moved into buffers `capacity` tokens long."""
+def _sliced_cache(grown, capacity: int, shared: int = 0):
+    """`grown` (a DynamicCache of full-attention layers) with each layer moved into buffers `capacity` tokens long;
+    its first `shared` columns, the same in every row, are kept once, apart (`SlicedLayer.prefix`)."""
     from transformers import DynamicLayer
 
     class SlicedLayer(DynamicLayer):
         """A DynamicLayer on preallocated buffers: `update` writes the new columns in place and returns views up to
-        the length so far, so a step neither copies the cache (DynamicLayer's torch.cat) nor attends past it."""
+        the length so far, so a step neither copies the cache (DynamicLayer's torch.cat) nor attends past it. The
+        views hold the columns after the shared prefix, which `shared_prefix_attention` reads from `prefix`."""
 
         def __init__(self, keys: torch.Tensor, values: torch.Tensor):
             super().__init__()
             self.lazy_initialization(keys, values)
+            self.prefix = (keys[0, :, :shared].contiguous(), values[0, :, :shared].contiguous())
+            keys, values = keys[:, :, shared:], values[:, :, shared:]
             rows, heads, self.length, _ = keys.shape
-            self.kbuf = keys.new_empty(rows, heads, capacity, keys.shape[-1])
-            self.vbuf = values.new_empty(rows, heads, capacity, values.shape[-1])
+            self.kbuf = keys.new_empty(rows, heads, capacity - shared, keys.shape[-1])
+            self.vbuf = values.new_empty(rows, heads, capacity - shared, values.shape[-1])
             self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length] = keys, values
             self.keys, self.values = self.kbuf[:, :, :self.length], self.vbuf[:, :, :self.length]
 
@@ -206,6 +213,9 @@ def _sliced_cache(grown, capacity: int):
             self.length = end
             self.keys, self.values = self.kbuf[:, :, :end], self.vbuf[:, :, :end]
             return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return shared + self.length
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             n, end = len(indices), self.length  # rows move up in place: no new buffer
@@ -223,23 +233,28 @@ def _sliced_cache(grown, capacity: int):
 
 def static_decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int,
                        max_new_tokens: int, eos: set[int], compile: bool = False, sliced: bool = False,
-                       **pick) -> list[list[int]]:
+                       share_prefix: bool = True, **pick) -> list[list[int]]:
     """decode_loop on preallocated tensors: the KV cache and the attention mask are sized context + max_new_tokens
     once, and each step writes one column in place instead of concatenating. Two shapes of step:
     - `sliced` (rollout_backend=sliced): each step attends only up to the length so far (views of the buffers), a
       row that emits EOS leaves the batch at once, as in `decode_loop`, whose batch shapes (and so greedy tokens)
-      it keeps, and tokens are drawn by inverse CDF (`pick_next`);
+      it keeps, and tokens are drawn by inverse CDF (`pick_next`); with `share_prefix`, the tokens every context
+      starts with are kept once and attended by one product for all rows (`tokeneff.attention`);
     - fixed (rollout_backend=static): a transformers StaticCache and the full-width mask, shapes that torch.compile
       and CUDA graphs (`compile`) can replay; finished rows stay in the batch until the running ones are at most
       half of it, so a compiled step sees at most log2(rows) shapes, and tokens are drawn by torch.multinomial.
     Rows run on past their EOS where they stay in the batch; `sample` cuts each at its first."""
     from transformers import StaticCache
 
-    logits, grown, ctx_mask = prefill_groups(model, ctx_ids, ctx_mask, num_samples)
+    logits, grown, ctx_mask, shared = prefill_groups(model, ctx_ids, ctx_mask, num_samples)
     rows, width = ctx_mask.shape
     capacity = width + max_new_tokens - 1
-    if sliced:
-        cache, forward = _sliced_cache(grown, capacity), model
+    attention = contextlib.ExitStack()
+    if sliced:  # the prefix every row shares is attended once for all rows, where the model attends by SDPA
+        if not (share_prefix and shared and attention.enter_context(shared_prefix_context(_base(model)))):
+            shared = 0
+        cache, forward = _sliced_cache(grown, capacity, shared), model
+        extra = dict(shared_prefix=[layer.prefix for layer in cache.layers]) if shared else {}
     else:
         base = _base(model)
         cache = StaticCache(config=base.config, max_cache_len=capacity)
@@ -247,40 +262,41 @@ def static_decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num
             layer.lazy_initialization(src.keys, src.values)
             layer.keys[:, :, :width], layer.values[:, :, :width] = src.keys, src.values
             layer.cumulative_length.fill_(width)
-        forward = compiled_forward(model) if compile else model
+        forward, extra, shared = compiled_forward(model) if compile else model, {}, 0
     del grown
-    # sliced passes sdpa's own 4-D boolean mask (True attends), which transformers takes as it is: from a 2-D mask it
-    # builds one at every step, which made a bfloat16 step 1.5x slower on a CPU. static passes the 2-D mask, from
-    # which transformers builds each layer kind's own.
-    if sliced:
-        mask = torch.zeros((rows, 1, 1, capacity), dtype=torch.bool, device=ctx_mask.device)
-        mask[:, 0, 0, :width] = ctx_mask.bool()
-    else:
-        mask = ctx_mask.new_zeros(rows, 1, 1, capacity)
-        mask[:, 0, 0, :width] = ctx_mask
+    # sliced passes sdpa's own 4-D boolean mask (True attends) over the columns after the shared prefix, which
+    # transformers takes as it is: from a 2-D mask it builds one at every step, which made a bfloat16 step 1.5x
+    # slower on a CPU. static passes the 2-D mask, from which transformers builds each layer kind's own.
+    own = width - shared  # each row's columns before it generates
+    mask = torch.zeros((rows, 1, 1, capacity - shared), dtype=torch.bool if sliced else ctx_mask.dtype,
+                       device=ctx_mask.device)
+    mask[:, 0, 0, :own] = ctx_mask[:, shared:]
     ctx_len = ctx_mask.sum(-1)
     live = torch.arange(rows, device=mask.device)  # original row of each row in the batch
     done = torch.zeros(rows, dtype=torch.bool, device=mask.device)
     eos_ids = torch.tensor(sorted(eos), device=mask.device)
     gen = torch.zeros((rows, max_new_tokens), dtype=torch.long, device=mask.device)
-    for t in range(max_new_tokens):
-        tok = pick_next(logits, draw="inverse-cdf" if sliced else "multinomial", **pick)
-        gen[live, t] = tok
-        done |= torch.isin(tok, eos_ids)
-        running = len(done) - int(done.sum())
-        if t == max_new_tokens - 1 or running == 0:
-            break
-        if running < len(done) and (sliced or 2 * running <= len(done)):
-            idx = (~done).nonzero().squeeze(1)
-            if sliced:
-                cache.batch_select_indices(idx)
-            else:
-                for layer in cache.layers:
-                    layer.keys, layer.values = layer.keys[idx], layer.values[idx]
-            live, tok, mask, ctx_len, done = live[idx], tok[idx], mask[idx], ctx_len[idx], done[idx]
-        mask[:, 0, 0, width + t] = 1
-        logits = forward(input_ids=tok[:, None], attention_mask=mask[..., :width + t + 1] if sliced else mask[:, 0, 0],
-                         position_ids=(ctx_len + t)[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+    with attention:
+        for t in range(max_new_tokens):
+            tok = pick_next(logits, draw="inverse-cdf" if sliced else "multinomial", **pick)
+            gen[live, t] = tok
+            done |= torch.isin(tok, eos_ids)
+            running = len(done) - int(done.sum())
+            if t == max_new_tokens - 1 or running == 0:
+                break
+            if running < len(done) and (sliced or 2 * running <= len(done)):
+                idx = (~done).nonzero().squeeze(1)
+                if sliced:
+                    cache.batch_select_indices(idx)
+                else:
+                    for layer in cache.layers:
+                        layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+                live, tok, mask, ctx_len, done = live[idx], tok[idx], mask[idx], ctx_len[idx], done[idx]
+            mask[:, 0, 0, own + t] = 1
+            step_mask = mask[..., :own + t + 1] if sliced else mask[:, 0, 0]
+            logits = forward(input_ids=tok[:, None], attention_mask=step_mask,
+                             position_ids=(ctx_len + t)[:, None], past_key_values=cache, use_cache=True,
+                             **extra).logits[:, -1]
     return gen.tolist()
 
 
@@ -370,15 +386,17 @@ def hf_generate(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor,
 
 def generate_rows(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int,
                   max_new_tokens: int, eos: set[int], backend: str = "sliced", compile: bool = False,
-                  merge_lora: bool = False, dtype: str = "float32", gemm: str = "auto", **pick) -> list[list[int]]:
+                  merge_lora: bool = False, dtype: str = "float32", gemm: str = "auto", attention: str = "auto",
+                  **pick) -> list[list[int]]:
     """The backend's generated rows, each possibly running on past its first EOS (`eos` empty: full length)."""
     if backend == "tokeneff":
         return decode_loop(model, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, **pick)
     if backend in ("static", "sliced"):
         with sampling_weights(model, merge_lora, DTYPES[dtype]), onednn_context(model, "rollout_gemm", gemm,
                                                                            backend == "sliced"):
+            share = attention == "shared-prefix" or (attention == "auto" and ctx_ids.device.type == "cpu")
             return static_decode_loop(model, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, compile,
-                                      backend == "sliced", **pick)
+                                      backend == "sliced", share, **pick)
     return hf_generate(model, tokenizer, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos,
                        static=backend == "hf-static", **pick)
 
@@ -386,7 +404,8 @@ def generate_rows(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tenso
 @torch.no_grad()
 def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, backend: str = "sliced",
-           compile: bool = False, merge_lora: bool = False, dtype: str = "float32", gemm: str = "auto") -> Rollout:
+           compile: bool = False, merge_lora: bool = False, dtype: str = "float32", gemm: str = "auto",
+           attention: str = "auto") -> Rollout:
     """Generate `num_samples` completions for each context (token ids); rows are context-major.
 
     Backends: sliced (the default), our loop on a preallocated KV cache and mask (prompt KV shared by its group,
@@ -397,7 +416,9 @@ def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_ne
     repeated, since a static cache cannot be seeded from another cache). sliced and static sample with other
     weights on request: `merge_lora`, the adapter merged into a copy of the adapted weights; `dtype`="bfloat16", a
     bfloat16 copy of every weight (`sampling_weights`); `gemm` (rollout_gemm): their linear layers' products through
-    oneDNN on packed weights (`onednn_linears`; auto: with sliced on a CPU) or torch's own.
+    oneDNN on packed weights (`onednn_linears`; auto: with sliced on a CPU) or torch's own; `attention`
+    (rollout_attention, sliced): the prefix every context shares attended once for all rows (`tokeneff.attention`;
+    auto: on a CPU) or repeated in every row through SDPA.
     """
     if backend not in BACKENDS:
         raise TokeneffError(f"rollout_backend={backend!r}: must be one of {', '.join(BACKENDS)}")
@@ -405,6 +426,8 @@ def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_ne
         raise TokeneffError(f"rollout_dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
     if gemm not in GEMMS:
         raise TokeneffError(f"rollout_gemm={gemm!r}: must be one of {', '.join(GEMMS)}")
+    if attention not in ATTENTIONS:
+        raise TokeneffError(f"rollout_attention={attention!r}: must be one of {', '.join(ATTENTIONS)}")
     device = next(model.parameters()).device
     ctx_ids, ctx_mask = left_pad(contexts, tokenizer.pad_token_id)
     ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
@@ -416,7 +439,7 @@ def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_ne
     model.eval()
     try:
         gen = generate_rows(model, tokenizer, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, backend, compile,
-                            merge_lora, dtype, gemm, **pick)
+                            merge_lora, dtype, gemm, attention, **pick)
     finally:
         model.train(was_training)
     completions, truncated = [], []

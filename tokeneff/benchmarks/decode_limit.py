@@ -5,7 +5,9 @@ linear layer: [B, in] x [in, out]. Its floor on this machine is the sum over the
     2 * B * in * out / (the GEMM rate this machine reaches on exactly that shape, on the same threads, by the faster
                        of torch's own kernel and oneDNN's on a packed weight),
 plus attention (2 * 2 * B * context * hidden per layer) at the best of those rates. We time the real step of
-each rollout backend (its own loop: forward with a KV cache, sampling, bookkeeping) and report floor / measured:
+each rollout backend (its own loop: forward with a KV cache, sampling, bookkeeping) on two kinds of context, random
+tokens (no two rows share a prefix) and a task's prompts (a shared instruction and worked examples, as in every
+rollout and evaluation here), and report floor / measured:
 the fraction of the machine's matrix-product speed that the rollout reaches. Both sides run on the threads the
 runs use (1). With `eval_limit`, also a greedy evaluation per backend: its time and its flips against the first.
 """
@@ -25,7 +27,7 @@ from ..errors import TokeneffError
 from ..evaluate import evaluate_model
 from ..kernels import packed, product
 from ..models import load_model
-from ..rollout import generate_rows, left_pad
+from ..rollout import build_prompt, encode_prompts, generate_rows, left_pad
 from ..tasks import make_task
 from ..utils import set_threads, write_json
 from ..warmstart import model_folder
@@ -62,14 +64,15 @@ def linear_shapes(model) -> Counter:
     return shapes
 
 
-BACKEND_SPECS = ("sliced", "sliced+torch", "sliced+merge", "sliced+bf16", "tokeneff", "tokeneff+torch", "static",
-                 "static+onednn", "static+compile", "hf", "hf-static")
+BACKEND_SPECS = ("sliced", "sliced+sdpa", "sliced+torch", "sliced+merge", "sliced+bf16", "tokeneff", "tokeneff+torch",
+                 "static", "static+onednn", "static+compile", "hf", "hf-static")
 """what `--backends` may name: a rollout backend; +torch: torch's own matrix products on a CPU where the default is
 oneDNN's (rollout_gemm and train_gemm; tokeneff+torch is the default before 2026-12-01); sliced with its LoRA
-merged for sampling or a bfloat16 sampling copy of the weights; static with oneDNN's products or compiled"""
+merged for sampling, a bfloat16 sampling copy of the weights, or the shared prompt prefix repeated in every row and
+attended by SDPA (+sdpa: sliced as it ran before 2026-12-01 evening); static with oneDNN's products or compiled"""
 _EXTRAS = {"": {}, "compile": dict(rollout_compile=True), "merge": dict(rollout_merge_lora=True),
            "bf16": dict(rollout_dtype="bfloat16"), "torch": dict(rollout_gemm="torch", train_gemm="torch"),
-           "onednn": dict(rollout_gemm="onednn")}
+           "onednn": dict(rollout_gemm="onednn"), "sdpa": dict(rollout_attention="sdpa")}
 
 
 def _check(spec: str) -> None:
@@ -97,15 +100,28 @@ def _backend(spec: str) -> dict[str, Any]:
     return make_config("embedded", overrides=backend_overrides(spec)).rollout_options()
 
 
-@torch.no_grad()
-def decode_step_seconds(model, tokenizer, batch: int, context: int, backend: str = "tokeneff", steps: int = 28,
-                        repeats: int = 2) -> float:
-    """Wall time of one decode step at `batch` rows after a `context`-token prefill, through the backend's own
-    loop (forward, sampling, bookkeeping): runs of 4 and 4 + `steps` new tokens with no EOS, best of `repeats`
-    each, and their difference per token, so the prefill cancels (and a compiled step's first call is dropped)."""
+def random_contexts(batch: int, context: int, vocab: int) -> list[list[int]]:
+    """`batch` contexts of `context` random tokens: no two share a prefix."""
     g = torch.Generator().manual_seed(0)
-    vocab = min(model.config.vocab_size, 1000)
-    ids, mask = left_pad(torch.randint(10, vocab, (batch, context), generator=g).tolist(), 0)
+    return torch.randint(10, min(vocab, 1000), (batch, context), generator=g).tolist()
+
+
+def task_contexts(tokenizer, model_name: str, task: str, batch: int) -> list[list[int]]:
+    """The prompts of the first `batch` test problems of `task` (embedded profile), as an evaluation batch sends
+    them: each starts with the instruction and worked examples every other one starts with."""
+    t = make_task(make_config("embedded", overrides=dict(task=task, model=model_name)))
+    problems = t.problems("test")
+    return encode_prompts(tokenizer, [build_prompt(tokenizer, t.messages(problems[i % len(problems)]))
+                                      for i in range(batch)])
+
+
+@torch.no_grad()
+def decode_step_seconds(model, tokenizer, contexts: list[list[int]], backend: str = "tokeneff", steps: int = 28,
+                        repeats: int = 2) -> float:
+    """Wall time of one decode step, a row per context, after their prefill, through the backend's own loop
+    (forward, sampling, bookkeeping): runs of 4 and 4 + `steps` new tokens with no EOS, best of `repeats` each, and
+    their difference per token, so the prefill cancels (and a compiled step's first call is dropped)."""
+    ids, mask = left_pad(contexts, tokenizer.pad_token_id or 0)
     best = {}
     for n in (4, 4 + steps):
         times = []
@@ -119,12 +135,17 @@ def decode_step_seconds(model, tokenizer, batch: int, context: int, backend: str
 
 def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: int = 96, threads: int = 1,
                  out: str | None = None, backends=("tokeneff",), eval_limit: int = 0,
-                 eval_task: str = "multiplication") -> list[dict[str, Any]]:
-    """One row per (batch, backend): the decode step against this machine's floor; with `eval_limit`, one row per
-    backend: the greedy evaluation of that many `eval_task` test problems (embedded profile), its wall time and
-    its completions that differ from the first backend's (greedy flips)."""
+                 eval_task: str = "multiplication", contexts=("random", "task")) -> list[dict[str, Any]]:
+    """One row per (contexts, batch, backend): the decode step against this machine's floor, on `context` random
+    tokens per row ("random") or on the prompts of `eval_task`'s first test problems ("task": a shared instruction
+    and worked examples, then the problem); with `eval_limit`, one row per backend: the greedy evaluation of that
+    many `eval_task` test problems (embedded profile), its wall time and its completions that differ from the first
+    backend's (greedy flips)."""
     for b in backends:
         _check(b)  # a misspelt name fails before anything is measured
+    for kind in contexts:
+        if kind not in ("random", "task"):
+            raise TokeneffError(f"contexts {kind!r}: must be random or task")
     set_threads(threads)
     model, tok = load_model(model_folder(model_name))
     model.eval()
@@ -134,19 +155,24 @@ def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: in
     for b in batches:
         by_kernel = {s: _gemm_rate(b, *s) for s in shapes}
         rates = {s: max(r.values()) for s, r in by_kernel.items()}  # the floor takes the faster kernel per shape
-        floor = sum(n * 2 * b * s[0] * s[1] / rates[s] for s, n in shapes.items())
-        attn_flops = 4 * b * context * cfg.hidden_size * cfg.num_hidden_layers
-        floor += attn_flops / max(rates.values())
-        flops = sum(n * 2 * b * s[0] * s[1] for s, n in shapes.items()) + attn_flops
-        for backend in backends:
-            measured = decode_step_seconds(model, tok, b, context, backend)
-            rows.append(dict(device=device_name(), model=model_name, threads=threads, backend=backend, batch=b,
-                             context=context, step_ms=1000 * measured, floor_ms=1000 * floor,
-                             fraction_of_limit=floor / measured, gflop_per_step=flops / 1e9,
-                             achieved_gflops=flops / measured / 1e9,
-                             gemm_gflops_by_shape={f"{b}x{k}x{n}": {name: r / 1e9 for name, r in rs.items()}
-                                                   for (k, n), rs in by_kernel.items()},
-                             tokens_per_s=b / measured))
+        products = sum(n * 2 * b * s[0] * s[1] for s, n in shapes.items())
+        products_floor = sum(n * 2 * b * s[0] * s[1] / rates[s] for s, n in shapes.items())
+        for kind in contexts:
+            ctx = random_contexts(b, context, cfg.vocab_size) if kind == "random" else task_contexts(
+                tok, model_name, eval_task, b)
+            mean_ctx = sum(map(len, ctx)) / len(ctx)
+            attn_flops = 4 * b * mean_ctx * cfg.hidden_size * cfg.num_hidden_layers
+            floor = products_floor + attn_flops / max(rates.values())
+            flops = products + attn_flops
+            for backend in backends:
+                measured = decode_step_seconds(model, tok, ctx, backend)
+                rows.append(dict(device=device_name(), model=model_name, threads=threads, backend=backend, batch=b,
+                                 contexts="random" if kind == "random" else eval_task, context=mean_ctx,
+                                 step_ms=1000 * measured, floor_ms=1000 * floor, fraction_of_limit=floor / measured,
+                                 gflop_per_step=flops / 1e9, achieved_gflops=flops / measured / 1e9,
+                                 gemm_gflops_by_shape={f"{b}x{k}x{n}": {name: r / 1e9 for name, r in rs.items()}
+                                                       for (k, n), rs in by_kernel.items()},
+                                 tokens_per_s=b / measured))
     if eval_limit:
         rows += eval_times(model, tok, model_name, backends, eval_limit, eval_task)
     if out:
