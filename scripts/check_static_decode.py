@@ -8,7 +8,7 @@ machine:
 
     python scripts/check_static_decode.py            # ~12 min on one thread; --limit 10 for a smoke check
 
-Writes results/benchmarks/static_decode_check_<device>_<model>.json (--out).
+Writes results/benchmarks/static_decode_check_<device>_<model>[_<tag>].json (--out, --tag).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=0, help="first N test problems of each task (0: all)")
     p.add_argument("--out", default="results/benchmarks")
     p.add_argument("--backends", default="sliced,static", help="compared with tokeneff, comma-separated")
+    p.add_argument("--tag", default="", help="appended to the file name, e.g. shared-prefix")
     args = p.parse_args()
     try:
         backends = parse_backends(args.backends)
@@ -46,7 +47,8 @@ def main() -> None:
                   f"{got[0]['accuracy']:.3f} -> {r['accuracy']:.3f}; {got[0]['eval_seconds']:.0f} s -> "
                   f"{r['eval_seconds']:.0f} s", flush=True)
     tag = device_name().split()[0].lower()
-    path = Path(args.out) / f"static_decode_check_{tag}_{args.model.replace('/', '_')}.json"
+    suffix = f"_{args.tag}" if args.tag else ""
+    path = Path(args.out) / f"static_decode_check_{tag}_{args.model.replace('/', '_')}{suffix}.json"
     write_json(path, dict(model=args.model, limit=args.limit, total_flips=sum(r["flips"] for r in rows), rows=rows))
     print(f"written to {path}")
 
