@@ -116,21 +116,21 @@ def task_contexts(tokenizer, model_name: str, task: str, batch: int) -> list[lis
 
 
 @torch.no_grad()
-def decode_step_seconds(model, tokenizer, contexts: list[list[int]], backend: str = "tokeneff", steps: int = 28,
-                        repeats: int = 2) -> float:
-    """Wall time of one decode step, a row per context, after their prefill, through the backend's own loop
-    (forward, sampling, bookkeeping): runs of 4 and 4 + `steps` new tokens with no EOS, best of `repeats` each, and
-    their difference per token, so the prefill cancels (and a compiled step's first call is dropped)."""
+def decode_step_seconds(model, tokenizer, contexts: list[list[int]], backends=("tokeneff",), steps: int = 28,
+                        repeats: int = 3) -> dict[str, float]:
+    """Wall time of one decode step per backend, a row per context, after their prefill, through the backend's own
+    loop (forward, sampling, bookkeeping): runs of 4 and 4 + `steps` new tokens with no EOS, the best of `repeats`
+    each, and their difference per token, so the prefill cancels (and a compiled step's first call is dropped). The
+    backends take turns in each round, so a drift of the machine's speed (10-20% here) reaches them all alike."""
     ids, mask = left_pad(contexts, tokenizer.pad_token_id or 0)
-    best = {}
-    for n in (4, 4 + steps):
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            generate_rows(model, tokenizer, ids, mask, 1, n, set(), **_backend(backend))
-            times.append(time.perf_counter() - t0)
-        best[n] = min(times)
-    return (best[4 + steps] - best[4]) / steps
+    best: dict[tuple[str, int], float] = {}
+    for _ in range(repeats):
+        for backend in backends:
+            for n in (4, 4 + steps):
+                t0 = time.perf_counter()
+                generate_rows(model, tokenizer, ids, mask, 1, n, set(), **_backend(backend))
+                best[backend, n] = min(best.get((backend, n), float("inf")), time.perf_counter() - t0)
+    return {b: (best[b, 4 + steps] - best[b, 4]) / steps for b in backends}
 
 
 def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: int = 96, threads: int = 1,
@@ -164,8 +164,7 @@ def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: in
             attn_flops = 4 * b * mean_ctx * cfg.hidden_size * cfg.num_hidden_layers
             floor = products_floor + attn_flops / max(rates.values())
             flops = products + attn_flops
-            for backend in backends:
-                measured = decode_step_seconds(model, tok, ctx, backend)
+            for backend, measured in decode_step_seconds(model, tok, ctx, backends).items():
                 rows.append(dict(device=device_name(), model=model_name, threads=threads, backend=backend, batch=b,
                                  contexts="random" if kind == "random" else eval_task, context=mean_ctx,
                                  step_ms=1000 * measured, floor_ms=1000 * floor, fraction_of_limit=floor / measured,
