@@ -3,7 +3,7 @@
 The prompts of one batch share their instruction and worked examples: 62 of the 74 tokens of an embedded
 multiplication prompt, 78 of ~124 for SVAMP. Repeated into every row of the KV cache, that prefix is read once per
 row and per step, by one small product per (row, KV head), which on a CPU runs far below the machine's rate (0.6 ms
-a layer at 24 rows x 116 tokens on SmolLM2-135M, a quarter of a decode step). Here the prefix's keys and values
+a layer at 24 rows x 116 tokens on SmolLM2-135M, a fifth of a decode step). Here the prefix's keys and values
 are stored once, and the scores of all rows' queries against it are one matrix product per KV head; the rows' own
 columns (their prompt's remainder and what they generated) go through the usual per-row product, and one softmax
 runs over both (the "cascade" attention of serving engines). Same float32 arithmetic as SDPA, summed in another

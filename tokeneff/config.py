@@ -157,7 +157,8 @@ class TrainConfig(LoraSettings):
     """sliced backend: the decode step's attention (rollouts and evaluation): shared-prefix (the tokens every prompt
     of the batch starts with, its instruction and worked examples, are kept once in the KV cache and attended by one
     product for all rows) | sdpa (that prefix repeated in every row, torch's scaled_dot_product_attention, as
-    transformers runs it) | auto: shared-prefix on a CPU (1.2-1.4x per step there), sdpa on a GPU (not measured).
+    transformers runs it) | auto: shared-prefix on a CPU (1.1x per step on the embedded prompts), sdpa on a GPU (not
+    measured there).
     Both are float32 attention summed in other orders (docs/memory-and-speed.md)."""
 
     # --- algorithm ---
