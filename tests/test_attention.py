@@ -54,3 +54,17 @@ def test_without_a_prefix_it_is_transformers_sdpa():
     layer = SimpleNamespace(layer_idx=0, num_key_value_groups=HEADS // KV_HEADS, is_causal=True)
     ours, _ = shared_prefix_attention(layer, q, key, value, None, scaling=0.3)
     assert torch.equal(ours, sdpa_attention_forward(layer, q, key, value, None, scaling=0.3)[0])
+
+
+def test_bfloat16_inputs_give_bfloat16_output_close_to_float32():
+    """bfloat16 sampling (rollout_dtype) passes bfloat16 queries and cache: the softmax still runs in float32."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(ROWS, HEADS, 1, DIM, generator=g)
+    pk, pv = torch.randn(2, KV_HEADS, PREFIX, DIM, generator=g)
+    key, value = torch.randn(2, ROWS, KV_HEADS, OWN, DIM, generator=g)
+    layer = SimpleNamespace(layer_idx=0, num_key_value_groups=HEADS // KV_HEADS, is_causal=True)
+    want, _ = shared_prefix_attention(layer, q, key, value, None, shared_prefix=[(pk, pv)])
+    bf = [t.bfloat16() for t in (q, key, value, pk, pv)]
+    got, _ = shared_prefix_attention(layer, *bf[:3], None, shared_prefix=[tuple(bf[3:])])
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)

@@ -53,7 +53,7 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
             own.masked_fill_(~attention_mask, float("-inf"))
         else:
             own.add_(attention_mask)
-    weights = scores.softmax(-1)
+    weights = scores.softmax(-1, dtype=torch.float32).to(value.dtype)  # (bfloat16 sampling: as SDPA, in float32)
     on_prefix = weights[..., :prefix].transpose(0, 1).reshape(kv_heads, rows * group, prefix)
     out = torch.matmul(weights[..., prefix:], value)
     out += torch.matmul(on_prefix, pv).view(kv_heads, rows, group, dim).transpose(0, 1)
