@@ -262,7 +262,8 @@ def static_decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num
             layer.lazy_initialization(src.keys, src.values)
             layer.keys[:, :, :width], layer.values[:, :, :width] = src.keys, src.values
             layer.cumulative_length.fill_(width)
-        forward, extra, shared = compiled_forward(model) if compile else model, {}, 0
+        forward, extra = compiled_forward(model) if compile else model, {}
+        shared = 0  # static keeps the shared prefix in every row of its cache
     del grown
     # sliced passes sdpa's own 4-D boolean mask (True attends) over the columns after the shared prefix, which
     # transformers takes as it is: from a 2-D mask it builds one at every step, which made a bfloat16 step 1.5x

@@ -107,10 +107,16 @@ def random_contexts(batch: int, context: int, vocab: int) -> list[list[int]]:
     return torch.randint(10, min(vocab, 1000), (batch, context), generator=g).tolist()
 
 
+def _embedded_task(task: str, model_name: str):
+    """The embedded profile's config for `task` on `model_name`, and the task it makes."""
+    cfg = make_config("embedded", overrides=dict(task=task, model=model_name))
+    return cfg, make_task(cfg)
+
+
 def task_contexts(tokenizer, model_name: str, task: str, batch: int) -> list[list[int]]:
     """The prompts of the first `batch` test problems of `task` (embedded profile), as an evaluation batch sends
     them: each starts with the instruction and worked examples every other one starts with."""
-    t = make_task(make_config("embedded", overrides=dict(task=task, model=model_name)))
+    _, t = _embedded_task(task, model_name)
     problems = t.problems("test")
     return encode_prompts(tokenizer, [build_prompt(tokenizer, t.messages(problems[i % len(problems)]))
                                       for i in range(batch)])
@@ -196,8 +202,7 @@ def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: in
 def eval_times(model, tok, model_name: str, backends, limit: int, task: str) -> list[dict[str, Any]]:
     """Greedy evaluation of the first `limit` (0: all) test problems per backend, as `tokeneff evaluate` runs it
     (embedded profile), timed; each completion that differs from the first backend's is listed."""
-    cfg = make_config("embedded", overrides=dict(task=task, model=model_name))
-    t = make_task(cfg)
+    cfg, t = _embedded_task(task, model_name)
     problems = t.problems("test")[: limit or None]
     rows, first = [], None
     for backend in backends:
