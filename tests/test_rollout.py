@@ -147,11 +147,13 @@ def test_preallocated_backends_greedy_match_tokeneff_and_drop_finished_rows(back
     assert sizes[0] == 3 and sizes[1:] == BATCHES[backend], sizes
 
 
-@pytest.mark.parametrize("backend,head", [("sliced", 0), ("sliced", 12), ("static", 0), ("static", 12)])
-def test_preallocated_backends_sampled_logprobs_equal_the_training_forward(monkeypatch, backend, head):
-    """With LoRA merged for sampling, the sampler's log pi(token) at every sampled token equals what the loss
-    (SelectiveLogProbs on the unmerged adapter) computes, and sampling leaves the trained weights untouched. With
-    `head` tokens every context starts with, sliced attends to them once for all rows (tokeneff.attention)."""
+@pytest.mark.parametrize("backend,head,merge", [("sliced", 0, True), ("sliced", 12, True), ("sliced", 12, False),
+                                                ("static", 0, True), ("static", 12, True)])
+def test_preallocated_backends_sampled_logprobs_equal_the_training_forward(monkeypatch, backend, head, merge):
+    """With LoRA merged for sampling (or not: sliced's fused step then adds the adapter's update beside each
+    product), the sampler's log pi(token) at every sampled token equals what the loss (SelectiveLogProbs on the
+    unmerged adapter) computes, and sampling leaves the trained weights untouched. With `head` tokens every context
+    starts with, sliced attends to them once for all rows (tokeneff.attention)."""
     from peft import LoraConfig, get_peft_model
 
     import tokeneff.attention as attention
@@ -183,7 +185,7 @@ def test_preallocated_backends_sampled_logprobs_equal_the_training_forward(monke
     real_pick = rollout.pick_next
     monkeypatch.setattr(rollout, "pick_next", lambda logits, **kw: steps.append(logits) or real_pick(logits, **kw))
     torch.manual_seed(2)
-    roll = sample(policy, tok, contexts, G, 8, temperature, backend=backend, merge_lora=True)
+    roll = sample(policy, tok, contexts, G, 8, temperature, backend=backend, merge_lora=merge)
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
     comps = roll.completions
     assert 1 < len({len(c) for c in comps}) and any(c[-1] in eos for c in comps)
@@ -214,7 +216,7 @@ def test_rollout_options_are_checked():
     cfg = make_config("embedded", overrides=dict(rollout_backend="static", rollout_compile="true",
                                                  rollout_merge_lora="yes"))
     assert cfg.rollout_options() == dict(backend="static", compile=True, merge_lora=True, dtype="float32",
-                                         gemm="auto", attention="auto")
+                                         gemm="auto", attention="auto", step="auto")
     for over, msg in ((dict(rollout_compile="maybe"), "rollout_compile='maybe': expected bool"),
                       (dict(rollout_backend="tokeneff", rollout_compile=True),
                        "rollout_compile=True: applies to rollout_backend=static only"),

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--eval-limit", type=int, default=0,
                    help="--decode-limit: also time a greedy evaluation of this many test problems per backend")
     b.add_argument("--task", choices=TASKS, default="multiplication", help="--decode-limit --eval-limit: the task")
+    b.add_argument("--lora", action="store_true",
+                   help="--decode-limit: the model under a fresh LoRA adapter (the embedded profile's), as runs sample")
     b.add_argument("--name", default="", help="suffix of the output files, e.g. growth")
     b.add_argument("--out", default="results/benchmarks")
     return p
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.eval_limit < 0:
                     raise TokeneffError(f"--eval-limit {args.eval_limit}: must not be negative")
                 for r in decode_limit(model, out=args.out, backends=parse_backends(args.backends),
-                                      eval_limit=args.eval_limit, eval_task=args.task):
+                                      eval_limit=args.eval_limit, eval_task=args.task, adapter=args.lora):
                     if r.get("kind") == "eval":
                         print(f"{r['model']} {r['backend']:<15} greedy evaluation of {r['n']} {r['task']} problems: "
                               f"{r['eval_seconds']:.1f} s, accuracy {r['accuracy']:.3f}, {r['flips']} completions "

@@ -27,6 +27,7 @@ BACKENDS = ("sliced", "tokeneff", "hf", "hf-static", "static")  # rollout backen
 ROLLOUT_DTYPES = ("float32", "bfloat16")  # the weights training rollouts sample with (rollout.sampling_weights)
 GEMMS = ("auto", "onednn", "torch")  # the linear layers' products on a CPU (kernels.onednn_linears)
 ATTENTIONS = ("auto", "shared-prefix", "sdpa")  # the sliced decode step's attention (tokeneff.attention)
+STEPS = ("auto", "fused", "transformers")  # the sliced decode step itself (tokeneff.fused_step)
 ANSWER_FORMATS = ("short", "worked")  # multiplication answers (tasks/multiplication.py)
 EVAL_SPLITS = ("test", "val")
 # Warm starts (warmstart.py) by model-name suffix: `<base><suffix>` loads the base's warm start built with this recipe
@@ -160,6 +161,11 @@ class TrainConfig(LoraSettings):
     transformers runs it) | auto: shared-prefix on a CPU (1.1x per step on the embedded prompts), sdpa on a GPU (not
     measured there).
     Both are float32 attention summed in other orders (docs/memory-and-speed.md)."""
+    rollout_step: str = "auto"
+    """sliced backend: the decode step (rollouts and evaluation): fused (one function over the layers, q/k/v and
+    gate/up each one product on stacked weights, LoRA's update beside them: tokeneff.fused_step; Llama and Qwen2
+    models) | transformers (the model's forward, peft's LoRA layers) | auto: fused on a CPU where the model is one
+    it knows, transformers otherwise (a GPU: not measured there). The same float32 arithmetic in another order."""
 
     # --- algorithm ---
     sgrpo_alpha: int = 25
@@ -224,8 +230,8 @@ class TrainConfig(LoraSettings):
         choices = {"algo": ALGOS, "task": TASKS, "profile": PROFILES,
                    "replay": ("on", "off", "auto"), "mixed_precision": ("no", "bf16", "fp16"),
                    "rollout_backend": BACKENDS, "rollout_dtype": ROLLOUT_DTYPES, "rollout_gemm": GEMMS,
-                   "rollout_attention": ATTENTIONS, "train_gemm": GEMMS, "answer_format": ANSWER_FORMATS,
-                   "eval_split": EVAL_SPLITS}
+                   "rollout_attention": ATTENTIONS, "rollout_step": STEPS, "train_gemm": GEMMS,
+                   "answer_format": ANSWER_FORMATS, "eval_split": EVAL_SPLITS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {', '.join(allowed)}")
@@ -236,7 +242,8 @@ class TrainConfig(LoraSettings):
         own = dict(rollout_compile=(("static",), (False,)), rollout_merge_lora=(("static", "sliced"), (False,)),
                    rollout_dtype=(("static", "sliced"), ("float32",)),
                    rollout_gemm=(("static", "sliced"), ("auto", "torch")),
-                   rollout_attention=(("sliced",), ("auto", "sdpa")))
+                   rollout_attention=(("sliced",), ("auto", "sdpa")),
+                   rollout_step=(("sliced",), ("auto", "transformers")))
         for name, (backends, neutral) in own.items():
             if getattr(self, name) not in neutral and self.rollout_backend not in backends:
                 raise bad(name, f"applies to rollout_backend={' or '.join(backends)} only (it is "
@@ -305,7 +312,7 @@ class TrainConfig(LoraSettings):
         """`rollout.sample`'s backend keywords; an evaluation samples the model's own weights (no rollout_dtype)."""
         return dict(backend=self.rollout_backend, compile=self.rollout_compile, merge_lora=self.rollout_merge_lora,
                     dtype="float32" if evaluation else self.rollout_dtype, gemm=self.rollout_gemm,
-                    attention=self.rollout_attention)
+                    attention=self.rollout_attention, step=self.rollout_step)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -340,7 +347,7 @@ FIELD_RULES: dict[str, str] = dict(
     steps="r", seed="-", out="r", threads="r", svamp_dir="e", extra_train="-", digits_a="e", digits_b="e",
     num_shots="e", answer_format="e", group_size="-", prompts_per_step="-", max_new_tokens="e", temperature="-",
     top_p="-", rollout_backend="e", rollout_compile="e", rollout_merge_lora="-", rollout_dtype="-", rollout_gemm="e",
-    rollout_attention="e",
+    rollout_attention="e", rollout_step="e",
     sgrpo_alpha="-", sgrpo_p="-", sgrpo_k="-", beta="-", log_kl="-", adv_eps="-", replay="-", replay_fraction="-",
     replay_buffer_size="-", lr="-", weight_decay="-", max_grad_norm="-", micro_batch_size="-",
     gradient_checkpointing="-", mixed_precision="-", train_gemm="-",

@@ -91,9 +91,13 @@ def onednn_linears(model, backward: bool = False):
 def onednn_context(model, option: str, value: str, auto: bool, backward: bool = False):
     """`onednn_linears(model, backward)` where the option (rollout_gemm / train_gemm) asks for it: onednn, or auto
     where the caller's CPU default applies (`auto`) and the model is on a CPU; otherwise torch's own products."""
+    return onednn_linears(model, backward) if uses_onednn(model, option, value, auto) else contextlib.nullcontext()
+
+
+def uses_onednn(model, option: str, value: str, auto: bool) -> bool:
+    """Whether the option (rollout_gemm / train_gemm) puts `model`'s products on oneDNN (`onednn_context`)."""
     cpu = next(model.parameters()).device.type == "cpu" and torch.backends.mkldnn.is_available()
     if value == "onednn" and not cpu:
         raise TokeneffError(f"{option}=onednn: needs the model on a CPU and a torch built with oneDNN; use "
                             f"{option}=auto or torch")
-    use = value == "onednn" or (value == "auto" and auto and cpu)
-    return onednn_linears(model, backward) if use else contextlib.nullcontext()
+    return value == "onednn" or (value == "auto" and auto and cpu)

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from .attention import shared_prefix_context
-from .config import ATTENTIONS, BACKENDS, GEMMS, ROLLOUT_DTYPES
+from .config import ATTENTIONS, BACKENDS, GEMMS, ROLLOUT_DTYPES, STEPS
 from .errors import TokeneffError
-from .kernels import onednn_context
+from .fused_step import fused_or_none
+from .kernels import onednn_linears, uses_onednn
 
 
 @dataclass
@@ -233,13 +234,16 @@ def _sliced_cache(grown, capacity: int, shared: int = 0):
 
 def static_decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int,
                        max_new_tokens: int, eos: set[int], compile: bool = False, sliced: bool = False,
-                       share_prefix: bool = True, **pick) -> list[list[int]]:
+                       share_prefix: bool = True, step: str = "transformers", onednn: bool = False,
+                       **pick) -> list[list[int]]:
     """decode_loop on preallocated tensors: the KV cache and the attention mask are sized context + max_new_tokens
     once, and each step writes one column in place instead of concatenating. Two shapes of step:
     - `sliced` (rollout_backend=sliced): each step attends only up to the length so far (views of the buffers), a
       row that emits EOS leaves the batch at once, as in `decode_loop`, whose batch shapes (and so greedy tokens)
       it keeps, and tokens are drawn by inverse CDF (`pick_next`); with `share_prefix`, the tokens every context
-      starts with are kept once and attended by one product for all rows (`tokeneff.attention`);
+      starts with are kept once and attended by one product for all rows (`tokeneff.attention`); `step`
+      (rollout_step): the step as one function (`tokeneff.fused_step`, its products on oneDNN where `onednn`)
+      or transformers' forward;
     - fixed (rollout_backend=static): a transformers StaticCache and the full-width mask, shapes that torch.compile
       and CUDA graphs (`compile`) can replay; finished rows stay in the batch until the running ones are at most
       half of it, so a compiled step sees at most log2(rows) shapes, and tokens are drawn by torch.multinomial.
@@ -250,11 +254,15 @@ def static_decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num
     rows, width = ctx_mask.shape
     capacity = width + max_new_tokens - 1
     attention = contextlib.ExitStack()
-    if sliced:  # the prefix every row shares is attended once for all rows, where the model attends by SDPA
-        if not (share_prefix and shared and attention.enter_context(shared_prefix_context(_base(model)))):
+    fused = fused_or_none(model, step, ctx_ids.device.type, onednn) if sliced else None
+    if sliced:  # the prefix every row shares is attended once for all rows (by the fused step, or where the model
+        # attends by SDPA)
+        if not (share_prefix and shared and (fused is not None
+                                             or attention.enter_context(shared_prefix_context(_base(model))))):
             shared = 0
         cache, forward = _sliced_cache(grown, capacity, shared), model
-        extra = dict(shared_prefix=[layer.prefix for layer in cache.layers]) if shared else {}
+        prefixes = [layer.prefix for layer in cache.layers] if shared else None
+        extra = dict(shared_prefix=prefixes) if shared else {}
     else:
         base = _base(model)
         cache = StaticCache(config=base.config, max_cache_len=capacity)
@@ -295,9 +303,12 @@ def static_decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num
                 live, tok, mask, ctx_len, done = live[idx], tok[idx], mask[idx], ctx_len[idx], done[idx]
             mask[:, 0, 0, own + t] = 1
             step_mask = mask[..., :own + t + 1] if sliced else mask[:, 0, 0]
-            logits = forward(input_ids=tok[:, None], attention_mask=step_mask,
-                             position_ids=(ctx_len + t)[:, None], past_key_values=cache, use_cache=True,
-                             **extra).logits[:, -1]
+            if fused is not None:
+                logits = fused(tok, step_mask, ctx_len + t, cache, prefixes)
+            else:
+                logits = forward(input_ids=tok[:, None], attention_mask=step_mask,
+                                 position_ids=(ctx_len + t)[:, None], past_key_values=cache, use_cache=True,
+                                 **extra).logits[:, -1]
     return gen.tolist()
 
 
@@ -388,16 +399,17 @@ def hf_generate(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor,
 def generate_rows(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num_samples: int,
                   max_new_tokens: int, eos: set[int], backend: str = "sliced", compile: bool = False,
                   merge_lora: bool = False, dtype: str = "float32", gemm: str = "auto", attention: str = "auto",
-                  **pick) -> list[list[int]]:
+                  step: str = "auto", **pick) -> list[list[int]]:
     """The backend's generated rows, each possibly running on past its first EOS (`eos` empty: full length)."""
     if backend == "tokeneff":
         return decode_loop(model, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, **pick)
     if backend in ("static", "sliced"):
-        with sampling_weights(model, merge_lora, DTYPES[dtype]), onednn_context(model, "rollout_gemm", gemm,
-                                                                           backend == "sliced"):
+        onednn = uses_onednn(model, "rollout_gemm", gemm, backend == "sliced")
+        with sampling_weights(model, merge_lora, DTYPES[dtype]), \
+                onednn_linears(model) if onednn else contextlib.nullcontext():
             share = attention == "shared-prefix" or (attention == "auto" and ctx_ids.device.type == "cpu")
             return static_decode_loop(model, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, compile,
-                                      backend == "sliced", share, **pick)
+                                      backend == "sliced", share, step, onednn, **pick)
     return hf_generate(model, tokenizer, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos,
                        static=backend == "hf-static", **pick)
 
@@ -406,7 +418,7 @@ def generate_rows(model, tokenizer, ctx_ids: torch.Tensor, ctx_mask: torch.Tenso
 def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, backend: str = "sliced",
            compile: bool = False, merge_lora: bool = False, dtype: str = "float32", gemm: str = "auto",
-           attention: str = "auto") -> Rollout:
+           attention: str = "auto", step: str = "auto") -> Rollout:
     """Generate `num_samples` completions for each context (token ids); rows are context-major.
 
     Backends: sliced (the default), our loop on a preallocated KV cache and mask (prompt KV shared by its group,
@@ -419,7 +431,9 @@ def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_ne
     bfloat16 copy of every weight (`sampling_weights`); `gemm` (rollout_gemm): their linear layers' products through
     oneDNN on packed weights (`onednn_linears`; auto: with sliced on a CPU) or torch's own; `attention`
     (rollout_attention, sliced): the prefix every context shares attended once for all rows (`tokeneff.attention`;
-    auto: on a CPU) or repeated in every row through SDPA.
+    auto: on a CPU) or repeated in every row through SDPA; `step` (rollout_step, sliced): each decode step as one
+    function over stacked weights (`tokeneff.fused_step`; auto: on a CPU, for the model families it knows) or as
+    transformers' forward.
     """
     if backend not in BACKENDS:
         raise TokeneffError(f"rollout_backend={backend!r}: must be one of {', '.join(BACKENDS)}")
@@ -429,6 +443,8 @@ def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_ne
         raise TokeneffError(f"rollout_gemm={gemm!r}: must be one of {', '.join(GEMMS)}")
     if attention not in ATTENTIONS:
         raise TokeneffError(f"rollout_attention={attention!r}: must be one of {', '.join(ATTENTIONS)}")
+    if step not in STEPS:
+        raise TokeneffError(f"rollout_step={step!r}: must be one of {', '.join(STEPS)}")
     device = next(model.parameters()).device
     ctx_ids, ctx_mask = left_pad(contexts, tokenizer.pad_token_id)
     ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
@@ -440,7 +456,7 @@ def sample(model, tokenizer, contexts: list[list[int]], num_samples: int, max_ne
     model.eval()
     try:
         gen = generate_rows(model, tokenizer, ctx_ids, ctx_mask, num_samples, max_new_tokens, eos, backend, compile,
-                            merge_lora, dtype, gemm, attention, **pick)
+                            merge_lora, dtype, gemm, attention, step, **pick)
     finally:
         model.train(was_training)
     completions, truncated = [], []

@@ -65,15 +65,18 @@ def linear_shapes(model) -> Counter:
     return shapes
 
 
-BACKEND_SPECS = ("sliced", "sliced+sdpa", "sliced+torch", "sliced+merge", "sliced+bf16", "tokeneff", "tokeneff+torch",
-                 "static", "static+onednn", "static+compile", "hf", "hf-static")
+BACKEND_SPECS = ("sliced", "sliced+hfstep", "sliced+sdpa", "sliced+torch", "sliced+merge", "sliced+bf16", "tokeneff",
+                 "tokeneff+torch", "static", "static+onednn", "static+compile", "hf", "hf-static")
 """what `--backends` may name: a rollout backend; +torch: torch's own matrix products on a CPU where the default is
 oneDNN's (rollout_gemm and train_gemm; tokeneff+torch is the default before 2026-12-01); sliced with its LoRA
 merged for sampling, a bfloat16 sampling copy of the weights, or the shared prompt prefix repeated in every row and
-attended by SDPA (+sdpa: sliced as it ran before 2026-12-01 evening); static with oneDNN's products or compiled"""
+attended by SDPA (+sdpa), or each step as transformers' forward (+hfstep: rollout_step=transformers: sliced as it
+ran on 2026-12-01 before the fused step); static with
+oneDNN's products or compiled"""
 _EXTRAS = {"": {}, "compile": dict(rollout_compile=True), "merge": dict(rollout_merge_lora=True),
            "bf16": dict(rollout_dtype="bfloat16"), "torch": dict(rollout_gemm="torch", train_gemm="torch"),
-           "onednn": dict(rollout_gemm="onednn"), "sdpa": dict(rollout_attention="sdpa")}
+           "onednn": dict(rollout_gemm="onednn"), "sdpa": dict(rollout_attention="sdpa"),
+           "hfstep": dict(rollout_step="transformers")}
 
 
 def _check(spec: str) -> None:
@@ -126,15 +129,15 @@ def task_contexts(tokenizer, model_name: str, task: str, batch: int) -> list[lis
 def decode_step_seconds(model, tokenizer, contexts: list[list[int]], backends=("tokeneff",), steps: int = 28,
                         repeats: int = 3) -> dict[str, float]:
     """Wall time of one decode step per backend, a row per context, through the backend's own loop (forward,
-    sampling, bookkeeping): the median interval between consecutive calls of the LM head over `steps` new tokens
-    with no EOS, the least over `repeats` runs. Intervals, not a whole run's time, so the prefill (most of a short
-    run, and as noisy) does not enter. A compiled step, whose LM head no hook sees, is timed as runs of 4 and 4 +
-    `steps` tokens and their difference per token. The backends take turns in each round, so a drift of the
+    sampling, bookkeeping): the median interval between consecutive calls of the input embedding (one per step, in
+    every backend's step; the fused step calls no LM-head module) over the last `steps` steps with no EOS, the least
+    over `repeats` runs. Intervals, not a whole run's time, so the prefill (most of a short run, and as noisy) does
+    not enter. A compiled step, whose modules no hook sees, is timed as runs of 4 and 4 + `steps` tokens and their
+    difference per token. The backends take turns in each round, so a drift of the
     machine's speed (10-20% here) reaches them all alike."""
     ids, mask = left_pad(contexts, tokenizer.pad_token_id or 0)
-    head = model.get_output_embeddings()
     stamps: list[float] = []
-    hook = head.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
+    hook = model.get_input_embeddings().register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
     best: dict[tuple[str, int], float] = {}
     try:
         for _ in range(repeats):
@@ -144,8 +147,9 @@ def decode_step_seconds(model, tokenizer, contexts: list[list[int]], backends=("
                     t0 = time.perf_counter()
                     generate_rows(model, tokenizer, ids, mask, 1, n, set(), **_backend(backend))
                     took = time.perf_counter() - t0
-                    if "compile" not in backend:  # stamps: the prefill's head, then one per step but the last
-                        took = statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:], strict=False))
+                    if "compile" not in backend:  # stamps: the prefill's (one or two), then one per step
+                        last = stamps[-steps:]
+                        took = statistics.median(b - a for a, b in zip(last, last[1:], strict=False))
                     best[backend, n] = min(best.get((backend, n), float("inf")), took)
     finally:
         hook.remove()
@@ -154,12 +158,14 @@ def decode_step_seconds(model, tokenizer, contexts: list[list[int]], backends=("
 
 def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: int = 96, threads: int = 1,
                  out: str | None = None, backends=("tokeneff",), eval_limit: int = 0,
-                 eval_task: str = "multiplication", contexts=("random", "task")) -> list[dict[str, Any]]:
+                 eval_task: str = "multiplication", contexts=("random", "task"),
+                 adapter: bool = False) -> list[dict[str, Any]]:
     """One row per (contexts, batch, backend): the decode step against this machine's floor, on `context` random
     tokens per row ("random") or on the prompts of `eval_task`'s first test problems ("task": a shared instruction
     and worked examples, then the problem); with `eval_limit`, one row per backend: the greedy evaluation of that
     many `eval_task` test problems (embedded profile), its wall time and its completions that differ from the first
-    backend's (greedy flips)."""
+    backend's (greedy flips). `adapter`: the model under a fresh LoRA adapter of the embedded profile (as a run
+    samples it: its products run beside the model's; the floor stays the model's own)."""
     for b in backends:
         _check(b)  # a misspelt name fails before anything is measured
     for kind in contexts:
@@ -170,6 +176,10 @@ def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: in
     model.eval()
     shapes = linear_shapes(model)
     cfg = model.config
+    if adapter:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, make_config("embedded").peft_config()).eval()
     rows = []
     for b in batches:
         by_kernel = {s: _gemm_rate(b, *s) for s in shapes}
@@ -184,7 +194,8 @@ def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: in
             floor = products_floor + attn_flops / max(rates.values())
             flops = products + attn_flops
             for backend, measured in decode_step_seconds(model, tok, ctx, backends).items():
-                rows.append(dict(device=device_name(), model=model_name, threads=threads, backend=backend, batch=b,
+                rows.append(dict(device=device_name(), model=model_name, adapter=adapter, threads=threads,
+                                 backend=backend, batch=b,
                                  contexts="random" if kind == "random" else eval_task, context=mean_ctx,
                                  step_ms=1000 * measured, floor_ms=1000 * floor, fraction_of_limit=floor / measured,
                                  gflop_per_step=flops / 1e9, achieved_gflops=flops / measured / 1e9,
@@ -195,7 +206,8 @@ def decode_limit(model_name: str = "smollm2-135m", batches=(24, 50), context: in
         rows += eval_times(model, tok, model_name, backends, eval_limit, eval_task)
     if out:
         tag = device_name().split()[0].lower()
-        write_json(Path(out) / f"decode_limit_{tag}_{model_name.replace('/', '_')}.json", rows)
+        name = model_name.replace('/', '_') + ("_lora" if adapter else "")
+        write_json(Path(out) / f"decode_limit_{tag}_{name}.json", rows)
     return rows
 
 
@@ -214,7 +226,8 @@ def eval_times(model, tok, model_name: str, backends, limit: int, task: str) -> 
         first = first or (backend, records)
         differ = [dict(id=a["id"], first=a["completion"], this=b["completion"])
                   for a, b in zip(first[1], records, strict=True) if a["completion"] != b["completion"]]
-        rows.append(dict(device=device_name(), model=model_name, backend=backend, kind="eval", task=task,
+        rows.append(dict(device=device_name(), model=model_name, adapter=hasattr(model, "peft_config"),
+                         backend=backend, kind="eval", task=task,
                          n=res["n"], eval_seconds=seconds, accuracy=res["accuracy"], flips_vs=first[0],
                          flips=len(differ), differ=differ))
     return rows

@@ -1,0 +1,191 @@
+"""One decode step of a Llama-family model as one function (rollout_step=fused, rollout_backend=sliced).
+
+A decode step of a small model is short (~70 ms for SmolLM2-135M at 24 rows on one CPU thread), so the Python around
+its 211 products shows: transformers calls a module per layer part, and peft wraps each adapted layer in a forward
+of its own (~0.1 ms at 24 rows; 120 of them in a step with the default LoRA targets q, k, v, o). Here the step is
+one loop over the layers, on the same weights and the model's own norm, rotary and activation functions:
+- q, k and v are one product with their weights stacked (a stacked copy made once and kept while the weights stay
+  the same), and so are the MLP's gate and up;
+- each LoRA adapter's update x A^T B^T * scale runs beside its product as two small ones: the A matrices of the
+  stacked layers stacked, and their scaled B matrices as a block diagonal (nothing merged: the adapter changes at
+  every update, the big weights do not);
+- attention is `tokeneff.attention`'s (the shared prompt prefix once for all rows) or transformers' SDPA.
+Same float32 arithmetic as transformers' forward except that the adapter's scale multiplies B before the product
+instead of after it (logits differ in their last bits; tests/test_fused_step.py). The prefill stays transformers'.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import attention
+from .errors import TokeneffError
+from .kernels import _reorder, packed, product
+
+FAMILIES = ("llama", "qwen2")
+"""model types whose decoder layer is x + attn(norm(x)), then x + down(act(gate(norm(x))) * up(norm(x))), with
+rotary q and k and no other part (no q/k norms, no sliding window, no logit softcapping)"""
+
+_STACKED = WeakIdKeyDictionary()
+"""model -> its stacked weights (`_stacked`), dropped with the model (not on it: a deep copy cannot copy them)"""
+
+
+def unsupported(model) -> str | None:
+    """Why the fused step cannot run `model` (a transformers model, not a peft wrapper); None where it can."""
+    cfg = model.config
+    kind = getattr(cfg, "model_type", None)
+    if kind not in FAMILIES:
+        return f"model type {kind!r} is not one of {', '.join(FAMILIES)}"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
+        return "it has sliding-window layers"
+    if getattr(cfg, "final_logit_softcapping", None):
+        return "it caps its logits"
+    for layer in model.model.layers:
+        for mod in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            why = _linear_unsupported(mod)
+            if why:
+                return why
+    return _linear_unsupported(model.get_output_embeddings())
+
+
+def _base_linear(mod):
+    return getattr(mod, "base_layer", mod)
+
+
+def _linear_unsupported(mod) -> str | None:
+    base = _base_linear(mod)
+    if type(base) is not torch.nn.Linear:
+        return f"a layer is a {type(base).__name__}, not a plain nn.Linear (quantised? offloaded?)"
+    if "forward" in base.__dict__ and getattr(base.forward, "func", None) is not product:  # onednn_linears' own
+        return "a layer's forward is wrapped (accelerate's offloading?)"
+    if base is not mod and (getattr(mod, "lora_variant", None) or getattr(mod, "fan_in_fan_out", False)):
+        return "an adapter is not plain LoRA (DoRA?)"
+    return None
+
+
+@dataclass
+class Linear:
+    """y = x W^T + b (+ x A^T B^T, the adapters' update): several linear layers of one input as one product."""
+
+    weight: torch.Tensor
+    """the stacked weights, in oneDNN's packed layout where `onednn`"""
+    bias: torch.Tensor | None
+    lora: tuple[torch.Tensor, torch.Tensor] | None
+    """(A [rank, in], scale * B [out, rank]) of every active adapter of the stacked layers, blocks of a diagonal"""
+    onednn: bool
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mul = product if self.onednn else (lambda w, b, v: F.linear(v, w, b))
+        y = mul(self.weight, self.bias, x)
+        if self.lora is not None:
+            a, b = self.lora
+            y += mul(b, None, mul(a, None, x))
+        return y
+
+
+def _adapters(mod) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(A, scale * B) of each active adapter of a peft LoRA layer, as its forward would apply them."""
+    if not hasattr(mod, "lora_A") or mod.merged or mod.disable_adapters:
+        return []
+    return [(mod.lora_A[a].weight, mod.lora_B[a].weight * mod.scaling[a]) for a in mod.active_adapters
+            if a in mod.lora_A]
+
+
+def _stacked(mods, onednn: bool, store: dict) -> torch.Tensor:
+    """The base weights of `mods` stacked (packed for oneDNN), made once and kept in `store` while every one of them
+    is the same tensor at the same version (a weight changed in place, or swapped, is stacked anew)."""
+    weights = [_base_linear(m).weight for m in mods]
+    if len(weights) == 1:
+        return packed(weights[0]) if onednn else weights[0]
+    key = (tuple(id(w) for w in weights), onednn)
+    held = store.get(key)
+    if held is not None and all(r() is w and v == w._version for (r, v), w in zip(held[0], weights, strict=True)):
+        return held[1]
+    w = torch.cat([x.detach() for x in weights])
+    w = _reorder(w) if onednn else w
+    store[key] = ([(weakref.ref(x), x._version) for x in weights], w)
+    return w
+
+
+def fuse(mods, onednn: bool, store: dict) -> Linear:
+    """`mods` (linear layers, or peft LoRA layers around them, reading one input) as one `Linear`."""
+    bases = [_base_linear(m) for m in mods]
+    biases = [b.bias for b in bases]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b if b is not None else base.weight.new_zeros(base.out_features) for b, base in zip(biases, bases,
+                                                                                             strict=True)])
+    pairs, top = [], 0  # (A, B block at its output rows)
+    outs = [base.out_features for base in bases]
+    lora = None
+    for i, mod in enumerate(mods):
+        for a, b in _adapters(mod):
+            pairs.append((a, b, sum(outs[:i])))
+            top += a.shape[0]
+    if pairs:
+        dtype = bases[0].weight.dtype
+        a_all = torch.cat([a for a, _, _ in pairs]).to(dtype)
+        b_all = a_all.new_zeros(sum(outs), top)
+        col = 0
+        for a, b, row in pairs:
+            b_all[row:row + b.shape[0], col:col + a.shape[0]] = b
+            col += a.shape[0]
+        lora = (_reorder(a_all), _reorder(b_all)) if onednn else (a_all, b_all)
+    return Linear(_stacked(mods, onednn, store), bias, lora, onednn)
+
+
+class FusedStep:
+    """`step(tokens, mask, positions, cache, prefixes)` -> next-token logits [rows, vocab] of a Llama-family model
+    (`unsupported` is None), with its LoRA adapters active, over a `rollout._sliced_cache` (the tokens' keys and
+    values are written into it). Built at the start of a rollout: the adapter changes between rollouts."""
+
+    def __init__(self, model, onednn: bool):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        store = _STACKED.setdefault(base, {})
+        self.body = base.model
+        self.layers = []
+        for layer in self.body.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            groups = ([attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj],
+                      [mlp.down_proj])
+            self.layers.append((layer, *(fuse(g, onednn, store) for g in groups)))
+        self.head = fuse([base.get_output_embeddings()], onednn, store)
+        cfg = base.config
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.rope = sys.modules[type(self.body.layers[0].self_attn).__module__].apply_rotary_pos_emb
+
+    def __call__(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
+                 prefixes: list | None) -> torch.Tensor:
+        rows, heads, kv, dim = len(tokens), self.heads, self.kv_heads, self.dim
+        h = self.body.embed_tokens(tokens)
+        cos, sin = self.body.rotary_emb(h, positions[:, None])  # [rows, 1, dim], as the model computes them
+        for i, (layer, qkv, o, gate_up, down) in enumerate(self.layers):
+            q, k, v = qkv(layer.input_layernorm(h)).split([heads * dim, kv * dim, kv * dim], -1)
+            q, k = self.rope(q.view(rows, heads, 1, dim), k.view(rows, kv, 1, dim), cos, sin)
+            k, v = cache.layers[i].update(k, v.view(rows, kv, 1, dim))
+            out, _ = attention.shared_prefix_attention(layer.self_attn, q, k, v, mask, scaling=layer.self_attn.scaling,
+                                             shared_prefix=prefixes)
+            h = h + o(out.reshape(rows, heads * dim))
+            g, u = gate_up(layer.post_attention_layernorm(h)).chunk(2, -1)
+            h = h + down(layer.mlp.act_fn(g) * u)
+        return self.head(self.body.norm(h))
+
+
+def fused_or_none(model, option: str, device_type: str, onednn: bool) -> FusedStep | None:
+    """The fused step where `option` (rollout_step) asks for it: fused, or auto on a CPU for a supported model."""
+    if option == "transformers" or (option == "auto" and device_type != "cpu"):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    why = unsupported(base)
+    if why is None:
+        return FusedStep(model, onednn)
+    if option == "fused":
+        raise TokeneffError(f"rollout_step=fused: {why}; use rollout_step=auto or transformers")
+    return None
