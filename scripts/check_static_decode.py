@@ -8,6 +8,9 @@ machine:
 
     python scripts/check_static_decode.py            # ~12 min on one thread; --limit 10 for a smoke check
 
+With `--adapter`, a trained run's LoRA adapter on `--model` (its base: a warm start such as
+smollm2-135m+sftepochmlp): the fused step adds the adapter's update beside each product, peft after it.
+
 Writes results/benchmarks/static_decode_check_<device>_<model>[_<tag>].json (--out, --tag).
 """
 
@@ -21,6 +24,7 @@ from tokeneff.benchmarks.decode_limit import eval_times, parse_backends
 from tokeneff.errors import TokeneffError
 from tokeneff.models import load_model
 from tokeneff.utils import set_threads, write_json
+from tokeneff.warmstart import model_folder
 
 
 def main() -> None:
@@ -30,13 +34,18 @@ def main() -> None:
     p.add_argument("--out", default="results/benchmarks")
     p.add_argument("--backends", default="sliced,static", help="compared with tokeneff, comma-separated")
     p.add_argument("--tag", default="", help="appended to the file name, e.g. shared-prefix")
+    p.add_argument("--adapter", default="", help="a run's adapter/ folder, on --model (the run's base model)")
     args = p.parse_args()
     try:
         backends = parse_backends(args.backends)
     except TokeneffError as e:
         p.error(f"--backends: {e}")
     set_threads(0)  # one thread, as every run
-    model, tok = load_model(args.model)  # float32
+    model, tok = load_model(model_folder(args.model))  # float32
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
     model.eval()
     rows = []
     for task in ("multiplication", "svamp"):
@@ -49,7 +58,8 @@ def main() -> None:
     tag = device_name().split()[0].lower()
     suffix = f"_{args.tag}" if args.tag else ""
     path = Path(args.out) / f"static_decode_check_{tag}_{args.model.replace('/', '_')}{suffix}.json"
-    write_json(path, dict(model=args.model, limit=args.limit, total_flips=sum(r["flips"] for r in rows), rows=rows))
+    write_json(path, dict(model=args.model, adapter=args.adapter or None, limit=args.limit,
+                          total_flips=sum(r["flips"] for r in rows), rows=rows))
     print(f"written to {path}")
 
 

@@ -226,9 +226,9 @@ def test_shared_settings_take_only_the_notebooks_own_parameters_and_build_a_name
 
 
 def test_committed_base_evaluations_keep_their_cache_names():
-    """Config fields added later (rollout_gemm, rollout_attention) must not rename the base evaluations a committed
-    grid cached: the SVAMP grid from +sftepochmlp (sampled with static) finds its committed file, and another product
-    or attention is another key."""
+    """Config fields added later (rollout_gemm, rollout_attention, rollout_step) must not rename the base evaluations
+    a committed grid cached: the SVAMP grid from +sftepochmlp (sampled with static) finds its committed file, and
+    another product, attention or step is another key."""
     from pathlib import Path
 
     from tokeneff.analysis.grid import eval_digest
@@ -241,5 +241,6 @@ def test_committed_base_evaluations_keep_their_cache_names():
     assert (runs / f"base_svamp_smollm2-135m+sftepochmlp_n0_{digest}.json").is_file()
     assert eval_digest(make_config("embedded", overrides=dict(over, rollout_gemm="onednn"))) != digest
     sliced = dict(over, rollout_backend="sliced")
-    assert eval_digest(make_config("embedded", overrides=dict(sliced, rollout_attention="sdpa"))) != eval_digest(
-        make_config("embedded", overrides=sliced))
+    for later in (dict(rollout_attention="sdpa"), dict(rollout_step="transformers")):
+        assert eval_digest(make_config("embedded", overrides=dict(sliced, **later))) != eval_digest(
+            make_config("embedded", overrides=sliced))

@@ -72,11 +72,11 @@ def run_dir(root: str, profile: str, experiment: str, variant: str, seed: int) -
 
 def eval_digest(cfg: TrainConfig) -> str:
     """The base evaluation's cache key: everything that changes the problems, the prompts or the greedy completions.
-    rollout_gemm and rollout_attention (2026-12) are left out at their default, auto, so that the evaluations cached
-    before they existed (made with the products and attention auto still gives their backends, tokeneff and static)
-    keep their names."""
-    key = {k: v for k, v in cfg.to_dict().items()
-           if k in EVAL_KEYS and not (k in ("rollout_gemm", "rollout_attention") and v == "auto")}
+    rollout_gemm, rollout_attention and rollout_step (2026-12) are left out at their default, auto, so that the
+    evaluations cached before they existed (made with the products, attention and step auto still gives their
+    backends, tokeneff and static) keep their names."""
+    later = ("rollout_gemm", "rollout_attention", "rollout_step")
+    key = {k: v for k, v in cfg.to_dict().items() if k in EVAL_KEYS and not (k in later and v == "auto")}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
