@@ -24,11 +24,12 @@ def _llama(vocab: int, **extra):
 
 
 def _adapted(model, targets):
-    """`model` under a fresh LoRA adapter whose B is not zero (so that leaving the adapter out changes the logits)."""
+    """`model` under a fresh LoRA adapter whose B is not zero (so that leaving the adapter out changes the logits), at
+    a scale (alpha / r = 1.75) that rounds: multiplying B by it first would change the last bits."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=7, target_modules=targets))
     for name, p in policy.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.3)
@@ -61,7 +62,9 @@ def _count_fused(monkeypatch) -> list:
 def test_fused_step_gives_the_models_own_logits_with_the_adapter_beside_the_products(monkeypatch, family, gemm):
     """Qwen2 (biased q, k, v) and Llama with every bias on; the adapter on some of the stacked layers only (zero
     blocks beside theirs); oneDNN's products (auto) and torch's: every step's logits are transformers' within float32
-    rounding, the greedy completions the same, and different from the model's without its adapter."""
+    rounding (bit for bit at SmolLM2-135M's shapes on this project's CPU; ~1e-6 apart where a stacked width falls on
+    a kernel's tail, as at these tiny ones), the greedy completions the same, and different from the model's without
+    its adapter."""
     _, tok = tiny_random(seed=1)
     model = tiny_random(seed=1)[0] if family == "qwen2" else _llama(len(tok), attention_bias=True, mlp_bias=True)
     with torch.no_grad():

@@ -165,7 +165,8 @@ class TrainConfig(LoraSettings):
     """sliced backend: the decode step (rollouts and evaluation): fused (one function over the layers, q/k/v and
     gate/up each one product on stacked weights, LoRA's update beside them: tokeneff.fused_step; Llama and Qwen2
     models) | transformers (the model's forward, peft's LoRA layers) | auto: fused on a CPU where the model is one
-    it knows, transformers otherwise (a GPU: not measured there). The same float32 arithmetic in another order."""
+    it knows, transformers otherwise (a GPU: not measured there). The same float32 operations: bit for bit the same
+    logits at SmolLM2-135M's shapes on a CPU (docs/memory-and-speed.md)."""
 
     # --- algorithm ---
     sgrpo_alpha: int = 25

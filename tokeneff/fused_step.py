@@ -6,12 +6,13 @@ of its own (~0.1 ms at 24 rows; 120 of them in a step with the default LoRA targ
 one loop over the layers, on the same weights and the model's own norm, rotary and activation functions:
 - q, k and v are one product with their weights stacked (a stacked copy made once and kept while the weights stay
   the same), and so are the MLP's gate and up;
-- each LoRA adapter's update x A^T B^T * scale runs beside its product as two small ones: the A matrices of the
-  stacked layers stacked, and their scaled B matrices as a block diagonal (nothing merged: the adapter changes at
-  every update, the big weights do not);
+- each LoRA adapter's update (x A^T B^T) * scale runs beside its product as two small ones: the A matrices of the
+  stacked layers stacked, their B matrices as a block diagonal (nothing merged: the adapter changes at every update,
+  the big weights do not);
 - attention is `tokeneff.attention`'s (the shared prompt prefix once for all rows) or transformers' SDPA.
-Same float32 arithmetic as transformers' forward except that the adapter's scale multiplies B before the product
-instead of after it (logits differ in their last bits; tests/test_fused_step.py). The prefill stays transformers'.
+The same float32 operations as transformers' and peft's forward, on stacked weights: at SmolLM2-135M's shapes on this
+project's CPU every step's logits are transformers' bit for bit; where a stacked width falls on a product kernel's
+tail (tiny test models) they differ by ~1e-6 (tests/test_fused_step.py). The prefill stays transformers'.
 """
 
 from __future__ import annotations
@@ -77,24 +78,25 @@ class Linear:
     weight: torch.Tensor
     """the stacked weights, in oneDNN's packed layout where `onednn`"""
     bias: torch.Tensor | None
-    lora: tuple[torch.Tensor, torch.Tensor] | None
-    """(A [rank, in], scale * B [out, rank]) of every active adapter of the stacked layers, blocks of a diagonal"""
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None
+    """(A [rank, in], B [out, rank], scale) of every active adapter of the stacked layers, B's blocks on a diagonal;
+    scale 1.0 where the adapters' scales differ, each then folded into its B"""
     onednn: bool
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         mul = product if self.onednn else (lambda w, b, v: F.linear(v, w, b))
         y = mul(self.weight, self.bias, x)
         if self.lora is not None:
-            a, b = self.lora
-            y += mul(b, None, mul(a, None, x))
+            a, b, scale = self.lora
+            y += mul(b, None, mul(a, None, x)) * scale  # as peft: (B (A x)) * scale, then added
         return y
 
 
-def _adapters(mod) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(A, scale * B) of each active adapter of a peft LoRA layer, as its forward would apply them."""
+def _adapters(mod) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """(A, B, scale) of each active adapter of a peft LoRA layer, as its forward would apply them."""
     if not hasattr(mod, "lora_A") or mod.merged or mod.disable_adapters:
         return []
-    return [(mod.lora_A[a].weight, mod.lora_B[a].weight * mod.scaling[a]) for a in mod.active_adapters
+    return [(mod.lora_A[a].weight, mod.lora_B[a].weight, mod.scaling[a]) for a in mod.active_adapters
             if a in mod.lora_A]
 
 
@@ -121,22 +123,18 @@ def fuse(mods, onednn: bool, store: dict) -> Linear:
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else base.weight.new_zeros(base.out_features) for b, base in zip(biases, bases,
                                                                                              strict=True)])
-    pairs, top = [], 0  # (A, B block at its output rows)
     outs = [base.out_features for base in bases]
+    found = [(a, b, scale, sum(outs[:i])) for i, mod in enumerate(mods) for a, b, scale in _adapters(mod)]
     lora = None
-    for i, mod in enumerate(mods):
-        for a, b in _adapters(mod):
-            pairs.append((a, b, sum(outs[:i])))
-            top += a.shape[0]
-    if pairs:
-        dtype = bases[0].weight.dtype
-        a_all = torch.cat([a for a, _, _ in pairs]).to(dtype)
-        b_all = a_all.new_zeros(sum(outs), top)
+    if found:
+        one = len({scale for _, _, scale, _ in found}) == 1  # then scaled after the product, as peft does
+        a_all = torch.cat([a for a, _, _, _ in found]).to(bases[0].weight.dtype)
+        b_all = a_all.new_zeros(sum(outs), len(a_all))
         col = 0
-        for a, b, row in pairs:
-            b_all[row:row + b.shape[0], col:col + a.shape[0]] = b
+        for a, b, scale, row in found:
+            b_all[row:row + b.shape[0], col:col + a.shape[0]] = b if one else b * scale
             col += a.shape[0]
-        lora = (_reorder(a_all), _reorder(b_all)) if onednn else (a_all, b_all)
+        lora = (*((_reorder(a_all), _reorder(b_all)) if onednn else (a_all, b_all)), found[0][2] if one else 1.0)
     return Linear(_stacked(mods, onednn, store), bias, lora, onednn)
 
 
