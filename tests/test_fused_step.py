@@ -99,6 +99,20 @@ def test_stacked_weights_are_kept_until_a_weight_changes(monkeypatch):
     torch.testing.assert_close(fused_logits[1], ref_logits[1], rtol=0, atol=2e-5)
 
 
+def test_stacked_copies_of_weights_made_for_one_rollout_are_dropped_after_it():
+    """A merged (or bfloat16) sampling copy of q, k, v lives for one rollout: what was stacked from it must not pile up
+    from rollout to rollout (a leak of the whole stacked model per update)."""
+    from tokeneff.fused_step import _STACKED
+
+    model, tok = tiny_random(seed=1)
+    policy = _adapted(model, ["q_proj", "v_proj"]).eval()
+    sizes = []
+    for _ in range(3):
+        sample(policy, tok, CONTEXTS, 2, 3, merge_lora=True)
+        sizes.append(len(_STACKED[model]))
+    assert sizes[0] == sizes[1] == sizes[2] > 0
+
+
 def test_the_fused_step_serves_the_families_it_knows_and_auto_leaves_the_others(monkeypatch):
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel

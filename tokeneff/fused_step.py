@@ -146,6 +146,8 @@ class FusedStep:
     def __init__(self, model, onednn: bool):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         store = _STACKED.setdefault(base, {})
+        for key in [k for k, (refs, _) in store.items() if any(r() is None for r, _ in refs)]:
+            del store[key]  # stacked from weights gone since (a rollout's merged or cast copies)
         self.body = base.model
         self.layers = []
         for layer in self.body.layers:
