@@ -150,8 +150,10 @@ def rollout_throughput(spec: dict[str, Any]) -> dict[str, Any]:
 
     # static: a fixed-shape KV cache, which transformers compiles (CUDA graphs) on a GPU; its first call compiles.
     # `tokeneff bench` runs it in a process of its own, so that a compilation cut short leaves the others measured.
+    # sliced_fused_sample: the fused decode step, which `auto` gives sliced on a CPU only (not measured on a GPU)
     backends = dict(hf_generate=hf, tokeneff_sample=ours, sliced_sample=lambda: ours("sliced"),
-                    static_sample=lambda: ours("static"), static_compiled_sample=lambda: ours("static", compile=True),
+                    sliced_fused_sample=lambda: ours("sliced", step="fused"), static_sample=lambda: ours("static"),
+                    static_compiled_sample=lambda: ours("static", compile=True),
                     hf_generate_static=lambda: hf(cache_implementation="static"))
     out = {}
     for name in spec.get("backends", list(backends)):
@@ -217,8 +219,10 @@ def run_bench(model: str = "tiny-random", shape: str | None = None, completion_l
         spec = dict(model=model, shape=shape, vocab_size=vocab_size, completion_len=int(completion_lens[0]),
                     group_size=int(group_sizes[0]), prompt_len=prompt_len, kind="rollout",
                     prompts=8 if shape else 2)  # GPU: 8 prompts x G=8 = 64 rows; CPU: 16 rows
-        compiled = ["hf_generate_static"] + (["static_compiled_sample"] if torch.cuda.is_available() else [])
-        for backends in (["hf_generate", "tokeneff_sample", "sliced_sample", "static_sample"], compiled):
+        cuda = torch.cuda.is_available()
+        compiled = ["hf_generate_static"] + (["static_compiled_sample"] if cuda else [])
+        eager = ["hf_generate", "tokeneff_sample", "sliced_sample"] + (["sliced_fused_sample"] if cuda else [])
+        for backends in (eager + ["static_sample"], compiled):
             rollout_row = dict(rollout_row or {}, **_in_subprocess(dict(spec, backends=backends)))
             rollout_row.pop("backends")
             save(complete=False)
