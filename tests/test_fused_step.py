@@ -126,8 +126,10 @@ def test_the_fused_step_serves_the_families_it_knows_and_auto_leaves_the_others(
     auto = sample(gpt2, tok, CONTEXTS, 2, 4, greedy=True).completions
     assert not calls and auto == sample(gpt2, tok, CONTEXTS, 2, 4, greedy=True, step="transformers").completions
     dora = get_peft_model(tiny_random(seed=1)[0], LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)).eval()
-    with pytest.raises(TokeneffError, match="rollout_step=fused: an adapter is not plain LoRA"):
-        sample(dora, tok, CONTEXTS, 2, 4, step="fused")
+    biased = get_peft_model(tiny_random(seed=1)[0], LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True)).eval()
+    for policy in (dora, biased):
+        with pytest.raises(TokeneffError, match=r"rollout_step=fused: an adapter is not plain LoRA \(DoRA\? a LoRA"):
+            sample(policy, tok, CONTEXTS, 2, 4, step="fused")
     with pytest.raises(TokeneffError, match="rollout_step='fast': must be one of auto, fused, transformers"):
         sample(gpt2, tok, CONTEXTS, 2, 4, step="fast")
     for over, msg in ((dict(rollout_step="fast"), "rollout_step='fast': must be one of auto, fused, transformers"),
@@ -136,3 +138,30 @@ def test_the_fused_step_serves_the_families_it_knows_and_auto_leaves_the_others(
         with pytest.raises(ConfigError, match=msg):
             make_config("embedded", overrides=over)
     assert make_config("embedded", overrides=dict(rollout_backend="static", rollout_step="transformers"))
+
+
+@pytest.mark.parametrize("gemm", ["auto", "torch"])
+def test_a_merged_adapter_and_other_dtypes_reach_the_fused_step(monkeypatch, gemm):
+    """Changes the kept copies cannot see by version: peft's merge_adapter writes into weight.data; a model cast to
+    bfloat16 (its adapter kept in float32, as peft keeps it: computed in float32, as peft does) or to float16 (no
+    oneDNN: torch's products). Each time the fused step's logits stay transformers'."""
+    _, tok = tiny_random(seed=1)
+    policy = _adapted(_llama(len(tok)), ["q_proj", "k_proj", "v_proj"]).eval()
+    unmerged, _ = _steps(monkeypatch, policy, tok, gemm=gemm, step="transformers")
+    _steps(monkeypatch, policy, tok, gemm=gemm, step="fused")  # stacks and packs q, k, v
+    policy.merge_adapter()
+    merged, merged_logits = _steps(monkeypatch, policy, tok, gemm=gemm, step="fused")
+    assert merged == unmerged
+    torch.testing.assert_close(merged_logits[2], _steps(monkeypatch, policy, tok, gemm=gemm, step="transformers")[1][2],
+                               rtol=0, atol=2e-5)
+    policy.unmerge_adapter()
+    for dtype in (torch.bfloat16, torch.float16):
+        policy.get_base_model().to(dtype)
+        for name, p in policy.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+        fused, fused_logits = _steps(monkeypatch, policy, tok, gemm=gemm, step="fused")
+        ref, ref_logits = _steps(monkeypatch, policy, tok, gemm=gemm, step="transformers")
+        assert fused == ref and fused_logits[0].dtype == dtype
+        for a, b in zip(fused_logits, ref_logits, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0.05)  # half precision: a rounding of the larger logits

@@ -400,3 +400,14 @@ def test_sliced_refuses_a_model_with_sliding_window_layers():
     with pytest.raises(TokeneffError, match="rollout_backend=sliced: the model has DynamicSlidingWindowLayer"):
         sample(model, tok, CONTEXTS, 2, 4)
     assert len(sample(model, tok, CONTEXTS, 2, 4, backend="tokeneff").completions) == 6
+
+
+@pytest.mark.parametrize("step", ["transformers", "fused"])
+def test_sliced_decodes_a_model_that_attends_eagerly_as_the_eager_loop_does(step):
+    """Eager attention adds its mask to the scores: sliced's boolean mask must reach it as 0 / -inf, or padding is
+    attended (transformers' own step); the fused step attends by SDPA whatever the model's setting."""
+    model, tok = tiny_random(seed=1)
+    model.set_attn_implementation("eager")
+    contexts = [HEAD + c for c in CONTEXTS]
+    want = sample(model, tok, contexts, 2, 8, greedy=True, backend="tokeneff").completions
+    assert sample(model, tok, contexts, 2, 8, greedy=True, step=step).completions == want

@@ -27,7 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import attention
 from .errors import TokeneffError
-from .kernels import _reorder, packed, product
+from .kernels import _reorder, packed, product, weight_state
 
 FAMILIES = ("llama", "qwen2")
 """model types whose decoder layer is x + attn(norm(x)), then x + down(act(gate(norm(x))) * up(norm(x))), with
@@ -47,7 +47,7 @@ def unsupported(model) -> str | None:
         return "it has sliding-window layers"
     if getattr(cfg, "final_logit_softcapping", None):
         return "it caps its logits"
-    for layer in model.model.layers:
+    for layer in model.model.layers[: cfg.num_hidden_layers]:
         for mod in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                     layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
             why = _linear_unsupported(mod)
@@ -63,11 +63,13 @@ def _base_linear(mod):
 def _linear_unsupported(mod) -> str | None:
     base = _base_linear(mod)
     if type(base) is not torch.nn.Linear:
-        return f"a layer is a {type(base).__name__}, not a plain nn.Linear (quantised? offloaded?)"
+        return (f"a layer is a {type(base).__name__}, not a plain nn.Linear (quantised? offloaded? a peft "
+                "modules_to_save copy?)")
     if "forward" in base.__dict__ and getattr(base.forward, "func", None) is not product:  # onednn_linears' own
         return "a layer's forward is wrapped (accelerate's offloading?)"
-    if base is not mod and (getattr(mod, "lora_variant", None) or getattr(mod, "fan_in_fan_out", False)):
-        return "an adapter is not plain LoRA (DoRA?)"
+    if base is not mod and (getattr(mod, "lora_variant", None) or getattr(mod, "fan_in_fan_out", False)
+                            or any(getattr(mod, "lora_bias", {}).values())):
+        return "an adapter is not plain LoRA (DoRA? a LoRA bias?)"
     return None
 
 
@@ -86,10 +88,10 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         mul = product if self.onednn else (lambda w, b, v: F.linear(v, w, b))
         y = mul(self.weight, self.bias, x)
-        if self.lora is not None:
-            a, b, scale = self.lora
-            y += mul(b, None, mul(a, None, x)) * scale  # as peft: (B (A x)) * scale, then added
-        return y
+        if self.lora is None:
+            return y
+        a, b, scale = self.lora  # as peft: in the adapter's dtype, (B (A x)) * scale added, cast back
+        return (y + mul(b, None, mul(a, None, x.to(b.dtype))) * scale).to(y.dtype)
 
 
 def _adapters(mod) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
@@ -102,23 +104,29 @@ def _adapters(mod) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
 
 def _stacked(mods, onednn: bool, store: dict) -> torch.Tensor:
     """The base weights of `mods` stacked (packed for oneDNN), made once and kept in `store` while every one of them
-    is the same tensor at the same version (a weight changed in place, or swapped, is stacked anew)."""
+    is the same tensor in the same `weight_state` (a weight changed in place, or swapped, is stacked anew). A layer
+    with an adapter merged into it (peft's `merge_adapter` writes into `weight.data`, which moves nothing
+    `weight_state` sees) is stacked anew at every rollout."""
     weights = [_base_linear(m).weight for m in mods]
+    merged = any(getattr(m, "merged", False) for m in mods)
     if len(weights) == 1:
-        return packed(weights[0]) if onednn else weights[0]
+        return _reorder(weights[0].detach()) if onednn and merged else packed(weights[0]) if onednn else weights[0]
     key = (tuple(id(w) for w in weights), onednn)
     held = store.get(key)
-    if held is not None and all(r() is w and v == w._version for (r, v), w in zip(held[0], weights, strict=True)):
+    if not merged and held is not None and all(r() is w and s == weight_state(w)
+                                               for (r, s), w in zip(held[0], weights, strict=True)):
         return held[1]
     w = torch.cat([x.detach() for x in weights])
     w = _reorder(w) if onednn else w
-    store[key] = ([(weakref.ref(x), x._version) for x in weights], w)
+    store[key] = ([(weakref.ref(x), weight_state(x)) for x in weights], w)
     return w
 
 
 def fuse(mods, onednn: bool, store: dict) -> Linear:
-    """`mods` (linear layers, or peft LoRA layers around them, reading one input) as one `Linear`."""
+    """`mods` (linear layers, or peft LoRA layers around them, reading one input) as one `Linear`; oneDNN's products
+    where `onednn` and the weights are float32 or bfloat16 (as `onednn_linears`), torch's otherwise."""
     bases = [_base_linear(m) for m in mods]
+    onednn = onednn and bases[0].weight.dtype in (torch.float32, torch.bfloat16)
     biases = [b.bias for b in bases]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else base.weight.new_zeros(base.out_features) for b, base in zip(biases, bases,
@@ -128,7 +136,7 @@ def fuse(mods, onednn: bool, store: dict) -> Linear:
     lora = None
     if found:
         one = len({scale for _, _, scale, _ in found}) == 1  # then scaled after the product, as peft does
-        a_all = torch.cat([a for a, _, _, _ in found]).to(bases[0].weight.dtype)
+        a_all = torch.cat([a for a, _, _, _ in found])
         b_all = a_all.new_zeros(sum(outs), len(a_all))
         col = 0
         for a, b, scale, row in found:
@@ -150,7 +158,7 @@ class FusedStep:
             del store[key]  # stacked from weights gone since (a rollout's merged or cast copies)
         self.body = base.model
         self.layers = []
-        for layer in self.body.layers:
+        for layer in self.body.layers[: base.config.num_hidden_layers]:  # as the model's forward runs them
             attn, mlp = layer.self_attn, layer.mlp
             groups = ([attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj],
                       [mlp.down_proj])

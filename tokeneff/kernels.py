@@ -17,18 +17,25 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .errors import TokeneffError
 
 _PACKED = WeakIdKeyDictionary()
-"""weight -> (its version when packed, packed W, packed W^T or None). Keyed by the weight's identity and dropped with
-it, so a weight freed and another made at its address cannot meet a stale copy; a weight changed in place (a new
-version, as an optimizer step makes) is packed anew."""
+"""weight -> (its `weight_state` when packed, packed W, packed W^T or None). Keyed by the weight's identity and
+dropped with it, so a weight freed and another made at its address cannot meet a stale copy; a weight changed in
+place (a new version, as an optimizer step makes), given other data (`.data = `) or moved (`.to()`) is packed anew."""
+
+
+def weight_state(w: torch.Tensor) -> tuple:
+    """What a copy made from `w` depends on that a change of `w` moves: an in-place change through autograd bumps
+    its version, `w.data = t` and `module.to()` its storage, dtype or device. (A write into `w.data` moves none of
+    them: peft's `merge_adapter` does that, so layers with a merged adapter are never served from a copy.)"""
+    return w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape)
 
 
 def packed(w: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """`w` (or its transpose, for products with the gradient) in oneDNN's blocked layout, kept while `w` lives."""
-    entry = _PACKED.get(w)
-    if entry is None or entry[0] != w._version or (transposed and entry[2] is None):
-        pw = entry[1] if entry is not None and entry[0] == w._version else _reorder(w.detach())
+    entry, state = _PACKED.get(w), weight_state(w)
+    if entry is None or entry[0] != state or (transposed and entry[2] is None):
+        pw = entry[1] if entry is not None and entry[0] == state else _reorder(w.detach())
         pwt = _reorder(w.detach().t().contiguous()) if transposed else None
-        entry = _PACKED[w] = (w._version, pw, pwt)
+        entry = _PACKED[w] = (state, pw, pwt)
     return entry[2] if transposed else entry[1]
 
 
@@ -69,17 +76,19 @@ def onednn_linears(model, backward: bool = False):
     under no_grad) every layer goes through oneDNN. A layer whose forward a hook already wraps (accelerate's
     offloading) is left alone."""
     patched = []
+    merged = {id(m.base_layer) for m in model.modules() if getattr(m, "merged", False) and hasattr(m, "base_layer")}
     for mod in model.modules():
         w = mod._parameters.get("weight") if type(mod) is torch.nn.Linear else None
         if w is None or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) \
                 or "forward" in mod.__dict__:
             continue
         if backward:
-            if w.requires_grad or (mod.bias is not None and mod.bias.requires_grad):
+            if w.requires_grad or (mod.bias is not None and mod.bias.requires_grad) or id(mod) in merged:
                 continue
             mod.forward = functools.partial(_frozen_forward, mod)
-        else:
-            mod.forward = functools.partial(product, packed(w), mod.bias)
+        else:  # a layer with a merged adapter: packed now, not from the kept copy (see weight_state)
+            mod.forward = functools.partial(product, _reorder(w.detach()) if id(mod) in merged else packed(w),
+                                            mod.bias)
         patched.append(mod)
     try:
         yield

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import NAME as SHARED_PREFIX
 from .attention import shared_prefix_context
 from .config import ATTENTIONS, BACKENDS, GEMMS, ROLLOUT_DTYPES, STEPS
 from .errors import TokeneffError
@@ -262,6 +263,11 @@ def static_decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num
             shared = 0
         cache, forward = _sliced_cache(grown, capacity, shared), model
         prefixes = [layer.prefix for layer in cache.layers] if shared else None
+        attends = getattr(_base(model).config, "_attn_implementation", "sdpa")
+        if fused is None and attends not in ("sdpa", SHARED_PREFIX, "eager"):
+            raise TokeneffError(f"rollout_backend=sliced: the model attends by {attends!r}, which takes no 4-D mask; "
+                                "load it with attn_implementation='sdpa' or sample with rollout_backend=tokeneff")
+        additive = fused is None and attends == "eager"  # eager attention adds its mask: 0 or -inf, not a boolean
         extra = dict(shared_prefix=prefixes) if shared else {}
     else:
         base = _base(model)
@@ -303,6 +309,9 @@ def static_decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num
                 live, tok, mask, ctx_len, done = live[idx], tok[idx], mask[idx], ctx_len[idx], done[idx]
             mask[:, 0, 0, own + t] = 1
             step_mask = mask[..., :own + t + 1] if sliced else mask[:, 0, 0]
+            if sliced and additive:
+                step_mask = torch.zeros(step_mask.shape, dtype=logits.dtype, device=mask.device).masked_fill_(
+                    ~step_mask, torch.finfo(logits.dtype).min)
             if fused is not None:
                 logits = fused(tok, step_mask, ctx_len + t, cache, prefixes)
             else:
