@@ -27,7 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import attention
 from .errors import TokeneffError
-from .kernels import _reorder, packed, product, weight_state
+from .kernels import pack_copy, packed, product, weight_state
 
 FAMILIES = ("llama", "qwen2")
 """model types whose decoder layer is x + attn(norm(x)), then x + down(act(gate(norm(x))) * up(norm(x))), with
@@ -110,14 +110,14 @@ def _stacked(mods, onednn: bool, store: dict) -> torch.Tensor:
     weights = [_base_linear(m).weight for m in mods]
     merged = any(getattr(m, "merged", False) for m in mods)
     if len(weights) == 1:
-        return _reorder(weights[0].detach()) if onednn and merged else packed(weights[0]) if onednn else weights[0]
+        return pack_copy(weights[0].detach()) if onednn and merged else packed(weights[0]) if onednn else weights[0]
     key = (tuple(id(w) for w in weights), onednn)
     held = store.get(key)
     if not merged and held is not None and all(r() is w and s == weight_state(w)
                                                for (r, s), w in zip(held[0], weights, strict=True)):
         return held[1]
     w = torch.cat([x.detach() for x in weights])
-    w = _reorder(w) if onednn else w
+    w = pack_copy(w) if onednn else w
     store[key] = ([(weakref.ref(x), weight_state(x)) for x in weights], w)
     return w
 
@@ -142,7 +142,7 @@ def fuse(mods, onednn: bool, store: dict) -> Linear:
         for a, b, scale, row in found:
             b_all[row:row + b.shape[0], col:col + a.shape[0]] = b if one else b * scale
             col += a.shape[0]
-        lora = (*((_reorder(a_all), _reorder(b_all)) if onednn else (a_all, b_all)), found[0][2] if one else 1.0)
+        lora = (*((pack_copy(a_all), pack_copy(b_all)) if onednn else (a_all, b_all)), found[0][2] if one else 1.0)
     return Linear(_stacked(mods, onednn, store), bias, lora, onednn)
 
 

@@ -33,13 +33,14 @@ def packed(w: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """`w` (or its transpose, for products with the gradient) in oneDNN's blocked layout, kept while `w` lives."""
     entry, state = _PACKED.get(w), weight_state(w)
     if entry is None or entry[0] != state or (transposed and entry[2] is None):
-        pw = entry[1] if entry is not None and entry[0] == state else _reorder(w.detach())
-        pwt = _reorder(w.detach().t().contiguous()) if transposed else None
+        pw = entry[1] if entry is not None and entry[0] == state else pack_copy(w.detach())
+        pwt = pack_copy(w.detach().t().contiguous()) if transposed else None
         entry = _PACKED[w] = (state, pw, pwt)
     return entry[2] if transposed else entry[1]
 
 
-def _reorder(w: torch.Tensor) -> torch.Tensor:
+def pack_copy(w: torch.Tensor) -> torch.Tensor:
+    """A copy of `w` in oneDNN's blocked layout, not kept (`packed` keeps one per weight)."""
     return torch.ops.mkldnn._reorder_linear_weight(w, 32)  # 32: the batch size oneDNN tunes the layout for
 
 
@@ -87,7 +88,7 @@ def onednn_linears(model, backward: bool = False):
                 continue
             mod.forward = functools.partial(_frozen_forward, mod)
         else:  # a layer with a merged adapter: packed now, not from the kept copy (see weight_state)
-            mod.forward = functools.partial(product, _reorder(w.detach()) if id(mod) in merged else packed(w),
+            mod.forward = functools.partial(product, pack_copy(w.detach()) if id(mod) in merged else packed(w),
                                             mod.bias)
         patched.append(mod)
     try:
