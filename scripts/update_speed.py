@@ -39,6 +39,9 @@ def main() -> None:
     p.add_argument("--tag", default="", help="appended to the file name, e.g. worked")
     p.add_argument("--parallel", type=int, default=0,
                    help="runs at a time (default: one per core, at most one per backend); 1 runs each alone")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="split each run into this many resumed parts, the backends taking turns between parts, so "
+                        "that the machine's drift reaches them alike; each part's first update is left out too")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
     if args.steps < 3:
@@ -49,25 +52,31 @@ def main() -> None:
         p.error(f"--backends: {e}")
     if args.parallel < 0:
         p.error(f"--parallel {args.parallel}: give 0 (one per core) or more")
+    if not 1 <= args.rounds <= args.steps // 2:
+        p.error(f"--rounds {args.rounds}: give 1 to {args.steps // 2} (each part needs two updates, one left out)")
     parallel = args.parallel or min(len(backends), os.cpu_count() or 1)
     own = {b: [f"{k}={v}" for k, v in backend_overrides(b).items()] for b in backends}
     start = time.strftime("%Y-%m-%dT%H:%M:%S")
+    ends = [args.steps * (r + 1) // args.rounds for r in range(args.rounds)]  # each part's last update
     with tempfile.TemporaryDirectory() as tmp:
-        procs = {}
-        for i in range(0, len(backends), parallel):  # waves of `parallel` runs, one thread each
-            wave = {b: subprocess.Popen(
-                [sys.executable, "-m", "tokeneff", "train", "--algo", args.algo, "--task", args.task, "--model",
-                 args.model, "--steps", str(args.steps), "--seed", "0", "--out", f"{tmp}/{b}", *own[b],
-                 "threads=1", "eval_at_start=false", "eval_limit=1", f"save_every={args.steps}", *args.overrides],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for b in backends[i: i + parallel]}
-            for b, proc in wave.items():
-                procs[b] = (proc, proc.communicate()[1])
+        for r, end in enumerate(ends):
+            for i in range(0, len(backends), parallel):  # waves of `parallel` runs, one thread each
+                wave = {b: subprocess.Popen(
+                    [sys.executable, "-m", "tokeneff", "train", "--algo", args.algo, "--task", args.task, "--model",
+                     args.model, "--steps", str(end), "--seed", "0", "--out", f"{tmp}/{b}", *own[b],
+                     *(["--resume"] if r else []), "threads=1", "eval_at_start=false", "eval_limit=1",
+                     f"save_every={ends[0]}", *args.overrides],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for b in backends[i: i + parallel]}
+                for b, proc in wave.items():
+                    err = proc.communicate()[1]
+                    if proc.returncode:
+                        sys.exit(f"update_speed: the {b} run failed: "
+                                 f"{err.strip().splitlines()[-1] if err.strip() else ''}")
         rows = []
-        for b, (proc, err) in procs.items():
-            if proc.returncode:
-                sys.exit(f"update_speed: the {b} run failed: {err.strip().splitlines()[-1] if err.strip() else ''}")
+        first = {1} | {end + 1 for end in ends[:-1]}  # each process's first update warms its caches: left out
+        for b in backends:
             m = [json.loads(x) for x in Path(f"{tmp}/{b}/metrics.jsonl").read_text().splitlines()]
-            m = [r for r in m if "step_seconds" in r][1:]  # the first update compiles nothing but warms caches
+            m = [r for r in m if "step_seconds" in r and r["step"] not in first]
             tokens = [r["completion_len_mean"] for r in m]
             rows.append(dict(backend=b, updates=len(m), step_seconds=statistics.median(r["step_seconds"] for r in m),
                              rollout_seconds=statistics.median(r["rollout_seconds"] for r in m),
@@ -83,7 +92,8 @@ def main() -> None:
     tag = device_name().split()[0].lower()
     name = f"update_speed_{tag}_{args.model.replace('/', '_')}_{args.task}{'_' + args.tag if args.tag else ''}.json"
     out = Path(args.out) / name
-    write_json(out, dict(model=args.model, task=args.task, algo=args.algo, steps=args.steps, overrides=args.overrides,
+    write_json(out, dict(model=args.model, task=args.task, algo=args.algo, steps=args.steps, rounds=args.rounds,
+                         overrides=args.overrides,
                          parallel=parallel, started=start, device=device_name(), environment=environment(),
                          rows=rows))
     print(f"| backend | update (median) | rollout (median) | rest (median) | tokens in the loss (mean) | completion "
