@@ -8,7 +8,11 @@ samples (sliced draws by inverse CDF), so lengths and the tokens each update tra
 compares the decode paths, the update column also carries that difference in work. On an otherwise idle machine:
 
     python scripts/update_speed.py                       # embedded multiplication, 12 updates, ~6 min
-    python scripts/update_speed.py --task svamp key=value ..."""
+    python scripts/update_speed.py --task svamp key=value ...
+
+Run one after another, whichever backend runs last meets the machine as it is then (its speed drifts by 10-20% here
+within minutes): `--rounds R` splits every run into R resumed parts, the backends taking turns between parts
+(resume is bit for bit, so the updates are the ones an unbroken run makes), and leaves out each part's first update."""
 
 from __future__ import annotations
 
