@@ -87,12 +87,12 @@ def test_stacked_weights_are_kept_until_a_weight_changes(monkeypatch):
 
     model, tok = tiny_random(seed=1)
     policy = _adapted(model, ["q_proj", "v_proj"]).eval()
-    first, again = FusedStep(policy, onednn=True), FusedStep(policy, onednn=True)
+    first, again = FusedStep(model, onednn=True), FusedStep(model, onednn=True)
     assert first.layers[0][1].weight is again.layers[0][1].weight, "q, k and v are stacked once"
     k = model.model.layers[0].self_attn.k_proj.weight
     with torch.no_grad():
         k.mul_(-1.0)  # in place (a new version), as an optimizer step changes a weight
-    assert FusedStep(policy, onednn=True).layers[0][1].weight is not first.layers[0][1].weight
+    assert FusedStep(model, onednn=True).layers[0][1].weight is not first.layers[0][1].weight
     fused, fused_logits = _steps(monkeypatch, policy, tok, step="fused")
     ref, ref_logits = _steps(monkeypatch, policy, tok, step="transformers")
     assert fused == ref

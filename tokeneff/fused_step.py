@@ -148,11 +148,11 @@ def fuse(mods, onednn: bool, store: dict) -> Linear:
 
 class FusedStep:
     """`step(tokens, mask, positions, cache, prefixes)` -> next-token logits [rows, vocab] of a Llama-family model
-    (`unsupported` is None), with its LoRA adapters active, over a `rollout._sliced_cache` (the tokens' keys and
-    values are written into it). Built at the start of a rollout: the adapter changes between rollouts."""
+    (`base`: the transformers model, under its peft wrapper if any; `unsupported` is None), with its LoRA adapters
+    active, over a `rollout._sliced_cache` (the tokens' keys and values are written into it). Built at the start of a
+    rollout: the adapter changes between rollouts."""
 
-    def __init__(self, model, onednn: bool):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    def __init__(self, base, onednn: bool):
         store = _STACKED.setdefault(base, {})
         for key in [k for k, (refs, _) in store.items() if any(r() is None for r, _ in refs)]:
             del store[key]  # stacked from weights gone since (a rollout's merged or cast copies)
@@ -186,14 +186,14 @@ class FusedStep:
         return self.head(self.body.norm(h))
 
 
-def fused_or_none(model, option: str, device_type: str, onednn: bool) -> FusedStep | None:
-    """The fused step where `option` (rollout_step) asks for it: fused, or auto on a CPU for a supported model."""
+def fused_or_none(base, option: str, device_type: str, onednn: bool) -> FusedStep | None:
+    """The fused step of `base` (the transformers model, not its peft wrapper) where `option` (rollout_step) asks for
+    it: fused, or auto on a CPU for a supported model."""
     if option == "transformers" or (option == "auto" and device_type != "cpu"):
         return None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     why = unsupported(base)
     if why is None:
-        return FusedStep(model, onednn)
+        return FusedStep(base, onednn)
     if option == "fused":
         raise TokeneffError(f"rollout_step=fused: {why}; use rollout_step=auto or transformers")
     return None

@@ -255,7 +255,7 @@ def static_decode_loop(model, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, num
     rows, width = ctx_mask.shape
     capacity = width + max_new_tokens - 1
     attention = contextlib.ExitStack()
-    fused = fused_or_none(model, step, ctx_ids.device.type, onednn) if sliced else None
+    fused = fused_or_none(_base(model), step, ctx_ids.device.type, onednn) if sliced else None
     if sliced:  # the prefix every row shares is attended once for all rows (by the fused step, or where the model
         # attends by SDPA)
         if not (share_prefix and shared and (fused is not None

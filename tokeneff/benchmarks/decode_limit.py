@@ -71,8 +71,7 @@ BACKEND_SPECS = ("sliced", "sliced+hfstep", "sliced+sdpa", "sliced+torch", "slic
 oneDNN's (rollout_gemm and train_gemm; tokeneff+torch is the default before 2026-12-01); sliced with its LoRA
 merged for sampling, a bfloat16 sampling copy of the weights, or the shared prompt prefix repeated in every row and
 attended by SDPA (+sdpa), or each step as transformers' forward (+hfstep: rollout_step=transformers: sliced as it
-ran on 2026-12-01 before the fused step); static with
-oneDNN's products or compiled"""
+ran on 2026-12-01 before the fused step); static with oneDNN's products or compiled"""
 _EXTRAS = {"": {}, "compile": dict(rollout_compile=True), "merge": dict(rollout_merge_lora=True),
            "bf16": dict(rollout_dtype="bfloat16"), "torch": dict(rollout_gemm="torch", train_gemm="torch"),
            "onednn": dict(rollout_gemm="onednn"), "sdpa": dict(rollout_attention="sdpa"),
@@ -133,8 +132,8 @@ def decode_step_seconds(model, tokenizer, contexts: list[list[int]], backends=("
     every backend's step; the fused step calls no LM-head module) over the last `steps` steps with no EOS, the least
     over `repeats` runs. Intervals, not a whole run's time, so the prefill (most of a short run, and as noisy) does
     not enter. A compiled step, whose modules no hook sees, is timed as runs of 4 and 4 + `steps` tokens and their
-    difference per token. The backends take turns in each round, so a drift of the
-    machine's speed (10-20% here) reaches them all alike."""
+    difference per token. The backends take turns in each round, so a drift of the machine's speed (10-20% here)
+    reaches them all alike."""
     ids, mask = left_pad(contexts, tokenizer.pad_token_id or 0)
     stamps: list[float] = []
     hook = model.get_input_embeddings().register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
