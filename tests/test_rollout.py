@@ -261,10 +261,10 @@ def test_bfloat16_rollout_samples_the_merged_model_cast_to_bfloat16_and_leaves_t
 def test_bfloat16_casts_are_kept_between_rollouts_until_a_weight_changes():
     policy, tok = policy_with_a_live_adapter()
     sample(policy, tok, CONTEXTS, 2, 6, greedy=True, dtype="bfloat16")
-    casts = dict(policy.__dict__["_tokeneff_casts"])
+    casts = {k: t for k, (_, t) in policy.__dict__["_tokeneff_casts"].items()}
     assert casts and all(t.dtype == torch.bfloat16 for t in casts.values())
     sample(policy, tok, CONTEXTS, 2, 6, greedy=True, dtype="bfloat16")
-    assert all(policy.__dict__["_tokeneff_casts"][k] is t for k, t in casts.items()), "the casts should be reused"
+    assert all(policy.__dict__["_tokeneff_casts"][k][1] is t for k, t in casts.items()), "the casts should be reused"
     head = policy.get_base_model().lm_head.weight
     with torch.no_grad():
         head.mul_(-1)  # as an optimizer step would change a trained weight: in place

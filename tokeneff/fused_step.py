@@ -118,7 +118,8 @@ def _stacked(mods, onednn: bool, store: dict) -> torch.Tensor:
         return held[1]
     w = torch.cat([x.detach() for x in weights])
     w = pack_copy(w) if onednn else w
-    store[key] = ([(weakref.ref(x), weight_state(x)) for x in weights], w)
+    if not merged:  # kept, a copy of merged weights would outlive `unmerge_adapter` (which moves no state either)
+        store[key] = ([(weakref.ref(x), weight_state(x)) for x in weights], w)
     return w
 
 

@@ -12,6 +12,7 @@ import contextlib
 import functools
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import TokeneffError
@@ -19,14 +20,19 @@ from .errors import TokeneffError
 _PACKED = WeakIdKeyDictionary()
 """weight -> (its `weight_state` when packed, packed W, packed W^T or None). Keyed by the weight's identity and
 dropped with it, so a weight freed and another made at its address cannot meet a stale copy; a weight changed in
-place (a new version, as an optimizer step makes), given other data (`.data = `) or moved (`.to()`) is packed anew."""
+place (a new version, as an optimizer step makes), given another storage (`.data = `) or moved (`.to()`) is packed
+anew."""
 
 
 def weight_state(w: torch.Tensor) -> tuple:
     """What a copy made from `w` depends on that a change of `w` moves: an in-place change through autograd bumps
-    its version, `w.data = t` and `module.to()` its storage, dtype or device. (A write into `w.data` moves none of
-    them: peft's `merge_adapter` does that, so layers with a merged adapter are never served from a copy.)"""
-    return w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape)
+    its version; `w.data = t` and `module.to()` give it another storage, dtype or device. The storage is named by a
+    weak reference to it, which a storage made later cannot share even at a freed one's address (a float32 weight
+    cast to bfloat16 and back lands on its old address often enough; by address alone, its copy made before the
+    casts was served). A write into `w.data` moves none of these: peft's `merge_adapter` does that, so layers with a
+    merged adapter are never served from a copy."""
+    return (w._version, StorageWeakRef(w.untyped_storage()), w.storage_offset(), w.dtype, w.device, tuple(w.shape),
+            w.stride())
 
 
 def packed(w: torch.Tensor, transposed: bool = False) -> torch.Tensor:

@@ -13,7 +13,7 @@ from .attention import shared_prefix_context
 from .config import ATTENTIONS, BACKENDS, GEMMS, ROLLOUT_DTYPES, STEPS
 from .errors import TokeneffError
 from .fused_step import fused_or_none
-from .kernels import onednn_linears, uses_onednn
+from .kernels import onednn_linears, uses_onednn, weight_state
 
 
 @dataclass
@@ -352,12 +352,12 @@ def sampling_weights(model, merge_lora: bool = False, dtype: torch.dtype | None 
             for name, p in mod._parameters.items():
                 if p is None or (mod, name) in swaps or id(p) in adapters or not p.is_floating_point():
                     continue
-                key = (id(p), p.data_ptr(), p._version)
-                if key not in cache:  # a Parameter, kept as one object: oneDNN's packed copy follows its identity
-                    cache[key] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
-                swaps[mod, name] = cache[key]
-        live = {(id(p), p.data_ptr(), p._version) for p in model.parameters()}
-        for key in [k for k in cache if k not in live]:  # a weight training changed: drop its old cast
+                held, state = cache.get(id(p)), weight_state(p)
+                if held is None or held[0] != state:  # a Parameter, kept as one object: oneDNN's packed copy
+                    held = cache[id(p)] = (state, torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))
+                swaps[mod, name] = held[1]
+        live = {id(p): weight_state(p) for p in model.parameters()}
+        for key in [k for k, (state, _) in cache.items() if live.get(k) != state]:  # a weight changed: drop its cast
             del cache[key]
     if not swaps:
         yield
