@@ -90,3 +90,24 @@ def test_the_lower_bound_of_40_draws_is_the_smallest():
     assert draws[0] < draws[1]  # so the 1st and the 2nd are told apart
     iv = paired_bootstrap(a, n_boot=40)
     assert (iv.lo, iv.hi) == (draws[0], draws[38])
+
+
+def test_a_metric_plot_draws_the_same_bands_from_the_same_runs():
+    """Its bands are bootstrap intervals over seeds: unseeded, each `make reproduce` redrew a committed figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from tokeneff.analysis.report import plot_metric
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame([dict(variant=v, seed=s, step=t, reward_mean=rng.random()) for v in ("grpo", "sgrpo")
+                       for s in range(4) for t in range(1, 9)])
+    bands = []
+    for _ in range(2):
+        ax = plot_metric(df, "reward_mean", "reward", "t")
+        bands.append([np.asarray(p.get_paths()[0].vertices) for p in ax.collections])
+        plt.close(ax.figure)
+    assert bands[0] and all(np.array_equal(a, b) for a, b in zip(*bands, strict=True))
