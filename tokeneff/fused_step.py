@@ -27,7 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import attention
 from .errors import TokeneffError
-from .kernels import pack_copy, packed, product, weight_state
+from .kernels import DTYPES, pack_copy, packed, product, weight_state
 
 FAMILIES = ("llama", "qwen2")
 """model types whose decoder layer is x + attn(norm(x)), then x + down(act(gate(norm(x))) * up(norm(x))), with
@@ -110,7 +110,7 @@ def _stacked(mods, onednn: bool, store: dict) -> torch.Tensor:
     weights = [_base_linear(m).weight for m in mods]
     merged = any(getattr(m, "merged", False) for m in mods)
     if len(weights) == 1:
-        return pack_copy(weights[0].detach()) if onednn and merged else packed(weights[0]) if onednn else weights[0]
+        return packed(weights[0], kept=not merged) if onednn else weights[0]
     key = (tuple(id(w) for w in weights), onednn)
     held = store.get(key)
     if not merged and held is not None and all(r() is w and s == weight_state(w)
@@ -127,7 +127,7 @@ def fuse(mods, onednn: bool, store: dict) -> Linear:
     """`mods` (linear layers, or peft LoRA layers around them, reading one input) as one `Linear`; oneDNN's products
     where `onednn` and the weights are float32 or bfloat16 (as `onednn_linears`), torch's otherwise."""
     bases = [_base_linear(m) for m in mods]
-    onednn = onednn and bases[0].weight.dtype in (torch.float32, torch.bfloat16)
+    onednn = onednn and bases[0].weight.dtype in DTYPES
     biases = [b.bias for b in bases]
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else base.weight.new_zeros(base.out_features) for b, base in zip(biases, bases,

@@ -12,10 +12,12 @@ import contextlib
 import functools
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import TokeneffError
+
+DTYPES = (torch.float32, torch.bfloat16)
+"""the weight dtypes oneDNN multiplies here (no float16 path on this project's CPUs)"""
 
 _PACKED = WeakIdKeyDictionary()
 """weight -> (its `weight_state` when packed, packed W, packed W^T or None). Keyed by the weight's identity and
@@ -24,19 +26,34 @@ place (a new version, as an optimizer step makes), given another storage (`.data
 anew."""
 
 
+class _Storage:
+    """A tensor's storage, held: equal to another only if it is the same storage. Held, not named by its address,
+    which a storage made later reuses once this one is freed (a float32 weight cast to bfloat16 and back lands on
+    its old address often enough; by address, its copy made before the casts was served). Holding it costs nothing
+    while the weight keeps it; one replaced storage per weight until its copy is made anew."""
+
+    __slots__ = ("storage",)
+
+    def __init__(self, w: torch.Tensor):
+        self.storage = w.untyped_storage()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Storage) and self.storage._cdata == other.storage._cdata
+
+
 def weight_state(w: torch.Tensor) -> tuple:
     """What a copy made from `w` depends on that a change of `w` moves: an in-place change through autograd bumps
-    its version; `w.data = t` and `module.to()` give it another storage, dtype or device. The storage is named by a
-    weak reference to it, which a storage made later cannot share even at a freed one's address (a float32 weight
-    cast to bfloat16 and back lands on its old address often enough; by address alone, its copy made before the
-    casts was served). A write into `w.data` moves none of these: peft's `merge_adapter` does that, so layers with a
-    merged adapter are never served from a copy."""
-    return (w._version, StorageWeakRef(w.untyped_storage()), w.storage_offset(), w.dtype, w.device, tuple(w.shape),
-            w.stride())
+    its version; `w.data = t` and `module.to()` give it another storage, dtype or device. A write into `w.data`
+    moves none of these: peft's `merge_adapter` does that, so layers with a merged adapter are never served from a
+    copy."""
+    return w._version, _Storage(w), w.storage_offset(), w.dtype, w.device, tuple(w.shape), w.stride()
 
 
-def packed(w: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-    """`w` (or its transpose, for products with the gradient) in oneDNN's blocked layout, kept while `w` lives."""
+def packed(w: torch.Tensor, transposed: bool = False, kept: bool = True) -> torch.Tensor:
+    """`w` (or its transpose, for products with the gradient) in oneDNN's blocked layout, kept while `w` lives.
+    `kept=False`: packed now and not kept, for a weight an adapter is merged into (see `weight_state`)."""
+    if not kept:
+        return pack_copy(w.detach().t().contiguous() if transposed else w.detach())
     entry, state = _PACKED.get(w), weight_state(w)
     if entry is None or entry[0] != state or (transposed and entry[2] is None):
         pw = entry[1] if entry is not None and entry[0] == state else pack_copy(w.detach())
@@ -86,16 +103,15 @@ def onednn_linears(model, backward: bool = False):
     merged = {id(m.base_layer) for m in model.modules() if getattr(m, "merged", False) and hasattr(m, "base_layer")}
     for mod in model.modules():
         w = mod._parameters.get("weight") if type(mod) is torch.nn.Linear else None
-        if w is None or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) \
+        if w is None or w.device.type != "cpu" or w.dtype not in DTYPES \
                 or "forward" in mod.__dict__:
             continue
         if backward:
             if w.requires_grad or (mod.bias is not None and mod.bias.requires_grad) or id(mod) in merged:
                 continue
             mod.forward = functools.partial(_frozen_forward, mod)
-        else:  # a layer with a merged adapter: packed now, not from the kept copy (see weight_state)
-            mod.forward = functools.partial(product, pack_copy(w.detach()) if id(mod) in merged else packed(w),
-                                            mod.bias)
+        else:
+            mod.forward = functools.partial(product, packed(w, kept=id(mod) not in merged), mod.bias)
         patched.append(mod)
     try:
         yield

@@ -348,17 +348,16 @@ def sampling_weights(model, merge_lora: bool = False, dtype: torch.dtype | None 
     if dtype is not None:
         cache = model.__dict__.setdefault("_tokeneff_casts", {})
         adapters = {id(p) for m in layers for p in (*m.lora_A.parameters(), *m.lora_B.parameters())}
+        live = {id(p): weight_state(p) for p in model.parameters()}
+        for key in [k for k, (state, _) in cache.items() if live.get(k) != state]:  # a weight changed: drop its cast
+            del cache[key]
         for mod in model.modules():
             for name, p in mod._parameters.items():
                 if p is None or (mod, name) in swaps or id(p) in adapters or not p.is_floating_point():
                     continue
-                held, state = cache.get(id(p)), weight_state(p)
-                if held is None or held[0] != state:  # a Parameter, kept as one object: oneDNN's packed copy
-                    held = cache[id(p)] = (state, torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))
-                swaps[mod, name] = held[1]
-        live = {id(p): weight_state(p) for p in model.parameters()}
-        for key in [k for k, (state, _) in cache.items() if live.get(k) != state]:  # a weight changed: drop its cast
-            del cache[key]
+                if id(p) not in cache:  # a Parameter, kept as one object: oneDNN's packed copy follows its identity
+                    cache[id(p)] = (live[id(p)], torch.nn.Parameter(p.detach().to(dtype), requires_grad=False))
+                swaps[mod, name] = cache[id(p)][1]
     if not swaps:
         yield
         return

@@ -224,8 +224,8 @@ def ablation(task: str, seeds: list[int], steps: int, p_values: list[float], pro
     sns.set_theme(style="whitegrid")
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     sns.barplot(shares, x="variant", y="share", ax=axes[0], errorbar=None)
-    sns.stripplot(shares, x="variant", y="share", ax=axes[0], color="black", jitter=False)  # random jitter: a new
-    # figure from the same runs
+    # no random jitter: the same runs draw the same figure
+    sns.stripplot(shares, x="variant", y="share", ax=axes[0], color="black", jitter=False)
     axes[0].set(title="Share of signal-group completion tokens in the loss (dots: seeds)", ylabel="share")
     plot_metric(df[df.step > 0], "kl", "KL(policy ‖ base), k3 on credited tokens", "KL drift from the base model",
                 smooth=5, ax=axes[1])

@@ -97,8 +97,9 @@ def plot_metric(df: pd.DataFrame, y: str, ylabel: str, title: str, smooth: int =
     d = df.dropna(subset=[y]).sort_values("step").copy()
     if smooth > 1:
         d[y] = d.groupby(["variant", "seed"])[y].transform(lambda s: s.rolling(smooth, min_periods=1).mean())
-    sns.lineplot(d, x="step", y=y, hue="variant", errorbar=("ci", 95), seed=0, ax=ax,  # seeded: the same figure
-                 palette=_palette(d.variant.unique()))                              # from the same runs
+    # a seeded bootstrap: the same runs draw the same figure
+    sns.lineplot(d, x="step", y=y, hue="variant", errorbar=("ci", 95), seed=0, ax=ax,
+                 palette=_palette(d.variant.unique()))
     ax.set(xlabel="update step", ylabel=ylabel + (f" (mean of {smooth} steps)" if smooth > 1 else ""), title=title)
     ax.legend(fontsize=8)
     return ax
